@@ -1,4 +1,18 @@
-//! Wire formats, no I/O.
+//! Wire formats of rust-p2p-usb, with no I/O in them.
+//!
+//! Bytes go in, typed messages come out, and back: no sockets, no runtime, no kernel. That is
+//! what lets the client's USB/IP session and the server's URB tracker be tested from plain unit
+//! tests and fuzzed.
+//!
+//! - [`wire`]: our protocol between client and server over QUIC (postcard frames).
+//! - [`usbip`]: the kernel's USB/IP protocol, as vhci-hcd and `usbip` tools speak it.
+//! - [`usb`]: the USB vocabulary both share (directions, speeds, statuses as errnos).
+//! - [`descriptors`]: the descriptor parsing both sides need to tell endpoint types apart.
 
-/// The version of our QUIC wire protocol.
-pub const PROTOCOL_VERSION: u16 = 1;
+mod buf;
+pub mod descriptors;
+pub mod usb;
+pub mod usbip;
+pub mod wire;
+
+pub use wire::PROTOCOL_VERSION;
