@@ -209,6 +209,8 @@ pub struct OpDecoder {
     side: Side,
     buf: InBuf,
     failed: bool,
+    /// Set after an import: the bytes that follow belong to the URB phase.
+    handed_over: bool,
 }
 
 impl OpDecoder {
@@ -218,6 +220,7 @@ impl OpDecoder {
             side: Side::Requests,
             buf: InBuf::default(),
             failed: false,
+            handed_over: false,
         }
     }
 
@@ -234,14 +237,28 @@ impl OpDecoder {
         self.buf.push(bytes);
     }
 
-    /// The next whole message, `Ok(None)` if more bytes are needed.
+    /// The next whole message, `Ok(None)` if more bytes are needed or the OP phase is over.
+    ///
+    /// The phase ends after an `OP_REQ_IMPORT` (usbipd closes the connection if the import then
+    /// fails) and after an `OP_REP_IMPORT` that succeeded.
     pub fn next_message(&mut self) -> Result<Option<OpMessage>, OpError> {
         if self.failed {
             return Err(OpError::Poisoned);
         }
+        if self.handed_over {
+            return Ok(None);
+        }
         match parse(self.side, self.buf.unread()) {
             Ok(Some((msg, used))) => {
                 self.buf.consume(used);
+                self.handed_over = matches!(
+                    msg,
+                    OpMessage::ReqImport { .. }
+                        | OpMessage::RepImport {
+                            status: OpStatus::Ok,
+                            ..
+                        }
+                );
                 Ok(Some(msg))
             }
             Ok(None) => Ok(None),
@@ -250,6 +267,11 @@ impl OpDecoder {
                 Err(e)
             }
         }
+    }
+
+    /// Whether an import ended the OP phase.
+    pub fn is_handed_over(&self) -> bool {
+        self.handed_over
     }
 
     /// Call at end of stream: an error if it stopped inside a message.
