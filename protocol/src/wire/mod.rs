@@ -10,6 +10,26 @@
 //!
 //! `kernel-notes/PROTOCOL.md` is the full specification.
 
+/// The ALPN our QUIC connections negotiate. The number is the major protocol generation: a
+/// peer that does not speak it fails the TLS handshake instead of misreading frames.
+pub const ALPN: &[u8] = b"rust-p2p-usb/1";
+
+/// QUIC application close codes: why a peer ended the connection.
+pub mod close {
+    /// Orderly shutdown.
+    pub const NORMAL: u32 = 0;
+    /// A frame was malformed, out of bounds or out of order; the reason is logged.
+    pub const PROTOCOL_VIOLATION: u32 = 1;
+    /// The peer's endpoint id is not on the allowlist (or was revoked).
+    pub const NOT_ALLOWED: u32 = 2;
+    /// No common protocol version.
+    pub const VERSION_MISMATCH: u32 = 3;
+    /// The server is shutting down.
+    pub const SHUTTING_DOWN: u32 = 4;
+    /// The peer answered no ping in time.
+    pub const SILENT_PEER: u32 = 5;
+}
+
 pub mod control;
 pub mod device;
 pub mod frame;
