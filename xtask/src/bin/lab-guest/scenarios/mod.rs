@@ -1,0 +1,70 @@
+//! The scenario registry: the one list of what the lab can run.
+//!
+//! To add a scenario: write `fn run() -> anyhow::Result<()>` in a new module here using the
+//! guest helpers (`modules`, `gadget`, `usbdev`, `netem`, `bench`), report figures with
+//! `report::metric`, return `report::skip(..)` when the kernel lacks something, and add an
+//! entry to [`ALL`]. The host learns the list from `lab-guest --list-json` at build time.
+
+mod acm;
+mod baseline;
+mod hid;
+mod selftest;
+mod smoke;
+mod sourcesink;
+
+/// One runnable scenario.
+pub struct Scenario {
+    /// The name used on the command line.
+    pub name: &'static str,
+    /// One line for `lab list`.
+    pub about: &'static str,
+    /// Part of a plain `lab run` / `xtask test`; false for scenarios that fail on purpose.
+    pub default: bool,
+    /// Runs in a child of PID 1; `Err` fails the scenario, `Err(Skip)` skips it.
+    pub run: fn() -> anyhow::Result<()>,
+}
+
+/// Every scenario, in the order a default run executes them.
+pub const ALL: &[Scenario] = &[
+    Scenario {
+        name: "smoke",
+        about: "mass-storage gadget enumerates at high speed as /dev/sdX; first MiB md5 matches",
+        default: true,
+        run: smoke::run,
+    },
+    Scenario {
+        name: "acm",
+        about: "CDC-ACM gadget becomes /dev/ttyACMn and carries bytes to /dev/ttyGS0",
+        default: true,
+        run: acm::run,
+    },
+    Scenario {
+        name: "hid",
+        about: "HID keyboard gadget becomes /dev/input/eventN and delivers a key press",
+        default: true,
+        run: hid::run,
+    },
+    Scenario {
+        name: "sourcesink",
+        about: "SourceSink gadget (usb_f_ss_lb) via the generic function builder enumerates",
+        default: true,
+        run: sourcesink::run,
+    },
+    Scenario {
+        name: "baseline",
+        about: "kernel USB/IP (usbipd + usbip attach over loopback) on the mass-storage gadget: md5, read/write MiB/s",
+        default: true,
+        run: baseline::run,
+    },
+    Scenario {
+        name: "selftest-fail",
+        about: "fails on purpose, to prove a failing scenario fails the run with its log tail",
+        default: false,
+        run: selftest::run,
+    },
+];
+
+/// The scenario called `name`.
+pub fn find(name: &str) -> Option<&'static Scenario> {
+    ALL.iter().find(|s| s.name == name)
+}

@@ -1,0 +1,87 @@
+//! Finding what a USB device turned into: its sysfs device, block device, tty or input node.
+//!
+//! Everything is found from sysfs by vendor:product and by which host controller it hangs
+//! off (the gadget appears under dummy_hcd; the same device imported over USB/IP appears
+//! under vhci_hcd with the same ids), so scenarios never guess `/dev/sda`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::sys;
+
+/// Which host controller a device must be attached through.
+#[derive(Clone, Copy, Debug)]
+pub enum Via {
+    /// The local gadget, through dummy_hcd.
+    Dummy,
+    /// Imported over USB/IP (kernel or ours), through vhci_hcd.
+    Vhci,
+}
+
+impl Via {
+    fn matches(self, real_path: &Path) -> bool {
+        let s = real_path.to_string_lossy();
+        match self {
+            Via::Dummy => s.contains("/dummy_hcd."),
+            Via::Vhci => s.contains("/vhci_hcd."),
+        }
+    }
+}
+
+/// The sysfs directory of the USB device `vid:pid` under `via`, e.g. `/sys/bus/usb/devices/17-1`.
+pub fn find_usb_device(vid: u16, pid: u16, via: Via) -> Option<PathBuf> {
+    let entries = fs::read_dir("/sys/bus/usb/devices").ok()?;
+    entries.filter_map(|e| e.ok()).map(|e| e.path()).find(|dev| {
+        ids(dev) == Some((vid, pid)) && fs::canonicalize(dev).is_ok_and(|real| via.matches(&real))
+    })
+}
+
+/// The `/dev/sdX` of mass-storage device `vid:pid` under `via`.
+pub fn find_block_device_for(vid: u16, pid: u16, via: Via) -> Option<PathBuf> {
+    find_node("/sys/block", "sd", vid, pid, via)
+}
+
+/// The `/dev/ttyACMn` of CDC-ACM device `vid:pid` under `via`.
+pub fn find_tty_for(vid: u16, pid: u16, via: Via) -> Option<PathBuf> {
+    find_node("/sys/class/tty", "ttyACM", vid, pid, via)
+}
+
+/// The `/dev/input/eventN` of HID device `vid:pid` under `via`.
+pub fn find_input_event_for(vid: u16, pid: u16, via: Via) -> Option<PathBuf> {
+    find_node("/sys/class/input", "event", vid, pid, via)
+        .map(|p| Path::new("/dev/input").join(p.file_name().unwrap_or_default()))
+}
+
+/// Waits up to `timeout` for [`find_block_device_for`].
+pub fn wait_block_device(vid: u16, pid: u16, via: Via, timeout: Duration) -> Result<PathBuf> {
+    sys::wait_for(&format!("a block device for {vid:04x}:{pid:04x} via {via:?}"), timeout, || {
+        find_block_device_for(vid, pid, via)
+    })
+}
+
+/// A class device whose sysfs ancestry contains the USB device `vid:pid` under `via`.
+fn find_node(class_dir: &str, prefix: &str, vid: u16, pid: u16, via: Via) -> Option<PathBuf> {
+    let mut names: Vec<String> = fs::read_dir(class_dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    names.sort();
+    names.into_iter().find_map(|name| {
+        let real = fs::canonicalize(Path::new(class_dir).join(&name)).ok()?;
+        if !via.matches(&real) {
+            return None;
+        }
+        let owner = real.ancestors().find(|a| a.join("idVendor").is_file())?;
+        (ids(owner) == Some((vid, pid))).then(|| Path::new("/dev").join(&name))
+    })
+}
+
+fn ids(dev: &Path) -> Option<(u16, u16)> {
+    let hex = |f: &str| u16::from_str_radix(sys::read(dev.join(f)).ok()?.as_str(), 16).ok();
+    Some((hex("idVendor")?, hex("idProduct")?))
+}

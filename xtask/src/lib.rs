@@ -1,0 +1,70 @@
+//! What the host (`xtask lab`) and the guest (`lab-guest`, PID 1 in the VM) agree on.
+//!
+//! The serial console is the only channel between them, and the kernel prints on it too, so
+//! every message the host acts on is one line that starts with a fixed tag followed by a JSON
+//! object. Anything else on the console is log text.
+
+/// Kernel command-line keys the host sets and the guest reads from `/proc/cmdline`.
+///
+/// Dotted names are treated by the kernel as parameters of a module called `lab`, which does
+/// not exist, so they are neither passed to init as arguments nor reported as unknown.
+pub mod cmdline {
+    /// Comma-separated scenario names, run in this order.
+    pub const SCENARIOS: &str = "lab.scenarios";
+    /// Per-scenario timeout in whole seconds.
+    pub const TIMEOUT: &str = "lab.timeout";
+    /// `1` runs the remaining scenarios after one fails.
+    pub const KEEP_GOING: &str = "lab.keep_going";
+}
+
+/// Line tags, each followed by a space and one JSON object.
+pub mod tag {
+    /// Guest init is running: `{"uptime":1.8,"kernel":"6.1.0-56-amd64"}`.
+    pub const BOOT: &str = "LAB-BOOT";
+    /// A scenario starts: `{"scenario":"baseline","timeout_secs":120}`.
+    pub const START: &str = "LAB-START";
+    /// A scenario ended: `{"scenario","status","secs","metrics","reason","log_tail"}`.
+    pub const RESULT: &str = "LAB-RESULT";
+    /// All scenarios ended: `{"passed":n,"failed":n,"skipped":n}`; the guest powers off next.
+    pub const SUMMARY: &str = "LAB-SUMMARY";
+}
+
+/// How many log lines a failing result carries back; enough to see the failing step and
+/// the commands just before it without flooding the console.
+pub const LOG_TAIL_LINES: usize = 40;
+
+/// Splits `"<TAG> {json}"` into the tag and its parsed object, if the line is a lab message.
+///
+/// Kernel messages can land in front of a guest line on the console, so the tag is searched
+/// for anywhere in the line, not only at its start.
+pub fn parse_line(line: &str) -> Option<(&'static str, serde_json::Value)> {
+    for t in [tag::BOOT, tag::START, tag::RESULT, tag::SUMMARY] {
+        let marker = format!("{t} {{");
+        if let Some(at) = line.find(&marker) {
+            let json = &line[at + t.len() + 1..];
+            return serde_json::from_str(json.trim_end()).ok().map(|v| (t, v));
+        }
+    }
+    None
+}
+
+/// Formats one lab message line.
+pub fn format_line(t: &str, value: &serde_json::Value) -> String {
+    format!("{t} {value}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_prefixed_lines() {
+        let v = serde_json::json!({"scenario": "smoke", "status": "pass"});
+        let line = format_line(tag::RESULT, &v);
+        assert_eq!(parse_line(&line), Some((tag::RESULT, v.clone())));
+        let noisy = format!("[   12.5] usb 1-1: new device{line}");
+        assert_eq!(parse_line(&noisy), Some((tag::RESULT, v)));
+        assert_eq!(parse_line("LAB-RESULT not json"), None);
+        assert_eq!(parse_line("plain log line"), None);
+    }
+}
