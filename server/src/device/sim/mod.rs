@@ -1,0 +1,2 @@
+//! Simulated devices for machines with no USB hardware. Placeholder: the simulated
+//! mass-storage disk lands here.

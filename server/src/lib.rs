@@ -1,0 +1,3 @@
+//! The rust-p2p-usb server: exports USB devices to allowed iroh peers.
+
+pub mod device;
