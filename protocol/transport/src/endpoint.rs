@@ -1,0 +1,99 @@
+//! Binding an iroh endpoint with every network feature explicit.
+//!
+//! iroh's defaults reach out to relays, DNS discovery and the router's port mapper. A server on
+//! a LAN or in a test must start and work with all of them off, and must never wait on any of
+//! them without a timeout; so nothing here is implied by a preset.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use iroh::endpoint::{PortmapperConfig, QuicTransportConfig, VarInt, presets};
+use iroh::{Endpoint, RelayMode, SecretKey};
+
+/// How an endpoint reaches the network.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// Local addresses to bind. Empty means iroh's defaults (all interfaces, IPv4 and IPv6).
+    pub bind: Vec<SocketAddr>,
+    /// Use n0's public relays for NAT traversal.
+    pub relays: bool,
+    /// Ask the local router for a port mapping (UPnP, PCP, NAT-PMP).
+    pub port_mapping: bool,
+    /// Close a connection after this long without hearing from the peer. Keep-alives go out at
+    /// a third of it, so a live but idle peer is never dropped, and a dead one (killed, cable
+    /// pulled) is noticed within this bound: that is how a claimed device gets released.
+    pub idle_timeout: Duration,
+}
+
+impl NetConfig {
+    /// Loopback only, no relays, no port mapping: what tests and the lab use.
+    pub fn loopback() -> Self {
+        NetConfig {
+            bind: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+            relays: false,
+            port_mapping: false,
+            idle_timeout: Duration::from_millis(1500),
+        }
+    }
+}
+
+/// Why an endpoint could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// A bind address iroh would not take.
+    #[error("invalid bind address {addr}: {reason}")]
+    Address {
+        /// The address.
+        addr: SocketAddr,
+        /// iroh's reason.
+        reason: String,
+    },
+    /// The idle timeout does not fit QUIC's encoding.
+    #[error("idle timeout {0:?} is out of range")]
+    IdleTimeout(Duration),
+    /// iroh failed to bind.
+    #[error("could not bind the iroh endpoint: {0}")]
+    Bind(String),
+}
+
+/// Binds an endpoint for `alpns` with `secret` as its identity.
+pub async fn bind_endpoint(
+    secret: SecretKey,
+    alpns: Vec<Vec<u8>>,
+    config: &NetConfig,
+) -> Result<Endpoint, BindError> {
+    let idle = config
+        .idle_timeout
+        .try_into()
+        .map_err(|_| BindError::IdleTimeout(config.idle_timeout))?;
+    let transport = QuicTransportConfig::builder()
+        .max_idle_timeout(Some(idle))
+        .keep_alive_interval(config.idle_timeout / 3)
+        .max_concurrent_bidi_streams(VarInt::from_u32(256))
+        .build();
+    let mut builder = Endpoint::builder(presets::Minimal)
+        .secret_key(secret)
+        .alpns(alpns)
+        .transport_config(transport)
+        .relay_mode(if config.relays {
+            RelayMode::Default
+        } else {
+            RelayMode::Disabled
+        });
+    if !config.port_mapping {
+        builder = builder.portmapper_config(PortmapperConfig::Disabled);
+    }
+    if !config.bind.is_empty() {
+        builder = builder.clear_ip_transports();
+        for addr in &config.bind {
+            builder = builder.bind_addr(*addr).map_err(|e| BindError::Address {
+                addr: *addr,
+                reason: e.to_string(),
+            })?;
+        }
+    }
+    builder
+        .bind()
+        .await
+        .map_err(|e| BindError::Bind(e.to_string()))
+}

@@ -1,0 +1,117 @@
+//! Frames over QUIC streams: the async edge around `protocol::wire::FrameDecoder`.
+
+use iroh::endpoint::{ReadError, RecvStream, SendStream, WriteError};
+use protocol::wire::{FrameDecoder, FrameError, Validate, encode_frame};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// How much to read from a stream at once. A whole frame is not needed at once: the decoder
+/// takes any split.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// Why a framed stream stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The peer sent bytes that are not a valid frame: a protocol violation.
+    #[error("peer sent an invalid frame: {0}")]
+    Frame(#[from] FrameError),
+    /// Reading failed (connection lost, stream reset).
+    #[error("reading the stream failed: {0}")]
+    Read(#[from] ReadError),
+    /// Writing failed (connection lost, stream stopped).
+    #[error("writing the stream failed: {0}")]
+    Write(#[from] WriteError),
+}
+
+impl StreamError {
+    /// Whether the peer broke the protocol (as opposed to the connection going away).
+    pub fn is_violation(&self) -> bool {
+        matches!(self, StreamError::Frame(_))
+    }
+}
+
+/// The receiving half of a stream, yielding messages of type `T`.
+#[derive(Debug)]
+pub struct FramedRecv<T> {
+    stream: RecvStream,
+    decoder: FrameDecoder<T>,
+}
+
+impl<T: DeserializeOwned + Validate> FramedRecv<T> {
+    /// Wraps a receive stream.
+    pub fn new(stream: RecvStream) -> Self {
+        FramedRecv {
+            stream,
+            decoder: FrameDecoder::new(),
+        }
+    }
+
+    /// The next message; `Ok(None)` when the peer finished the stream cleanly between frames.
+    pub async fn next(&mut self) -> Result<Option<T>, StreamError> {
+        loop {
+            if let Some(msg) = self.decoder.next_message()? {
+                return Ok(Some(msg));
+            }
+            let want = self.decoder.wanted().clamp(1, READ_CHUNK);
+            match self.stream.read_chunk(want).await? {
+                Some(chunk) => self.decoder.push(&chunk),
+                None => {
+                    self.decoder.finish()?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// The underlying stream, to stop it.
+    pub fn stream_mut(&mut self) -> &mut RecvStream {
+        &mut self.stream
+    }
+}
+
+/// The sending half of a stream, writing messages of type `T`.
+#[derive(Debug)]
+pub struct FramedSend<T> {
+    stream: SendStream,
+    buf: Vec<u8>,
+    _message: std::marker::PhantomData<fn(T)>,
+}
+
+impl<T: Serialize> FramedSend<T> {
+    /// Wraps a send stream.
+    pub fn new(stream: SendStream) -> Self {
+        FramedSend {
+            stream,
+            buf: Vec::new(),
+            _message: std::marker::PhantomData,
+        }
+    }
+
+    /// Queues a message without writing it; [`flush`](Self::flush) writes everything queued in
+    /// one go, which batches many small completions into few QUIC frames.
+    pub fn queue(&mut self, msg: &T) -> Result<(), StreamError> {
+        encode_frame(msg, &mut self.buf)?;
+        Ok(())
+    }
+
+    /// Writes everything queued.
+    pub async fn flush(&mut self) -> Result<(), StreamError> {
+        if !self.buf.is_empty() {
+            self.stream.write_all(&self.buf).await?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Writes one message now.
+    pub async fn send(&mut self, msg: &T) -> Result<(), StreamError> {
+        self.queue(msg)?;
+        self.flush().await
+    }
+
+    /// Ends the stream cleanly after what was written.
+    pub fn finish(&mut self) {
+        // Finishing a stream the peer already stopped is not an error worth reporting.
+        let _ = self.stream.finish();
+    }
+}

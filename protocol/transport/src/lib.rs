@@ -1,0 +1,16 @@
+//! The I/O edge of the wire protocol, shared by server and client.
+//!
+//! `protocol` turns bytes into messages and never touches a socket; this crate is where the
+//! bytes come from: iroh endpoints configured the one safe way ([`endpoint`]), the secret key
+//! on disk ([`key`]), connection tickets ([`ticket`]), and frames read from and written to QUIC
+//! streams ([`framed`]).
+
+pub mod endpoint;
+pub mod framed;
+pub mod key;
+pub mod ticket;
+
+pub use endpoint::{NetConfig, bind_endpoint};
+pub use framed::{FramedRecv, FramedSend, StreamError};
+pub use key::load_or_create_secret_key;
+pub use ticket::Ticket;
