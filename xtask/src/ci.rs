@@ -37,7 +37,9 @@ pub fn test(args: &TestArgs) -> Result<()> {
         } else {
             c.env_remove(LAB_ENV);
         }
-        let st = c.status().with_context(|| format!("could not run cargo for {what}"))?;
+        let st = c
+            .status()
+            .with_context(|| format!("could not run cargo for {what}"))?;
         if !st.success() {
             bail!("{what} failed (`cargo {}`)", args.join(" "));
         }
@@ -46,10 +48,21 @@ pub fn test(args: &TestArgs) -> Result<()> {
     step("format", &["fmt", "--all", "--check"], false)?;
     step(
         "clippy",
-        &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
         false,
     )?;
-    step("unit and integration tests", &["test", "--workspace"], false)?;
+    step(
+        "unit and integration tests",
+        &["test", "--workspace"],
+        false,
+    )?;
     if args.no_lab {
         eprintln!("test: lab skipped (--no-lab)");
         return Ok(());

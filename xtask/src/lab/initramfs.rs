@@ -79,6 +79,9 @@ const PACKAGE_PROGRAMS: &[(&str, &str, &str)] = &[
 /// so the guest needs no `ld.so.cache`.
 const GUEST_LIB_DIR: &str = "/lib/x86_64-linux-gnu";
 
+/// A file to install: (path in the guest, file on the host).
+type GuestFile = (String, PathBuf);
+
 /// Dependency rounds to follow when a downloaded program needs a library the host lacks.
 const LIB_FETCH_ROUNDS: usize = 3;
 
@@ -119,7 +122,12 @@ pub fn plan(apt: &Apt, kernel: &Pkg, guest_pkgs: &[Pkg], bins: &Binaries) -> Res
     }
     if !moddir.join("modules.dep").is_file() {
         eprintln!("lab: depmod for the unpacked {kver} kernel");
-        cmd::output(Command::new("depmod").arg("-b").arg(&kernel.root).arg(&kver))?;
+        cmd::output(
+            Command::new("depmod")
+                .arg("-b")
+                .arg(&kernel.root)
+                .arg(&kver),
+        )?;
     }
     let (modules, missing_optional) = module_closure(&moddir)?;
 
@@ -208,6 +216,10 @@ impl Plan {
         symlink("../run", stage.join("var/run"))?;
         fs::write(stage.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
         fs::write(stage.join("etc/group"), "root:x:0:\n")?;
+        // usbip looks names up here and prints an error on every call when it is missing;
+        // an empty database is enough (it falls back to "unknown vendor").
+        fs::create_dir_all(stage.join("usr/share/misc"))?;
+        fs::write(stage.join("usr/share/misc/usb.ids"), "")?;
 
         self.install_busybox(stage)?;
         self.install_modules(stage)?;
@@ -269,7 +281,11 @@ impl Plan {
             fs::create_dir_all(dest.parent().context("module path has no parent")?)?;
             fs::copy(from.join(rel), &dest).with_context(|| format!("copying module {rel}"))?;
         }
-        for meta in ["modules.order", "modules.builtin", "modules.builtin.modinfo"] {
+        for meta in [
+            "modules.order",
+            "modules.builtin",
+            "modules.builtin.modinfo",
+        ] {
             if from.join(meta).is_file() {
                 fs::copy(from.join(meta), to.join(meta))?;
             }
@@ -399,11 +415,14 @@ impl<'a> LibResolver<'a> {
             }
             frontier = next;
         }
-        bail!("{}: libraries still missing after {LIB_FETCH_ROUNDS} rounds", program.display())
+        bail!(
+            "{}: libraries still missing after {LIB_FETCH_ROUNDS} rounds",
+            program.display()
+        )
     }
 
     /// (guest path -> host file) for each resolved library, and the sonames not found.
-    fn ldd(&self, program: &Path) -> Result<(Vec<(String, PathBuf)>, Vec<String>)> {
+    fn ldd(&self, program: &Path) -> Result<(Vec<GuestFile>, Vec<String>)> {
         let search = std::env::join_paths(&self.dirs)?;
         let out = cmd::output(
             Command::new("ldd")
@@ -458,7 +477,9 @@ pub fn extract_vmlinux(vmlinuz: &Path, out: &Path) -> Result<Option<PathBuf>> {
         .status()
         .context("running xz")?;
     let _ = fs::remove_file(&payload);
-    let elf = fs::read(&tmp).map(|d| d.starts_with(b"\x7fELF")).unwrap_or(false);
+    let elf = fs::read(&tmp)
+        .map(|d| d.starts_with(b"\x7fELF"))
+        .unwrap_or(false);
     if !status.success() || !elf {
         let _ = fs::remove_file(&tmp);
         eprintln!("lab: vmlinuz payload did not decompress to an ELF; booting vmlinuz instead");
@@ -474,7 +495,10 @@ mod tests {
 
     #[test]
     fn module_names_normalise_dashes_and_suffixes() {
-        assert_eq!(module_name("kernel/drivers/usb/usbip/vhci-hcd.ko"), "vhci_hcd");
+        assert_eq!(
+            module_name("kernel/drivers/usb/usbip/vhci-hcd.ko"),
+            "vhci_hcd"
+        );
         assert_eq!(module_name("vhci_hcd"), "vhci_hcd");
         assert_eq!(module_name("kernel/crypto/crc64.ko.xz"), "crc64");
     }

@@ -34,9 +34,14 @@ pub struct Manifest {
 impl Manifest {
     fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("manifest.json");
-        let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let json = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        Ok(Manifest { dir: dir.to_path_buf(), json })
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let json =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        Ok(Manifest {
+            dir: dir.to_path_buf(),
+            json,
+        })
     }
 
     fn kernel(&self) -> PathBuf {
@@ -103,7 +108,14 @@ pub fn build() -> Result<Manifest> {
         return Manifest::load(&dir);
     }
 
-    let kernel_dir = cache.kernel_dir(kernel.root.file_name().unwrap_or_default().to_str().unwrap_or("kernel"));
+    let kernel_dir = cache.kernel_dir(
+        kernel
+            .root
+            .file_name()
+            .unwrap_or_default()
+            .to_str()
+            .unwrap_or("kernel"),
+    );
     let vmlinuz = kernel.root.join(format!("boot/vmlinuz-{}", plan.kver));
     let boot_image = match initramfs::extract_vmlinux(&vmlinuz, &kernel_dir.join("vmlinux"))? {
         Some(vmlinux) => vmlinux,
@@ -134,7 +146,10 @@ pub fn build() -> Result<Manifest> {
         "missing_optional_modules": plan.missing_optional,
         "scenarios": scenarios,
     });
-    fs::write(dir.join("manifest.json"), serde_json::to_string_pretty(&manifest)?)?;
+    fs::write(
+        dir.join("manifest.json"),
+        serde_json::to_string_pretty(&manifest)?,
+    )?;
     cache.set_current(&key)?;
     eprintln!(
         "lab: built {key}: initramfs {:.1} MiB, kernel {} ({:.1}s)",
@@ -147,23 +162,41 @@ pub fn build() -> Result<Manifest> {
 
 /// Builds the guest init and the project's release binaries with the same cargo that runs us.
 fn build_binaries(ws: &Path) -> Result<initramfs::Binaries> {
-    eprintln!("lab: building release binaries (lab-guest, {})", PROJECT_BINS.iter().map(|b| b.1).collect::<Vec<_>>().join(", "));
+    eprintln!(
+        "lab: building release binaries (lab-guest, {})",
+        PROJECT_BINS
+            .iter()
+            .map(|b| b.1)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut build = Command::new(&cargo);
-    build
-        .current_dir(ws)
-        .args(["build", "--release", "--quiet", "-p", "xtask", "--bin", "lab-guest"]);
+    build.current_dir(ws).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "xtask",
+        "--bin",
+        "lab-guest",
+    ]);
     for (pkg, bin) in PROJECT_BINS {
         build.args(["-p", pkg, "--bin", bin]);
     }
     cmd::status(&mut build).context("building the lab's binaries failed")?;
-    let meta = cmd::output(
-        Command::new(&cargo)
-            .current_dir(ws)
-            .args(["metadata", "--format-version", "1", "--no-deps"]),
-    )?;
+    let meta = cmd::output(Command::new(&cargo).current_dir(ws).args([
+        "metadata",
+        "--format-version",
+        "1",
+        "--no-deps",
+    ]))?;
     let meta: Value = serde_json::from_str(&meta)?;
-    let target = PathBuf::from(meta["target_directory"].as_str().context("cargo metadata has no target_directory")?);
+    let target = PathBuf::from(
+        meta["target_directory"]
+            .as_str()
+            .context("cargo metadata has no target_directory")?,
+    );
     let release = target.join("release");
     let bins = initramfs::Binaries {
         guest: release.join("lab-guest"),
@@ -196,7 +229,11 @@ fn current() -> Result<Manifest> {
 pub fn list() -> Result<()> {
     let m = current()?;
     for (name, about, default) in m.scenarios() {
-        let mark = if default { "" } else { "  (not run by default)" };
+        let mark = if default {
+            ""
+        } else {
+            "  (not run by default)"
+        };
         println!("{name:16} {about}{mark}");
     }
     Ok(())
@@ -264,7 +301,12 @@ pub fn run_report(args: &RunArgs) -> Result<Report> {
         echo: true,
     })?;
 
-    let mut report = Report { passed: 0, failed: 0, skipped: 0, failure: None };
+    let mut report = Report {
+        passed: 0,
+        failed: 0,
+        skipped: 0,
+        failure: None,
+    };
     let mut lines = Vec::new();
     for r in &outcome.results {
         match r["status"].as_str() {
@@ -274,8 +316,15 @@ pub fn run_report(args: &RunArgs) -> Result<Report> {
         }
         lines.push(xtask::format_line(xtask::tag::RESULT, r));
     }
-    let ran: Vec<&str> = outcome.results.iter().filter_map(|r| r["scenario"].as_str()).collect();
-    let not_run: Vec<&String> = names.iter().filter(|n| !ran.contains(&n.as_str())).collect();
+    let ran: Vec<&str> = outcome
+        .results
+        .iter()
+        .filter_map(|r| r["scenario"].as_str())
+        .collect();
+    let not_run: Vec<&String> = names
+        .iter()
+        .filter(|n| !ran.contains(&n.as_str()))
+        .collect();
     let run_line = json!({
         "accel": format!("{accel:?}").to_lowercase(),
         "boot_secs": outcome.boot_secs,
@@ -287,7 +336,10 @@ pub fn run_report(args: &RunArgs) -> Result<Report> {
         "aborted": outcome.aborted,
     });
     lines.push(format!("LAB-RUN {run_line}"));
-    let results_file = args.results.clone().unwrap_or_else(|| cache.dir.join("results.jsonl"));
+    let results_file = args
+        .results
+        .clone()
+        .unwrap_or_else(|| cache.dir.join("results.jsonl"));
     let mut f = fs::File::create(&results_file)
         .with_context(|| format!("writing {}", results_file.display()))?;
     for l in &lines {
@@ -306,10 +358,15 @@ pub fn run_report(args: &RunArgs) -> Result<Report> {
         for l in r["log_tail"].as_array().into_iter().flatten() {
             eprintln!("  | {}", l.as_str().unwrap_or_default());
         }
-        report.failure.get_or_insert_with(|| format!("lab scenario {name} failed: {reason}"));
+        report
+            .failure
+            .get_or_insert_with(|| format!("lab scenario {name} failed: {reason}"));
     }
     if report.failure.is_none() && !outcome.completed {
-        let why = outcome.aborted.clone().unwrap_or_else(|| "the guest stopped early".into());
+        let why = outcome
+            .aborted
+            .clone()
+            .unwrap_or_else(|| "the guest stopped early".into());
         eprintln!("lab: the VM stopped outside any scenario: {why}; last console lines:");
         for l in &outcome.console_tail {
             eprintln!("  | {l}");

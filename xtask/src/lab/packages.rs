@@ -71,7 +71,10 @@ impl Apt {
             missing.join(" ")
         );
         if !is_root() {
-            bail!("the lab needs {} on this host; install with: sudo {fix}", missing.join(", "));
+            bail!(
+                "the lab needs {} on this host; install with: sudo {fix}",
+                missing.join(", ")
+            );
         }
         eprintln!("lab: installing host tools: {}", missing.join(" "));
         let install = || {
@@ -164,11 +167,17 @@ impl Apt {
                 .with_context(|| {
                     format!("could not download {name}; try `apt-get update`, then `apt-get download {name}`")
                 })?;
-                self.find_deb(name, &version)?
-                    .with_context(|| format!("apt-get download {name} left no .deb in {}", self.debs.display()))?
+                self.find_deb(name, &version)?.with_context(|| {
+                    format!(
+                        "apt-get download {name} left no .deb in {}",
+                        self.debs.display()
+                    )
+                })?
             }
         };
-        let root = self.pkgs.join(format!("{name}_{}", version.replace(':', "_")));
+        let root = self
+            .pkgs
+            .join(format!("{name}_{}", version.replace(':', "_")));
         if !root.join(".unpacked").exists() {
             let tmp = root.with_extension("tmp");
             let _ = fs::remove_dir_all(&tmp);
@@ -235,10 +244,7 @@ mod tests {
     #[test]
     fn depends_field() {
         let d = "usb.ids, libc6 (>= 2.34), debconf (>= 0.5) | debconf-2.0, libfoo1:any";
-        assert_eq!(
-            parse_depends(d),
-            ["usb.ids", "libc6", "debconf", "libfoo1"]
-        );
+        assert_eq!(parse_depends(d), ["usb.ids", "libc6", "debconf", "libfoo1"]);
         assert!(parse_depends("").is_empty());
     }
 }

@@ -120,8 +120,14 @@ pub fn boot(b: &Boot) -> Result<Outcome> {
         .with_context(|| format!("could not start `{shown}`; run `cargo xtask lab build`"))?;
     let (tx, rx) = mpsc::channel();
     for stream in [
-        child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
-        child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
     ]
     .into_iter()
     .flatten()
@@ -230,14 +236,22 @@ impl<'a> Follow<'a> {
             }
             let now = Instant::now();
             let hung = if self.boot_secs.is_none() {
-                (now - self.started > BOOT_TIMEOUT)
-                    .then(|| format!("no {} line within {BOOT_TIMEOUT:?} of starting QEMU", tag::BOOT))
+                (now - self.started > BOOT_TIMEOUT).then(|| {
+                    format!(
+                        "no {} line within {BOOT_TIMEOUT:?} of starting QEMU",
+                        tag::BOOT
+                    )
+                })
             } else if let Some((name, since, _)) = &self.current {
                 (now - *since > per_scenario).then(|| {
-                    format!("scenario {name} ran past its {}s timeout and the guest did not stop it", self.b.timeout_secs)
+                    format!(
+                        "scenario {name} ran past its {}s timeout and the guest did not stop it",
+                        self.b.timeout_secs
+                    )
                 })
             } else {
-                (now - self.started > overall).then(|| format!("the whole run exceeded {overall:?}"))
+                (now - self.started > overall)
+                    .then(|| format!("the whole run exceeded {overall:?}"))
             };
             if let Some(reason) = hung {
                 self.aborted = Some(reason);
@@ -248,8 +262,14 @@ impl<'a> Follow<'a> {
         if !self.completed && self.aborted.is_none() {
             let status = child.try_wait().ok().flatten();
             self.aborted = Some(match status {
-                Some(s) => format!("QEMU exited ({s}) before the guest reported {}", tag::SUMMARY),
-                None => format!("QEMU closed its console before the guest reported {}", tag::SUMMARY),
+                Some(s) => format!(
+                    "QEMU exited ({s}) before the guest reported {}",
+                    tag::SUMMARY
+                ),
+                None => format!(
+                    "QEMU closed its console before the guest reported {}",
+                    tag::SUMMARY
+                ),
             });
         }
         if let (Some(reason), Some((name, since, lines))) = (&self.aborted, self.current.take()) {
@@ -358,9 +378,16 @@ pub fn resolve_accel(
         && let Some((key, verdict)) = text.trim().rsplit_once('|')
         && key == probe_key
     {
-        return Ok(if verdict == "kvm" { Accel::Kvm } else { Accel::Tcg });
+        return Ok(if verdict == "kvm" {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        });
     }
-    eprintln!("lab: probing KVM with one short boot (cached in {})", probe_file.display());
+    eprintln!(
+        "lab: probing KVM with one short boot (cached in {})",
+        probe_file.display()
+    );
     let probe = Boot {
         kernel,
         initramfs,
@@ -374,7 +401,11 @@ pub fn resolve_accel(
     let verdict = if works { Accel::Kvm } else { Accel::Tcg };
     eprintln!(
         "lab: KVM {}; using {}",
-        if works { "works" } else { "does not boot this kernel" },
+        if works {
+            "works"
+        } else {
+            "does not boot this kernel"
+        },
         if works { "KVM" } else { "TCG" }
     );
     let word = if works { "kvm" } else { "tcg" };
@@ -389,11 +420,21 @@ fn probe_boot(b: &Boot) -> bool {
     let (tx, rx) = mpsc::channel();
     let kernel = b.kernel.to_path_buf();
     let initramfs = b.initramfs.to_path_buf();
-    let append = format!("console=ttyS0 rdinit=/init panic=-1 quiet {}=", cmdline::SCENARIOS);
+    let append = format!(
+        "console=ttyS0 rdinit=/init panic=-1 quiet {}=",
+        cmdline::SCENARIOS
+    );
     thread::spawn(move || {
         let child = Command::new("qemu-system-x86_64")
             .args(["-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", "1024"])
-            .args(["-machine", "q35", "-nographic", "-no-reboot", "-nic", "none"])
+            .args([
+                "-machine",
+                "q35",
+                "-nographic",
+                "-no-reboot",
+                "-nic",
+                "none",
+            ])
             .arg("-kernel")
             .arg(&kernel)
             .arg("-initrd")

@@ -78,7 +78,9 @@ pub fn read_mib_s(dev: &Path, total: usize) -> Result<f64> {
     let start = Instant::now();
     let mut done = 0;
     while done < total {
-        let n = f.read(buf).with_context(|| format!("reading {} at {done}", dev.display()))?;
+        let n = f
+            .read(buf)
+            .with_context(|| format!("reading {} at {done}", dev.display()))?;
         if n == 0 {
             bail!("{} ended after {done} bytes, wanted {total}", dev.display());
         }
@@ -102,7 +104,8 @@ pub fn write_mib_s(dev: &Path, total: usize) -> Result<f64> {
     let start = Instant::now();
     let mut done = 0;
     while done < total {
-        f.write_all(buf).with_context(|| format!("writing {} at {done}", dev.display()))?;
+        f.write_all(buf)
+            .with_context(|| format!("writing {} at {done}", dev.display()))?;
         done += MIB;
     }
     f.sync_all()?;

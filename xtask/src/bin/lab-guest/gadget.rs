@@ -33,11 +33,10 @@ pub const PID_OTHER: u16 = 0x0107;
 /// The HID report descriptor of a boot-protocol keyboard (USB HID spec, appendix E.6):
 /// 8-byte input reports (modifiers, reserved, six key codes), 1-byte LED output report.
 const KEYBOARD_REPORT_DESC: &[u8] = &[
-    0x05, 0x01, 0x09, 0x06, 0xa1, 0x01, 0x05, 0x07, 0x19, 0xe0, 0x29, 0xe7, 0x15, 0x00, 0x25,
-    0x01, 0x75, 0x01, 0x95, 0x08, 0x81, 0x02, 0x95, 0x01, 0x75, 0x08, 0x81, 0x03, 0x95, 0x05,
-    0x75, 0x01, 0x05, 0x08, 0x19, 0x01, 0x29, 0x05, 0x91, 0x02, 0x95, 0x01, 0x75, 0x03, 0x91,
-    0x03, 0x95, 0x06, 0x75, 0x08, 0x15, 0x00, 0x25, 0x65, 0x05, 0x07, 0x19, 0x00, 0x29, 0x65,
-    0x81, 0x00, 0xc0,
+    0x05, 0x01, 0x09, 0x06, 0xa1, 0x01, 0x05, 0x07, 0x19, 0xe0, 0x29, 0xe7, 0x15, 0x00, 0x25, 0x01,
+    0x75, 0x01, 0x95, 0x08, 0x81, 0x02, 0x95, 0x01, 0x75, 0x08, 0x81, 0x03, 0x95, 0x05, 0x75, 0x01,
+    0x05, 0x08, 0x19, 0x01, 0x29, 0x05, 0x91, 0x02, 0x95, 0x01, 0x75, 0x03, 0x91, 0x03, 0x95, 0x06,
+    0x75, 0x08, 0x15, 0x00, 0x25, 0x65, 0x05, 0x07, 0x19, 0x00, 0x29, 0x65, 0x81, 0x00, 0xc0,
 ];
 
 /// One configfs gadget with one function, bound to the dummy UDC while plugged.
@@ -125,7 +124,8 @@ impl Gadget {
         sys::write(config.join("strings/0x409/configuration"), "lab")?;
         sys::write(config.join("MaxPower"), "120")?;
         let function = dir.join("functions").join(instance);
-        mkdir(&function).with_context(|| format!("creating function {instance} (module {module})"))?;
+        mkdir(&function)
+            .with_context(|| format!("creating function {instance} (module {module})"))?;
         for (attr, value) in attrs {
             sys::write(function.join(attr), value)?;
         }
@@ -161,23 +161,37 @@ impl Gadget {
 
     /// Waits until the host side has enumerated the gadget; returns its sysfs directory.
     pub fn wait_enumerated(&self, timeout: Duration) -> Result<PathBuf> {
-        sys::wait_for(&format!("gadget {} to enumerate", self.name()), timeout, || {
-            let dev = usbdev::find_usb_device(self.vid, self.pid, Via::Dummy)?;
-            // bConfigurationValue is set once a configuration is selected.
-            sys::read(dev.join("bConfigurationValue")).ok().filter(|v| !v.is_empty())?;
-            Some(dev)
-        })
+        sys::wait_for(
+            &format!("gadget {} to enumerate", self.name()),
+            timeout,
+            || {
+                let dev = usbdev::find_usb_device(self.vid, self.pid, Via::Dummy)?;
+                // bConfigurationValue is set once a configuration is selected.
+                sys::read(dev.join("bConfigurationValue"))
+                    .ok()
+                    .filter(|v| !v.is_empty())?;
+                Some(dev)
+            },
+        )
     }
 
     /// The USB/IP bus id of the enumerated gadget, e.g. `17-1`.
     pub fn busid(&self) -> Result<String> {
         let dev = usbdev::find_usb_device(self.vid, self.pid, Via::Dummy)
             .context("the gadget is not enumerated")?;
-        Ok(dev.file_name().unwrap_or_default().to_string_lossy().into_owned())
+        Ok(dev
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned())
     }
 
     fn name(&self) -> String {
-        self.dir.file_name().unwrap_or_default().to_string_lossy().into_owned()
+        self.dir
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned()
     }
 }
 

@@ -51,7 +51,8 @@ fn setup() -> Result<()> {
     sys::run(sys::bb("mount").args(["-t", "configfs", "configfs", "/sys/kernel/config"]))
         .context("mounting configfs")?;
     // tracefs is for later eBPF/kprobe scenarios; a kernel without it still runs the rest.
-    if sys::run(sys::bb("mount").args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"])).is_err() {
+    if sys::run(sys::bb("mount").args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"])).is_err()
+    {
         log!("lab-guest: no tracefs; tracing scenarios will skip");
     }
     sys::run(sys::bb("ip").args(["link", "set", "lo", "up"]))?;
@@ -62,14 +63,20 @@ fn run_all() -> Result<()> {
     let kernel = sys::read("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!(
         "{}",
-        format_line(tag::BOOT, &json!({"uptime": sys::uptime(), "kernel": kernel}))
+        format_line(
+            tag::BOOT,
+            &json!({"uptime": sys::uptime(), "kernel": kernel})
+        )
     );
     let req = request()?;
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     for name in &req.scenarios {
         println!(
             "{}",
-            format_line(tag::START, &json!({"scenario": name, "timeout_secs": req.timeout.as_secs()}))
+            format_line(
+                tag::START,
+                &json!({"scenario": name, "timeout_secs": req.timeout.as_secs()})
+            )
         );
         let result = if scenarios::find(name).is_some() {
             runner::run(name, req.timeout)
@@ -90,7 +97,10 @@ fn run_all() -> Result<()> {
     }
     println!(
         "{}",
-        format_line(tag::SUMMARY, &json!({"passed": passed, "failed": failed, "skipped": skipped}))
+        format_line(
+            tag::SUMMARY,
+            &json!({"passed": passed, "failed": failed, "skipped": skipped})
+        )
     );
     Ok(())
 }
@@ -108,7 +118,11 @@ fn request() -> Result<Request> {
         };
         match key {
             k if k == cmdline::SCENARIOS => {
-                req.scenarios = value.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect();
+                req.scenarios = value
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect();
             }
             k if k == cmdline::TIMEOUT => {
                 let secs: u64 = value.parse().with_context(|| format!("bad {k}={value}"))?;

@@ -25,7 +25,12 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["--list"] => {
             for s in scenarios::ALL {
                 println!("{:16} {}", s.name, s.about);
@@ -35,7 +40,9 @@ fn main() -> ExitCode {
         ["--list-json"] => {
             let list: Vec<_> = scenarios::ALL
                 .iter()
-                .map(|s| serde_json::json!({"name": s.name, "about": s.about, "default": s.default}))
+                .map(
+                    |s| serde_json::json!({"name": s.name, "about": s.about, "default": s.default}),
+                )
                 .collect();
             println!("{}", serde_json::Value::Array(list));
             ExitCode::SUCCESS

@@ -25,7 +25,11 @@ pub const NETEM: &[&str] = &["sch_netem"];
 /// which fail to load without a registered crypto implementation.
 const SOFTDEPS: &[(&str, &[&str])] = &[(
     "sd_mod",
-    &["crct10dif_generic", "crct10dif-pclmul", "crc64_rocksoft_generic"],
+    &[
+        "crct10dif_generic",
+        "crct10dif-pclmul",
+        "crc64_rocksoft_generic",
+    ],
 )];
 
 /// Loads each module (and its dependencies) unless already loaded or built in; skips the
@@ -45,7 +49,8 @@ pub fn load(names: &[&str]) -> Result<()> {
                 }
             }
         }
-        sys::run(sys::bb("modprobe").arg(name)).with_context(|| format!("loading module {name}"))?;
+        sys::run(sys::bb("modprobe").arg(name))
+            .with_context(|| format!("loading module {name}"))?;
     }
     Ok(())
 }
@@ -57,7 +62,10 @@ pub fn available(name: &str) -> bool {
 
 /// Loaded modules have `/sys/module/<name>/initstate`; built-in ones count as loaded.
 fn loaded(name: &str) -> bool {
-    Path::new("/sys/module").join(norm(name)).join("initstate").exists()
+    Path::new("/sys/module")
+        .join(norm(name))
+        .join("initstate")
+        .exists()
         || listed_in("modules.builtin", name)
 }
 
@@ -67,7 +75,13 @@ fn listed_in(index: &str, name: &str) -> bool {
     let want = norm(name);
     fs::read_to_string(path).is_ok_and(|text| {
         text.lines().any(|l| {
-            let file = l.split(':').next().unwrap_or("").rsplit('/').next().unwrap_or("");
+            let file = l
+                .split(':')
+                .next()
+                .unwrap_or("")
+                .rsplit('/')
+                .next()
+                .unwrap_or("");
             norm(file.split(".ko").next().unwrap_or("")) == want
         })
     })

@@ -79,13 +79,23 @@ pub fn run(name: &str, timeout: Duration) -> Value {
     });
     let (mut child, reader) = match spawned {
         Ok(x) => x,
-        Err(e) => return fail(name, started, format!("could not start the scenario: {e}"), &[]),
+        Err(e) => {
+            return fail(
+                name,
+                started,
+                format!("could not start the scenario: {e}"),
+                &[],
+            );
+        }
     };
 
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         for line in BufReader::new(reader).split(b'\n').map_while(|l| l.ok()) {
-            if tx.send(String::from_utf8_lossy(&line).into_owned()).is_err() {
+            if tx
+                .send(String::from_utf8_lossy(&line).into_owned())
+                .is_err()
+            {
                 break;
             }
         }
@@ -102,7 +112,10 @@ pub fn run(name: &str, timeout: Duration) -> Value {
             Ok(line) => {
                 if let Some(rest) = line.strip_prefix(METRIC) {
                     let mut parts = rest.split_whitespace();
-                    if let (Some(k), Some(v)) = (parts.next(), parts.next().and_then(|v| v.parse::<f64>().ok())) {
+                    if let (Some(k), Some(v)) = (
+                        parts.next(),
+                        parts.next().and_then(|v| v.parse::<f64>().ok()),
+                    ) {
                         metrics.insert(k.to_owned(), json!(v));
                     }
                 } else if let Some(reason) = line.strip_prefix(SKIP) {
@@ -147,13 +160,23 @@ pub fn run(name: &str, timeout: Duration) -> Value {
     let secs = round2(started.elapsed().as_secs_f64());
     let code = status.and_then(|s| s.code());
     let (status, reason) = if timed_out {
-        ("fail", Some(format!("timed out after {}s", timeout.as_secs())))
+        (
+            "fail",
+            Some(format!("timed out after {}s", timeout.as_secs())),
+        )
     } else if code == Some(0) {
         ("pass", None)
     } else if code == Some(i32::from(report::SKIP_EXIT)) {
-        ("skip", Some(skip_reason.unwrap_or_else(|| "no reason given".into())))
+        (
+            "skip",
+            Some(skip_reason.unwrap_or_else(|| "no reason given".into())),
+        )
     } else {
-        let last_error = tail.iter().rev().find_map(|l| l.strip_prefix("error: ")).map(str::to_owned);
+        let last_error = tail
+            .iter()
+            .rev()
+            .find_map(|l| l.strip_prefix("error: "))
+            .map(str::to_owned);
         let why = last_error.unwrap_or_else(|| match code {
             Some(c) => format!("exited with status {c}"),
             None => "killed by a signal".into(),

@@ -79,7 +79,11 @@ pub fn read(path: impl AsRef<Path>) -> Result<String> {
 }
 
 /// Polls `probe` every 50 ms until it yields a value or `timeout` passes.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Result<T> {
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Option<T>,
+) -> Result<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = probe() {

@@ -34,9 +34,13 @@ impl Via {
 /// The sysfs directory of the USB device `vid:pid` under `via`, e.g. `/sys/bus/usb/devices/17-1`.
 pub fn find_usb_device(vid: u16, pid: u16, via: Via) -> Option<PathBuf> {
     let entries = fs::read_dir("/sys/bus/usb/devices").ok()?;
-    entries.filter_map(|e| e.ok()).map(|e| e.path()).find(|dev| {
-        ids(dev) == Some((vid, pid)) && fs::canonicalize(dev).is_ok_and(|real| via.matches(&real))
-    })
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|dev| {
+            ids(dev) == Some((vid, pid))
+                && fs::canonicalize(dev).is_ok_and(|real| via.matches(&real))
+        })
 }
 
 /// The `/dev/sdX` of mass-storage device `vid:pid` under `via`.
@@ -57,9 +61,11 @@ pub fn find_input_event_for(vid: u16, pid: u16, via: Via) -> Option<PathBuf> {
 
 /// Waits up to `timeout` for [`find_block_device_for`].
 pub fn wait_block_device(vid: u16, pid: u16, via: Via, timeout: Duration) -> Result<PathBuf> {
-    sys::wait_for(&format!("a block device for {vid:04x}:{pid:04x} via {via:?}"), timeout, || {
-        find_block_device_for(vid, pid, via)
-    })
+    sys::wait_for(
+        &format!("a block device for {vid:04x}:{pid:04x} via {via:?}"),
+        timeout,
+        || find_block_device_for(vid, pid, via),
+    )
 }
 
 /// A class device whose sysfs ancestry contains the USB device `vid:pid` under `via`.

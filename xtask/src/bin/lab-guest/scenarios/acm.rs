@@ -22,12 +22,20 @@ pub fn run() -> Result<()> {
     let mut g = Gadget::acm()?;
     g.plug()?;
     g.wait_enumerated(Duration::from_secs(10))?;
-    let tty = sys::wait_for("a ttyACM node for the gadget", Duration::from_secs(10), || {
-        usbdev::find_tty_for(g.vid, g.pid, Via::Dummy)
-    })?;
+    let tty = sys::wait_for(
+        "a ttyACM node for the gadget",
+        Duration::from_secs(10),
+        || usbdev::find_tty_for(g.vid, g.pid, Via::Dummy),
+    )?;
     let gs = Path::new("/dev/ttyGS0");
-    sys::wait_for("/dev/ttyGS0", Duration::from_secs(5), || gs.exists().then_some(()))?;
-    log!("acm: host side {}, gadget side {}", tty.display(), gs.display());
+    sys::wait_for("/dev/ttyGS0", Duration::from_secs(5), || {
+        gs.exists().then_some(())
+    })?;
+    log!(
+        "acm: host side {}, gadget side {}",
+        tty.display(),
+        gs.display()
+    );
     for dev in [&tty, &gs.to_path_buf()] {
         sys::run(sys::bb("stty").args(["-F", &dev.to_string_lossy(), "raw", "-echo"]))?;
     }
@@ -50,8 +58,18 @@ pub fn run() -> Result<()> {
     let got = rx
         .recv_timeout(Duration::from_secs(10))
         .context("nothing arrived on /dev/ttyGS0 within 10 s")?;
-    ensure!(got == MESSAGE, "ttyGS0 received {:?}, sent {:?}", String::from_utf8_lossy(&got), String::from_utf8_lossy(MESSAGE));
-    log!("acm: {} bytes crossed {} -> {}", got.len(), tty.display(), gs.display());
+    ensure!(
+        got == MESSAGE,
+        "ttyGS0 received {:?}, sent {:?}",
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(MESSAGE)
+    );
+    log!(
+        "acm: {} bytes crossed {} -> {}",
+        got.len(),
+        tty.display(),
+        gs.display()
+    );
     drop(host_end);
     g.unplug()?;
     Ok(())

@@ -42,8 +42,13 @@ struct Attached {
 impl Drop for Attached {
     fn drop(&mut self) {
         if let Ok(out) = sys::run(Command::new("/usr/sbin/usbip").arg("port")) {
-            for port in out.lines().filter_map(|l| l.strip_prefix("Port ")).filter_map(|l| l.split(':').next()) {
-                let _ = sys::run(Command::new("/usr/sbin/usbip").args(["detach", "-p", port.trim()]));
+            for port in out
+                .lines()
+                .filter_map(|l| l.strip_prefix("Port "))
+                .filter_map(|l| l.split(':').next())
+            {
+                let _ =
+                    sys::run(Command::new("/usr/sbin/usbip").args(["detach", "-p", port.trim()]));
             }
         }
         let _ = sys::run(Command::new("/usr/sbin/usbip").args(["unbind", "-b", &self.busid]));
@@ -72,19 +77,30 @@ pub fn run() -> Result<()> {
         .spawn()
         .context("starting usbipd")?;
     let _usbipd = Usbipd(usbipd);
-    sys::wait_for("usbipd to listen on port 3240", Duration::from_secs(10), || {
-        let tcp = fs::read_to_string("/proc/net/tcp").ok()?;
-        // State 0A is LISTEN.
-        tcp.lines().any(|l| l.contains(USBIP_PORT_HEX) && l.split_whitespace().nth(3) == Some("0A")).then_some(())
-    })?;
+    sys::wait_for(
+        "usbipd to listen on port 3240",
+        Duration::from_secs(10),
+        || {
+            let tcp = fs::read_to_string("/proc/net/tcp").ok()?;
+            // State 0A is LISTEN.
+            tcp.lines()
+                .any(|l| l.contains(USBIP_PORT_HEX) && l.split_whitespace().nth(3) == Some("0A"))
+                .then_some(())
+        },
+    )?;
 
     sys::run(Command::new("/usr/sbin/usbip").args(["bind", "-b", &busid]))?;
-    let _attached = Attached { busid: busid.clone() };
+    let _attached = Attached {
+        busid: busid.clone(),
+    };
     let t0 = Instant::now();
     sys::run(Command::new("/usr/sbin/usbip").args(["attach", "-r", "127.0.0.1", "-b", &busid]))?;
     let disk = usbdev::wait_block_device(g.vid, g.pid, Via::Vhci, Duration::from_secs(20))?;
     let attach_secs = t0.elapsed().as_secs_f64();
-    log!("baseline: imported over USB/IP as {} in {attach_secs:.2}s", disk.display());
+    log!(
+        "baseline: imported over USB/IP as {} in {attach_secs:.2}s",
+        disk.display()
+    );
     metric("attach_secs", (attach_secs * 100.0).round() / 100.0);
 
     let got = bench::md5(&disk, None)?;
@@ -92,7 +108,10 @@ pub fn run() -> Result<()> {
         got == backing_md5,
         "md5 over USB/IP {got} differs from the backing file's {backing_md5}"
     );
-    log!("baseline: md5 of all {} MiB over USB/IP matches ({got})", SIZE / MIB);
+    log!(
+        "baseline: md5 of all {} MiB over USB/IP matches ({got})",
+        SIZE / MIB
+    );
 
     let mut reads = Vec::new();
     for i in 0..RUNS {
@@ -107,7 +126,10 @@ pub fn run() -> Result<()> {
         writes.push(w);
     }
     let (read, write) = (bench::median(reads), bench::median(writes));
-    log!("baseline: kernel USB/IP over loopback: read {read} MiB/s, write {write} MiB/s (median of {RUNS} x {} MiB, O_DIRECT)", SIZE / MIB);
+    log!(
+        "baseline: kernel USB/IP over loopback: read {read} MiB/s, write {write} MiB/s (median of {RUNS} x {} MiB, O_DIRECT)",
+        SIZE / MIB
+    );
     metric("read_mib_s", read);
     metric("write_mib_s", write);
     metric("size_mib", (SIZE / MIB) as f64);
@@ -117,7 +139,10 @@ pub fn run() -> Result<()> {
     let slow = bench::read_mib_s(&disk, NETEM_SIZE);
     netem::clear()?;
     let slow = slow?;
-    log!("baseline: with netem delay 1ms on lo: read {slow} MiB/s ({} MiB)", NETEM_SIZE / MIB);
+    log!(
+        "baseline: with netem delay 1ms on lo: read {slow} MiB/s ({} MiB)",
+        NETEM_SIZE / MIB
+    );
     metric("read_mib_s_netem_1ms", slow);
     Ok(())
 }

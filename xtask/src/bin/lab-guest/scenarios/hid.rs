@@ -27,12 +27,20 @@ pub fn run() -> Result<()> {
     let mut g = Gadget::hid_keyboard()?;
     g.plug()?;
     g.wait_enumerated(Duration::from_secs(10))?;
-    let event = sys::wait_for("an input event node for the gadget", Duration::from_secs(10), || {
-        usbdev::find_input_event_for(g.vid, g.pid, Via::Dummy)
-    })?;
+    let event = sys::wait_for(
+        "an input event node for the gadget",
+        Duration::from_secs(10),
+        || usbdev::find_input_event_for(g.vid, g.pid, Via::Dummy),
+    )?;
     let hidg = Path::new("/dev/hidg0");
-    sys::wait_for("/dev/hidg0", Duration::from_secs(5), || hidg.exists().then_some(()))?;
-    log!("hid: host side {}, gadget side {}", event.display(), hidg.display());
+    sys::wait_for("/dev/hidg0", Duration::from_secs(5), || {
+        hidg.exists().then_some(())
+    })?;
+    log!(
+        "hid: host side {}, gadget side {}",
+        event.display(),
+        hidg.display()
+    );
 
     let mut events = File::open(&event).with_context(|| format!("opening {}", event.display()))?;
     let (tx, rx) = mpsc::channel();
@@ -61,7 +69,11 @@ pub fn run() -> Result<()> {
             break;
         }
     }
-    log!("hid: key press crossed {} -> {}", hidg.display(), event.display());
+    log!(
+        "hid: key press crossed {} -> {}",
+        hidg.display(),
+        event.display()
+    );
     g.unplug()?;
     Ok(())
 }

@@ -60,7 +60,13 @@ pub const ALL: &[Scenario] = &[
         name: "selftest-fail",
         about: "fails on purpose, to prove a failing scenario fails the run with its log tail",
         default: false,
-        run: selftest::run,
+        run: selftest::fail,
+    },
+    Scenario {
+        name: "selftest-hang",
+        about: "hangs on purpose, to prove the per-scenario timeout kills it and fails the run",
+        default: false,
+        run: selftest::hang,
     },
 ];
 

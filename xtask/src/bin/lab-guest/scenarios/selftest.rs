@@ -1,13 +1,24 @@
-//! A scenario that always fails, so the suite can prove failures are caught and reported.
+//! Scenarios that fail on purpose, so the suite can prove failures and hangs are caught
+//! and reported rather than passing silently.
+
+use std::time::Duration;
 
 use anyhow::bail;
 
 use crate::report::log;
 
 /// Logs a recognisable trail, then fails.
-pub fn run() -> anyhow::Result<()> {
+pub fn fail() -> anyhow::Result<()> {
     log!("selftest: step 1 of 3: this scenario fails on purpose");
     log!("selftest: step 2 of 3: the host must print these lines as the log tail");
     log!("selftest: step 3 of 3: SELFTEST-MARKER-7f3a");
     bail!("deliberate failure (selftest-fail)")
+}
+
+/// Hangs past any timeout; the runner must kill it and report the timeout.
+pub fn hang() -> anyhow::Result<()> {
+    log!("selftest: hanging on purpose; the runner must kill this after its timeout");
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
 }

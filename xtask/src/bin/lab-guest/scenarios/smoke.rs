@@ -21,25 +21,48 @@ pub fn run() -> Result<()> {
     g.plug()?;
     let dev = g.wait_enumerated(Duration::from_secs(10))?;
     let speed = sys::read(dev.join("speed"))?;
-    ensure!(speed == "480", "gadget enumerated at {speed} Mb/s, expected high speed (480)");
+    ensure!(
+        speed == "480",
+        "gadget enumerated at {speed} Mb/s, expected high speed (480)"
+    );
     let disk = usbdev::wait_block_device(g.vid, g.pid, Via::Dummy, Duration::from_secs(15))?;
     let secs = t0.elapsed().as_secs_f64();
     let busid = g.busid()?;
     let driver = std::fs::read_link(dev.join(format!("{busid}:1.0/driver")))?;
-    let driver = driver.file_name().unwrap_or_default().to_string_lossy().into_owned();
-    ensure!(driver == "usb-storage", "interface driver is {driver}, expected usb-storage");
-    log!("smoke: {busid} at {speed} Mb/s, driver {driver}, disk {} after {secs:.2}s", disk.display());
+    let driver = driver
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    ensure!(
+        driver == "usb-storage",
+        "interface driver is {driver}, expected usb-storage"
+    );
+    log!(
+        "smoke: {busid} at {speed} Mb/s, driver {driver}, disk {} after {secs:.2}s",
+        disk.display()
+    );
     metric("enumerate_secs", (secs * 100.0).round() / 100.0);
 
     let want = bench::md5(backing, Some(MIB))?;
     let got = bench::md5(&disk, Some(MIB))?;
-    ensure!(got == want, "first MiB of {} has md5 {got}, backing file {want}", disk.display());
+    ensure!(
+        got == want,
+        "first MiB of {} has md5 {got}, backing file {want}",
+        disk.display()
+    );
     log!("smoke: first MiB md5 {got} matches");
 
     g.unplug()?;
-    sys::wait_for("the disk to disappear after unplug", Duration::from_secs(10), || {
-        usbdev::find_block_device_for(g.vid, g.pid, Via::Dummy).is_none().then_some(())
-    })?;
+    sys::wait_for(
+        "the disk to disappear after unplug",
+        Duration::from_secs(10),
+        || {
+            usbdev::find_block_device_for(g.vid, g.pid, Via::Dummy)
+                .is_none()
+                .then_some(())
+        },
+    )?;
     log!("smoke: unplug removed {}", disk.display());
     drop(g);
     bench::remove(backing);

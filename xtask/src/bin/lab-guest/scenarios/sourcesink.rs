@@ -18,7 +18,10 @@ pub fn run() -> Result<()> {
     let dev = g.wait_enumerated(Duration::from_secs(10))?;
     let busid = g.busid()?;
     let class = sys::read(dev.join(format!("{busid}:1.0/bInterfaceClass")))?;
-    ensure!(class == "ff", "SourceSink interface class is {class}, expected ff");
+    ensure!(
+        class == "ff",
+        "SourceSink interface class is {class}, expected ff"
+    );
     log!("sourcesink: {busid} enumerated, interface class {class}");
     g.unplug()?;
     Ok(())
