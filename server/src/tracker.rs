@@ -1,0 +1,404 @@
+//! The URB tracker: what the server knows about the URBs of one URB stream, with no I/O.
+//!
+//! Client messages and device completions go in; device actions (submit, cancel) and messages
+//! for the client come out, in the order the protocol promises: a URB's `Complete` always
+//! precedes its `UnlinkDone`, an unlink of a URB we no longer hold is answered at once, and a
+//! peer that breaks the rules gets a typed [`Violation`] instead of a panic or a hang.
+
+use std::collections::{HashMap, VecDeque};
+
+use protocol::usb::{Direction, EndpointNumber, UrbStatus};
+use protocol::wire::{
+    ServerTiming, UrbClientMessage, UrbComplete, UrbId, UrbServerMessage, UrbStreamOpen, UrbSubmit,
+};
+
+/// What the device should do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceAction {
+    /// Start this URB.
+    Submit(UrbSubmit),
+    /// Cancel this URB, still in flight.
+    Cancel(UrbId),
+}
+
+/// A client message that breaks the protocol; the connection is closed over it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    /// A second `Open` on a stream.
+    #[error("the stream was already opened")]
+    Reopen,
+    /// A submission for another endpoint than the stream's.
+    #[error(
+        "URB {id:?} names endpoint {endpoint} {direction:?} on the stream of endpoint {stream_endpoint} {stream_direction:?}"
+    )]
+    WrongEndpoint {
+        /// The URB.
+        id: UrbId,
+        /// What it names.
+        endpoint: u8,
+        /// Its direction.
+        direction: Direction,
+        /// The stream's endpoint.
+        stream_endpoint: u8,
+        /// The stream's direction.
+        stream_direction: Direction,
+    },
+    /// An id already in flight.
+    #[error("URB {0:?} is already in flight")]
+    DuplicateId(UrbId),
+    /// More URBs than the queue depth (the client ignored flow control).
+    #[error("more than {0} URBs in flight on one endpoint")]
+    QueueFull(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Running,
+    Cancelling,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    state: State,
+    arrived_us: u64,
+}
+
+/// The bookkeeping of one URB stream.
+#[derive(Debug)]
+pub struct StreamTracker {
+    endpoint: EndpointNumber,
+    direction: Direction,
+    depth: usize,
+    timing: bool,
+    in_flight: HashMap<UrbId, InFlight>,
+    actions: VecDeque<DeviceAction>,
+    messages: VecDeque<UrbServerMessage>,
+}
+
+impl StreamTracker {
+    /// A tracker for the stream `open` names, holding at most `depth` URBs in flight, adding
+    /// server timing to completions when `timing` was negotiated.
+    pub fn new(open: &UrbStreamOpen, depth: usize, timing: bool) -> Self {
+        StreamTracker {
+            endpoint: open.endpoint,
+            direction: open.direction,
+            depth: depth.max(1),
+            timing,
+            in_flight: HashMap::new(),
+            actions: VecDeque::new(),
+            messages: VecDeque::new(),
+        }
+    }
+
+    /// Whether another submission fits; the session reads the next client frame only then, so
+    /// QUIC flow control pushes back on a client that submits faster than the device runs.
+    pub fn can_accept(&self) -> bool {
+        self.in_flight.len() < self.depth
+    }
+
+    /// URBs submitted and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Takes a client message that arrived at `now_us` (any monotonic microsecond clock).
+    pub fn on_client(&mut self, msg: UrbClientMessage, now_us: u64) -> Result<(), Violation> {
+        match msg {
+            UrbClientMessage::Open(_) => Err(Violation::Reopen),
+            UrbClientMessage::Submit(urb) => self.on_submit(urb, now_us),
+            UrbClientMessage::Unlink(id) => {
+                match self.in_flight.get_mut(&id) {
+                    Some(urb) if urb.state == State::Running => {
+                        urb.state = State::Cancelling;
+                        self.actions.push_back(DeviceAction::Cancel(id));
+                    }
+                    // A second unlink of the same URB adds nothing.
+                    Some(_) => {}
+                    None => self.messages.push_back(UrbServerMessage::UnlinkDone {
+                        id,
+                        cancelled: false,
+                    }),
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn on_submit(&mut self, urb: UrbSubmit, now_us: u64) -> Result<(), Violation> {
+        let control_stream = self.endpoint == EndpointNumber::CONTROL;
+        let same_endpoint =
+            urb.endpoint == self.endpoint && (control_stream || urb.direction == self.direction);
+        if !same_endpoint {
+            return Err(Violation::WrongEndpoint {
+                id: urb.id,
+                endpoint: urb.endpoint.get(),
+                direction: urb.direction,
+                stream_endpoint: self.endpoint.get(),
+                stream_direction: self.direction,
+            });
+        }
+        if self.in_flight.contains_key(&urb.id) {
+            return Err(Violation::DuplicateId(urb.id));
+        }
+        if !self.can_accept() {
+            return Err(Violation::QueueFull(self.depth));
+        }
+        self.in_flight.insert(
+            urb.id,
+            InFlight {
+                state: State::Running,
+                arrived_us: now_us,
+            },
+        );
+        self.actions.push_back(DeviceAction::Submit(urb));
+        Ok(())
+    }
+
+    /// Takes a device completion at `now_us`. A completion for a URB this stream does not hold
+    /// is dropped and reported as `false` (a device bug, never the client's doing).
+    pub fn on_complete(&mut self, mut done: UrbComplete, now_us: u64) -> bool {
+        let Some(urb) = self.in_flight.remove(&done.id) else {
+            return false;
+        };
+        if self.timing {
+            done.timing = Some(ServerTiming {
+                queued_us: 0,
+                device_us: u32::try_from(now_us.saturating_sub(urb.arrived_us)).unwrap_or(u32::MAX),
+            });
+        }
+        let id = done.id;
+        let cancelled = done.status == UrbStatus::Unlinked;
+        self.messages.push_back(UrbServerMessage::Complete(done));
+        if urb.state == State::Cancelling {
+            self.messages
+                .push_back(UrbServerMessage::UnlinkDone { id, cancelled });
+        }
+        true
+    }
+
+    /// The next thing the device should do.
+    pub fn poll_action(&mut self) -> Option<DeviceAction> {
+        self.actions.pop_front()
+    }
+
+    /// The next message for the client.
+    pub fn poll_message(&mut self) -> Option<UrbServerMessage> {
+        self.messages.pop_front()
+    }
+
+    /// The URBs still in flight, for completing them when the device is gone.
+    pub fn in_flight_ids(&self) -> Vec<UrbId> {
+        self.in_flight.keys().copied().collect()
+    }
+
+    /// Completes every URB still in flight with `status` (the device is gone and will not).
+    pub fn fail_all(&mut self, status: UrbStatus, now_us: u64) {
+        for id in self.in_flight_ids() {
+            self.on_complete(completion(id, status), now_us);
+        }
+    }
+}
+
+/// A completion that moved no data.
+pub fn completion(id: UrbId, status: UrbStatus) -> UrbComplete {
+    UrbComplete {
+        id,
+        status,
+        actual_length: 0,
+        data: Vec::new(),
+        iso: None,
+        timing: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::usb::TransferType;
+    use protocol::wire::AttachHandle;
+
+    fn ep(n: u8) -> EndpointNumber {
+        EndpointNumber::new(n).unwrap()
+    }
+
+    fn open(n: u8, direction: Direction) -> UrbStreamOpen {
+        UrbStreamOpen {
+            handle: AttachHandle(1),
+            endpoint: ep(n),
+            direction,
+        }
+    }
+
+    fn bulk_in(id: u32) -> UrbClientMessage {
+        UrbClientMessage::Submit(UrbSubmit {
+            id: UrbId(id),
+            endpoint: ep(1),
+            direction: Direction::In,
+            transfer_type: TransferType::Bulk,
+            flags: 0,
+            setup: None,
+            length: 512,
+            data: vec![],
+            interval: 0,
+            iso: None,
+        })
+    }
+
+    fn drain(t: &mut StreamTracker) -> (Vec<DeviceAction>, Vec<UrbServerMessage>) {
+        let actions = std::iter::from_fn(|| t.poll_action()).collect();
+        let messages = std::iter::from_fn(|| t.poll_message()).collect();
+        (actions, messages)
+    }
+
+    #[test]
+    fn many_in_flight_complete_in_any_order_with_timing() {
+        let mut t = StreamTracker::new(&open(1, Direction::In), 8, true);
+        for id in 0..4 {
+            t.on_client(bulk_in(id), 100).unwrap();
+        }
+        let (actions, messages) = drain(&mut t);
+        assert_eq!(actions.len(), 4);
+        assert!(messages.is_empty());
+        for id in [2, 0, 3, 1] {
+            assert!(t.on_complete(completion(UrbId(id), UrbStatus::Ok), 350));
+        }
+        let (_, messages) = drain(&mut t);
+        let ids: Vec<u32> = messages
+            .iter()
+            .map(|m| match m {
+                UrbServerMessage::Complete(c) => {
+                    assert_eq!(c.timing.unwrap().device_us, 250);
+                    c.id.0
+                }
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(ids, vec![2, 0, 3, 1]);
+        assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn unlink_of_a_running_urb_cancels_it_and_answers_after_its_completion() {
+        let mut t = StreamTracker::new(&open(1, Direction::In), 8, false);
+        t.on_client(bulk_in(7), 0).unwrap();
+        t.on_client(UrbClientMessage::Unlink(UrbId(7)), 0).unwrap();
+        t.on_client(UrbClientMessage::Unlink(UrbId(7)), 0).unwrap();
+        let (actions, messages) = drain(&mut t);
+        assert_eq!(actions[1], DeviceAction::Cancel(UrbId(7)));
+        assert_eq!(actions.len(), 2, "a second unlink adds nothing");
+        assert!(messages.is_empty(), "nothing until the device answers");
+        t.on_complete(completion(UrbId(7), UrbStatus::Unlinked), 1);
+        let (_, messages) = drain(&mut t);
+        assert!(
+            matches!(&messages[0], UrbServerMessage::Complete(c) if c.status == UrbStatus::Unlinked)
+        );
+        assert_eq!(
+            messages[1],
+            UrbServerMessage::UnlinkDone {
+                id: UrbId(7),
+                cancelled: true
+            }
+        );
+    }
+
+    #[test]
+    fn unlink_that_loses_the_race_reports_the_real_result() {
+        let mut t = StreamTracker::new(&open(1, Direction::In), 8, false);
+        t.on_client(bulk_in(7), 0).unwrap();
+        t.on_client(UrbClientMessage::Unlink(UrbId(7)), 0).unwrap();
+        t.on_complete(completion(UrbId(7), UrbStatus::Ok), 1);
+        let (_, messages) = drain(&mut t);
+        assert!(matches!(&messages[0], UrbServerMessage::Complete(c) if c.status == UrbStatus::Ok));
+        assert_eq!(
+            messages[1],
+            UrbServerMessage::UnlinkDone {
+                id: UrbId(7),
+                cancelled: false
+            }
+        );
+    }
+
+    #[test]
+    fn unlink_of_an_unknown_urb_is_answered_at_once() {
+        let mut t = StreamTracker::new(&open(1, Direction::In), 8, false);
+        t.on_client(UrbClientMessage::Unlink(UrbId(9)), 0).unwrap();
+        let (actions, messages) = drain(&mut t);
+        assert!(actions.is_empty());
+        assert_eq!(
+            messages,
+            vec![UrbServerMessage::UnlinkDone {
+                id: UrbId(9),
+                cancelled: false
+            }]
+        );
+    }
+
+    #[test]
+    fn violations_are_typed() {
+        let mut t = StreamTracker::new(&open(1, Direction::In), 2, false);
+        assert_eq!(
+            t.on_client(UrbClientMessage::Open(open(1, Direction::In)), 0),
+            Err(Violation::Reopen)
+        );
+        t.on_client(bulk_in(1), 0).unwrap();
+        assert_eq!(
+            t.on_client(bulk_in(1), 0),
+            Err(Violation::DuplicateId(UrbId(1)))
+        );
+        t.on_client(bulk_in(2), 0).unwrap();
+        assert!(!t.can_accept());
+        assert_eq!(t.on_client(bulk_in(3), 0), Err(Violation::QueueFull(2)));
+        let mut out = StreamTracker::new(&open(2, Direction::Out), 2, false);
+        assert!(matches!(
+            out.on_client(bulk_in(1), 0),
+            Err(Violation::WrongEndpoint { .. })
+        ));
+    }
+
+    #[test]
+    fn the_control_stream_takes_both_directions() {
+        let mut t = StreamTracker::new(&open(0, Direction::Out), 4, false);
+        for (id, direction) in [(1, Direction::In), (2, Direction::Out)] {
+            let msg = UrbClientMessage::Submit(UrbSubmit {
+                id: UrbId(id),
+                endpoint: EndpointNumber::CONTROL,
+                direction,
+                transfer_type: TransferType::Control,
+                flags: 0,
+                setup: Some(Default::default()),
+                length: 0,
+                data: vec![],
+                interval: 0,
+                iso: None,
+            });
+            t.on_client(msg, 0).unwrap();
+        }
+        assert_eq!(t.in_flight(), 2);
+    }
+
+    #[test]
+    fn failing_all_completes_every_urb_once() {
+        let mut t = StreamTracker::new(&open(1, Direction::In), 8, false);
+        for id in 0..3 {
+            t.on_client(bulk_in(id), 0).unwrap();
+        }
+        t.on_client(UrbClientMessage::Unlink(UrbId(1)), 0).unwrap();
+        t.fail_all(UrbStatus::NoDevice, 5);
+        assert!(
+            !t.on_complete(completion(UrbId(0), UrbStatus::Ok), 6),
+            "late completion dropped"
+        );
+        let (_, messages) = drain(&mut t);
+        let completes = messages
+            .iter()
+            .filter(
+                |m| matches!(m, UrbServerMessage::Complete(c) if c.status == UrbStatus::NoDevice),
+            )
+            .count();
+        assert_eq!(completes, 3);
+        assert!(messages.contains(&UrbServerMessage::UnlinkDone {
+            id: UrbId(1),
+            cancelled: false
+        }));
+    }
+}
