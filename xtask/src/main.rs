@@ -35,6 +35,8 @@ enum Cmd {
     },
     /// Run everything CI runs: fmt, clippy, cargo test, then the lab scenarios.
     Test(ci::TestArgs),
+    /// Build and boot the lab and show a USB device shared over USB/IP, with its figures.
+    Demo,
 }
 
 #[derive(Subcommand)]
@@ -79,6 +81,7 @@ fn main() -> ExitCode {
             LabCmd::List => lab::list(),
         },
         Cmd::Test(args) => ci::test(&args),
+        Cmd::Demo => lab::demo(),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
