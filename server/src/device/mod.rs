@@ -5,6 +5,7 @@
 //! two traits, so everything above this module runs the same code for both.
 
 pub mod sim;
+pub mod usb;
 
 use protocol::usb::{Direction, EndpointNumber};
 use protocol::wire::{DeviceId, DeviceInfo, UrbComplete, UrbId, UrbSubmit};

@@ -1,0 +1,860 @@
+//! Real USB devices through Linux usbfs, on nusb.
+//!
+//! Each bulk or interrupt endpoint of an opened device gets a worker task that owns nusb's
+//! `Endpoint` and keeps every submitted URB in flight at once (usbfs queues them in order), so
+//! mass storage streams instead of waiting a round trip per transfer. Control transfers run as
+//! tasks of their own. Nothing here blocks a runtime thread: nusb's transfers are futures.
+//!
+//! nusb can only cancel *all* transfers of an endpoint. To unlink exactly one, the worker cancels
+//! all, reports the one asked for as `Unlinked`, and resubmits the others that had not moved
+//! any data yet, holding back new submissions until they are requeued so order is kept. One that
+//! had moved part of its data cannot be repeated safely; it is reported `Unlinked` with what
+//! moved (a warning is logged). Class drivers unlink when they are aborting the endpoint anyway.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::poll_fn;
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::Duration;
+
+use nusb::transfer::{
+    Buffer, Bulk, BulkOrInterrupt, Completion, ControlIn, ControlOut, ControlType, In, Interrupt,
+    Out, Recipient, TransferError,
+};
+use nusb::{Endpoint, MaybeFuture};
+use protocol::descriptors::Configuration;
+use protocol::usb::{Direction, EndpointNumber, Speed, TransferType, UrbStatus, transfer_flags};
+use protocol::wire::{ClassTriple, DeviceId, DeviceInfo, UrbComplete, UrbId, UrbSubmit};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::{CompletionSender, DeviceEvent, DeviceSource, OpenError, OpenedDevice};
+use crate::tracker::completion;
+
+/// A safety net for control transfers: class drivers on the client time out and unlink long
+/// before this; it only stops a wedged device from holding a task forever.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Which devices a server offers.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceFilter {
+    /// Offer every device that is not a hub.
+    pub all: bool,
+    /// Offer devices matching any of these: `vid:pid` (hex) or a bus id such as `1-1.2`.
+    pub rules: Vec<String>,
+}
+
+impl DeviceFilter {
+    fn matches(&self, info: &nusb::DeviceInfo) -> bool {
+        if info.class() == 0x09 {
+            return false; // hubs carry other devices; exporting one makes no sense
+        }
+        let vid_pid = format!("{:04x}:{:04x}", info.vendor_id(), info.product_id());
+        self.all
+            || self
+                .rules
+                .iter()
+                .any(|r| r.eq_ignore_ascii_case(&vid_pid) || r == info.bus_id())
+    }
+}
+
+struct Known {
+    id: DeviceId,
+    nusb_id: nusb::DeviceId,
+    nusb_info: nusb::DeviceInfo,
+    info: DeviceInfo,
+}
+
+/// The devices plugged into this machine.
+pub struct UsbSource {
+    known: Mutex<Vec<Known>>,
+    next_id: Mutex<u32>,
+    events: broadcast::Sender<DeviceEvent>,
+    filter: DeviceFilter,
+}
+
+/// Why the USB source could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum UsbError {
+    /// Listing devices failed (no usbfs, no permission on /dev/bus/usb).
+    #[error("could not list USB devices: {0}")]
+    List(#[source] nusb::Error),
+    /// The hot-plug watch could not start.
+    #[error("could not watch for USB hot-plug: {0}")]
+    Watch(#[source] nusb::Error),
+}
+
+impl UsbSource {
+    /// Lists the devices now and follows hot-plug from then on.
+    pub async fn start(filter: DeviceFilter) -> Result<Arc<Self>, UsbError> {
+        let watch = nusb::watch_devices().map_err(UsbError::Watch)?;
+        let listed: Vec<nusb::DeviceInfo> = nusb::list_devices()
+            .await
+            .map_err(UsbError::List)?
+            .collect();
+        let (events, _) = broadcast::channel(64);
+        let source = Arc::new(UsbSource {
+            known: Mutex::new(Vec::new()),
+            next_id: Mutex::new(1),
+            events,
+            filter,
+        });
+        for info in listed {
+            source.add(info);
+        }
+        let weak = Arc::downgrade(&source);
+        tokio::spawn(async move {
+            let mut watch = watch;
+            while let Some(event) =
+                poll_fn(|cx| futures_core::Stream::poll_next(std::pin::Pin::new(&mut watch), cx))
+                    .await
+            {
+                let Some(source) = weak.upgrade() else { break };
+                match event {
+                    nusb::hotplug::HotplugEvent::Connected(info) => source.add(info),
+                    nusb::hotplug::HotplugEvent::Disconnected(id) => source.remove(id),
+                }
+            }
+        });
+        Ok(source)
+    }
+
+    fn add(&self, nusb_info: nusb::DeviceInfo) {
+        if !self.filter.matches(&nusb_info) {
+            return;
+        }
+        let id = {
+            let mut next = lock(&self.next_id);
+            let id = DeviceId(*next);
+            *next = next.wrapping_add(1);
+            id
+        };
+        match describe(&nusb_info, id) {
+            Ok(info) => {
+                info!(target: "audit", device = ?id, bus_id = %info.bus_id,
+                    vid_pid = %format!("{:04x}:{:04x}", info.vendor_id, info.product_id),
+                    "device available");
+                lock(&self.known).push(Known {
+                    id,
+                    nusb_id: nusb_info.id(),
+                    nusb_info,
+                    info: info.clone(),
+                });
+                let _ = self.events.send(DeviceEvent::Arrived(info));
+            }
+            Err(e) => warn!(bus_id = nusb_info.bus_id(), "skipping device: {e}"),
+        }
+    }
+
+    fn remove(&self, nusb_id: nusb::DeviceId) {
+        let mut known = lock(&self.known);
+        if let Some(pos) = known.iter().position(|k| k.nusb_id == nusb_id) {
+            let gone = known.remove(pos);
+            info!(target: "audit", device = ?gone.id, bus_id = %gone.info.bus_id, "device removed");
+            let _ = self.events.send(DeviceEvent::Removed(gone.id));
+        }
+    }
+}
+
+impl DeviceSource for UsbSource {
+    fn devices(&self) -> Vec<DeviceInfo> {
+        lock(&self.known).iter().map(|k| k.info.clone()).collect()
+    }
+
+    fn open(&self, id: DeviceId) -> Result<Box<dyn OpenedDevice>, OpenError> {
+        let (nusb_info, info) = lock(&self.known)
+            .iter()
+            .find(|k| k.id == id)
+            .map(|k| (k.nusb_info.clone(), k.info.clone()))
+            .ok_or(OpenError::Gone(id))?;
+        let device = nusb_info
+            .open()
+            .wait()
+            .map_err(|e| OpenError::Claim(e.to_string()))?;
+        let mut opened = UsbDevice {
+            device,
+            info,
+            interfaces: Vec::new(),
+            config: None,
+            workers: HashMap::new(),
+            controls: Arc::new(Mutex::new(HashMap::new())),
+        };
+        opened.claim_active().map_err(OpenError::Claim)?;
+        Ok(Box::new(opened))
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<DeviceEvent> {
+        self.events.subscribe()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere while holding the lock leaves plain data behind; keep serving.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Reads everything a client needs to present the device. Opening the usbfs node reads the
+/// cached descriptors without touching the device or its drivers.
+fn describe(nusb_info: &nusb::DeviceInfo, id: DeviceId) -> Result<DeviceInfo, String> {
+    let device = nusb_info.open().wait().map_err(|e| e.to_string())?;
+    let device_descriptor = device.device_descriptor().as_bytes().to_vec();
+    let configurations = device
+        .configurations()
+        .map(|c| serde_bytes::ByteBuf::from(c.as_bytes().to_vec()))
+        .collect();
+    let active_configuration = device
+        .active_configuration()
+        .map(|c| c.configuration_value())
+        .unwrap_or(0);
+    let speed = match nusb_info.speed() {
+        Some(nusb::Speed::Low) => Speed::Low,
+        Some(nusb::Speed::Full) => Speed::Full,
+        Some(nusb::Speed::High) => Speed::High,
+        Some(nusb::Speed::Super) => Speed::Super,
+        Some(nusb::Speed::SuperPlus) => Speed::SuperPlus,
+        _ => Speed::Unknown,
+    };
+    let clip = |s: Option<&str>| s.map(|s| s.chars().take(126).collect::<String>());
+    Ok(DeviceInfo {
+        id,
+        bus_id: nusb_info.bus_id().chars().take(31).collect(),
+        bus_number: nusb_info.busnum(),
+        device_address: nusb_info.device_address(),
+        vendor_id: nusb_info.vendor_id(),
+        product_id: nusb_info.product_id(),
+        bcd_device: nusb_info.device_version(),
+        class: ClassTriple {
+            class: nusb_info.class(),
+            subclass: nusb_info.subclass(),
+            protocol: nusb_info.protocol(),
+        },
+        speed,
+        manufacturer: clip(nusb_info.manufacturer_string()),
+        product: clip(nusb_info.product_string()),
+        serial: clip(nusb_info.serial_number()),
+        device_descriptor,
+        configurations,
+        active_configuration,
+    })
+}
+
+// ---- an opened device ----
+
+/// Commands to an endpoint worker.
+enum EpCmd {
+    Submit(UrbSubmit, CompletionSender),
+    Cancel(UrbId),
+    /// Clear the endpoint's halt, answering the control URB that asked for it.
+    ClearHalt(UrbId, CompletionSender),
+}
+
+struct Worker {
+    tx: mpsc::UnboundedSender<EpCmd>,
+    interface: u8,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Control transfers in flight, by id, with the signal that cancels each.
+type Controls = Arc<Mutex<HashMap<UrbId, oneshot::Sender<()>>>>;
+
+struct UsbDevice {
+    device: nusb::Device,
+    info: DeviceInfo,
+    interfaces: Vec<nusb::Interface>,
+    config: Option<Configuration>,
+    workers: HashMap<u8, Worker>,
+    controls: Controls,
+}
+
+impl UsbDevice {
+    /// Detaches the kernel drivers from, and claims, every interface of the active
+    /// configuration.
+    fn claim_active(&mut self) -> Result<(), String> {
+        let config = self
+            .device
+            .active_configuration()
+            .map_err(|e| format!("device is not configured: {e}"))?;
+        let numbers: Vec<u8> = config.interfaces().map(|i| i.interface_number()).collect();
+        self.config = Configuration::parse(config.as_bytes()).ok();
+        for n in numbers {
+            let iface = self
+                .device
+                .detach_and_claim_interface(n)
+                .wait()
+                .map_err(|e| format!("interface {n}: {e}"))?;
+            self.interfaces.push(iface);
+        }
+        Ok(())
+    }
+
+    fn transfer_type(&self, urb: &UrbSubmit) -> TransferType {
+        self.config
+            .as_ref()
+            .and_then(|c| c.transfer_type(urb.endpoint, urb.direction))
+            .unwrap_or(urb.transfer_type)
+    }
+
+    /// The worker for an endpoint address, started on first use.
+    fn worker(&mut self, address: u8, kind: TransferType) -> Option<&mpsc::UnboundedSender<EpCmd>> {
+        if !self.workers.contains_key(&address) {
+            let worker = self.start_worker(address, kind)?;
+            self.workers.insert(address, worker);
+        }
+        self.workers.get(&address).map(|w| &w.tx)
+    }
+
+    fn start_worker(&self, address: u8, kind: TransferType) -> Option<Worker> {
+        self.interfaces.iter().find_map(|iface| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let input = address & 0x80 != 0;
+            let task = match (kind, input) {
+                (TransferType::Bulk, true) => {
+                    spawn_worker(iface.endpoint::<Bulk, In>(address), rx)?
+                }
+                (TransferType::Bulk, false) => {
+                    spawn_worker(iface.endpoint::<Bulk, Out>(address), rx)?
+                }
+                (TransferType::Interrupt, true) => {
+                    spawn_worker(iface.endpoint::<Interrupt, In>(address), rx)?
+                }
+                (TransferType::Interrupt, false) => {
+                    spawn_worker(iface.endpoint::<Interrupt, Out>(address), rx)?
+                }
+                _ => return None,
+            };
+            Some(Worker {
+                tx,
+                interface: iface.interface_number(),
+                task,
+            })
+        })
+    }
+
+    fn stop_workers(&mut self, interface: Option<u8>) -> Vec<tokio::task::JoinHandle<()>> {
+        let stopping: Vec<u8> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| interface.is_none_or(|i| w.interface == i))
+            .map(|(a, _)| *a)
+            .collect();
+        stopping
+            .into_iter()
+            .filter_map(|a| self.workers.remove(&a))
+            .map(|w| w.task) // dropping the sender ends the worker after it drains
+            .collect()
+    }
+
+    fn submit_control(&mut self, urb: UrbSubmit, done: CompletionSender) {
+        let Some(setup) = urb.setup else {
+            let _ = done.send(completion(urb.id, UrbStatus::Invalid));
+            return;
+        };
+        const SET_CONFIGURATION: (u8, u8) = (0x00, 9);
+        const SET_INTERFACE: (u8, u8) = (0x01, 11);
+        const CLEAR_FEATURE_ENDPOINT: (u8, u8) = (0x02, 1);
+        const ENDPOINT_HALT: u16 = 0;
+        match (setup.request_type(), setup.request()) {
+            SET_CONFIGURATION => {
+                let value = setup.value() as u8;
+                let status = if Some(value) == self.config.as_ref().map(|c| c.value) {
+                    // The client's kernel always configures a new device; ours already is.
+                    UrbStatus::Ok
+                } else {
+                    self.reconfigure(value)
+                };
+                let _ = done.send(completion(urb.id, status));
+            }
+            SET_INTERFACE => {
+                let (interface, alt) = (setup.index() as u8, setup.value() as u8);
+                let stopped = self.stop_workers(Some(interface));
+                let iface = self
+                    .interfaces
+                    .iter()
+                    .find(|i| i.interface_number() == interface)
+                    .cloned();
+                tokio::spawn(async move {
+                    for task in stopped {
+                        let _ = task.await;
+                    }
+                    let status = match iface {
+                        Some(i) => match i.set_alt_setting(alt).await {
+                            Ok(()) => UrbStatus::Ok,
+                            Err(e) => {
+                                warn!("SET_INTERFACE {interface}/{alt}: {e}");
+                                UrbStatus::Stall
+                            }
+                        },
+                        None => UrbStatus::Stall,
+                    };
+                    let _ = done.send(completion(urb.id, status));
+                });
+            }
+            CLEAR_FEATURE_ENDPOINT if setup.value() == ENDPOINT_HALT => {
+                let address = setup.index() as u8;
+                let number = EndpointNumber::new(address & 0x0f).unwrap_or(EndpointNumber::CONTROL);
+                let direction = if address & 0x80 != 0 {
+                    Direction::In
+                } else {
+                    Direction::Out
+                };
+                let kind = self
+                    .config
+                    .as_ref()
+                    .and_then(|c| c.transfer_type(number, direction))
+                    .unwrap_or(TransferType::Bulk);
+                match self.worker(address, kind) {
+                    Some(tx) => {
+                        if let Err(mpsc::error::SendError(EpCmd::ClearHalt(id, done))) =
+                            tx.send(EpCmd::ClearHalt(urb.id, done))
+                        {
+                            let _ = done.send(completion(id, UrbStatus::NoDevice));
+                        }
+                    }
+                    None => {
+                        let _ = done.send(completion(urb.id, UrbStatus::Stall));
+                    }
+                }
+            }
+            _ => self.pass_through_control(urb, setup, done),
+        }
+    }
+
+    /// Switches configuration: release the interfaces, set it, claim the new ones.
+    fn reconfigure(&mut self, value: u8) -> UrbStatus {
+        for task in self.stop_workers(None) {
+            task.abort();
+        }
+        self.interfaces.clear();
+        if let Err(e) = self.device.set_configuration(value).wait() {
+            warn!("SET_CONFIGURATION {value}: {e}");
+            return UrbStatus::Stall;
+        }
+        match self.claim_active() {
+            Ok(()) => UrbStatus::Ok,
+            Err(e) => {
+                warn!("after SET_CONFIGURATION {value}: {e}");
+                UrbStatus::Stall
+            }
+        }
+    }
+
+    fn pass_through_control(
+        &mut self,
+        urb: UrbSubmit,
+        setup: protocol::usb::SetupPacket,
+        done: CompletionSender,
+    ) {
+        let control_type = match (setup.request_type() >> 5) & 0b11 {
+            0 => ControlType::Standard,
+            1 => ControlType::Class,
+            2 => ControlType::Vendor,
+            _ => {
+                let _ = done.send(completion(urb.id, UrbStatus::Stall));
+                return;
+            }
+        };
+        let recipient = match setup.request_type() & 0x1f {
+            0 => Recipient::Device,
+            1 => Recipient::Interface,
+            2 => Recipient::Endpoint,
+            3 => Recipient::Other,
+            _ => {
+                let _ = done.send(completion(urb.id, UrbStatus::Stall));
+                return;
+            }
+        };
+        let (cancel_tx, cancel_rx) = oneshot::channel();
+        lock(&self.controls).insert(urb.id, cancel_tx);
+        let controls = self.controls.clone();
+        let device = self.device.clone();
+        let id = urb.id;
+        tokio::spawn(async move {
+            let transfer = async {
+                if urb.direction == Direction::In {
+                    let request = ControlIn {
+                        control_type,
+                        recipient,
+                        request: setup.request(),
+                        value: setup.value(),
+                        index: setup.index(),
+                        length: urb.length.min(u32::from(u16::MAX)) as u16,
+                    };
+                    match device.control_in(request, CONTROL_TIMEOUT).await {
+                        Ok(data) => UrbComplete {
+                            actual_length: data.len() as u32,
+                            data,
+                            ..completion(id, UrbStatus::Ok)
+                        },
+                        Err(e) => completion(id, status_of(e)),
+                    }
+                } else {
+                    let request = ControlOut {
+                        control_type,
+                        recipient,
+                        request: setup.request(),
+                        value: setup.value(),
+                        index: setup.index(),
+                        data: &urb.data,
+                    };
+                    match device.control_out(request, CONTROL_TIMEOUT).await {
+                        Ok(()) => UrbComplete {
+                            actual_length: urb.data.len() as u32,
+                            ..completion(id, UrbStatus::Ok)
+                        },
+                        Err(e) => completion(id, status_of(e)),
+                    }
+                }
+            };
+            let result = tokio::select! {
+                c = transfer => c,
+                _ = cancel_rx => completion(id, UrbStatus::Unlinked),
+            };
+            lock(&controls).remove(&id);
+            let _ = done.send(result);
+        });
+    }
+}
+
+impl OpenedDevice for UsbDevice {
+    fn submit(&mut self, urb: UrbSubmit, done: CompletionSender) {
+        match self.transfer_type(&urb) {
+            TransferType::Control => self.submit_control(urb, done),
+            TransferType::Isochronous => {
+                debug!(id = ?urb.id, "isochronous transfers are not supported by this backend");
+                let _ = done.send(completion(urb.id, UrbStatus::Invalid));
+            }
+            kind => {
+                let address = urb.endpoint.address(urb.direction);
+                let id = urb.id;
+                let sent = match self.worker(address, kind) {
+                    Some(tx) => tx.send(EpCmd::Submit(urb, done)).map_err(|e| match e.0 {
+                        EpCmd::Submit(_, done) => done,
+                        _ => unreachable!("we sent a Submit"),
+                    }),
+                    None => Err(done),
+                };
+                if let Err(done) = sent {
+                    // No such endpoint in the active setting: what a host controller reports.
+                    let _ = done.send(completion(id, UrbStatus::Stall));
+                }
+            }
+        }
+    }
+
+    fn cancel(&mut self, endpoint: EndpointNumber, direction: Direction, id: UrbId) {
+        if endpoint == EndpointNumber::CONTROL {
+            if let Some(cancel) = lock(&self.controls).remove(&id) {
+                let _ = cancel.send(());
+            }
+            return;
+        }
+        if let Some(w) = self.workers.get(&endpoint.address(direction)) {
+            let _ = w.tx.send(EpCmd::Cancel(id));
+        }
+    }
+
+    fn release(mut self: Box<Self>) {
+        let workers = self.stop_workers(None);
+        for (_, cancel) in lock(&self.controls).drain() {
+            let _ = cancel.send(());
+        }
+        tokio::spawn(async move {
+            for task in workers {
+                let _ = task.await;
+            }
+            let numbers: Vec<u8> = self
+                .interfaces
+                .iter()
+                .map(|i| i.interface_number())
+                .collect();
+            self.interfaces.clear();
+            for n in numbers {
+                if let Err(e) = self.device.attach_kernel_driver(n) {
+                    debug!(interface = n, "kernel driver not re-attached: {e}");
+                }
+            }
+            info!(target: "audit", device = ?self.info.id, "device released to its kernel driver");
+        });
+    }
+}
+
+fn status_of(e: TransferError) -> UrbStatus {
+    match e {
+        TransferError::Cancelled => UrbStatus::Unlinked,
+        TransferError::Stall => UrbStatus::Stall,
+        TransferError::Disconnected => UrbStatus::NoDevice,
+        TransferError::Fault => UrbStatus::Protocol,
+        TransferError::InvalidArgument => UrbStatus::Invalid,
+        TransferError::Unknown(errno) => UrbStatus::from_errno(-(errno as i32)),
+    }
+}
+
+// ---- the endpoint worker ----
+
+/// One nusb transfer in flight, in submission order.
+struct Pending {
+    id: UrbId,
+    /// The URB's own length (IN requests are rounded up to wMaxPacketSize for nusb).
+    length: u32,
+    done: CompletionSender,
+    /// Bytes moved by an earlier part (the data stage before a zero-length packet).
+    moved_before: u32,
+    /// A zero-length OUT packet follows this part.
+    zlp_follows: bool,
+    /// The client asked for this URB to be cancelled.
+    unlink_asked: bool,
+}
+
+struct EndpointState<T: BulkOrInterrupt, D> {
+    ep: Endpoint<T, D>,
+    direction: Direction,
+    pending: VecDeque<Pending>,
+    /// Transfers still to be reaped after a `cancel_all`; new work waits until then so the
+    /// resubmitted ones keep their order.
+    reaping: usize,
+    held: VecDeque<EpCmd>,
+}
+
+enum Event {
+    Cmd(Option<EpCmd>),
+    Done(Completion),
+}
+
+async fn run_endpoint<T, D>(
+    ep: Endpoint<T, D>,
+    direction: Direction,
+    mut rx: mpsc::UnboundedReceiver<EpCmd>,
+) where
+    T: BulkOrInterrupt,
+    D: nusb::transfer::EndpointDirection,
+{
+    let mut st = EndpointState {
+        ep,
+        direction,
+        pending: VecDeque::new(),
+        reaping: 0,
+        held: VecDeque::new(),
+    };
+    loop {
+        let event = poll_fn(|cx| {
+            if st.ep.pending() > 0
+                && let Poll::Ready(c) = st.ep.poll_next_complete(cx)
+            {
+                return Poll::Ready(Event::Done(c));
+            }
+            rx.poll_recv(cx).map(Event::Cmd)
+        })
+        .await;
+        match event {
+            Event::Cmd(Some(cmd)) if st.reaping > 0 => st.held.push_back(cmd),
+            Event::Cmd(Some(cmd)) => st.command(cmd).await,
+            Event::Cmd(None) => break,
+            Event::Done(c) => {
+                let was_reaping = st.reaping > 0;
+                st.reaping = st.reaping.saturating_sub(1);
+                st.completed(c);
+                if was_reaping && st.reaping == 0 {
+                    while st.reaping == 0
+                        && let Some(cmd) = st.held.pop_front()
+                    {
+                        st.command(cmd).await;
+                    }
+                }
+            }
+        }
+    }
+    // The device is being released: end everything still in flight.
+    st.ep.cancel_all();
+    while st.ep.pending() > 0 {
+        let c = st.ep.next_complete().await;
+        if let Some(p) = st.pending.pop_front() {
+            let status = match c.status {
+                Ok(()) => UrbStatus::Ok,
+                Err(_) => UrbStatus::NoDevice,
+            };
+            let _ = p.done.send(completion(p.id, status));
+        }
+    }
+    for cmd in st.held {
+        match cmd {
+            EpCmd::Submit(urb, done) => {
+                let _ = done.send(completion(urb.id, UrbStatus::NoDevice));
+            }
+            EpCmd::ClearHalt(id, done) => {
+                let _ = done.send(completion(id, UrbStatus::NoDevice));
+            }
+            EpCmd::Cancel(_) => {}
+        }
+    }
+}
+
+/// Starts a worker for an endpoint if the interface has it in its current alternate setting.
+fn spawn_worker<T, D>(
+    ep: Result<Endpoint<T, D>, nusb::Error>,
+    rx: mpsc::UnboundedReceiver<EpCmd>,
+) -> Option<tokio::task::JoinHandle<()>>
+where
+    T: BulkOrInterrupt + Send + 'static,
+    D: nusb::transfer::EndpointDirection + Send + 'static,
+{
+    let ep = ep.ok()?;
+    let direction = if ep.endpoint_address() & 0x80 != 0 {
+        Direction::In
+    } else {
+        Direction::Out
+    };
+    Some(tokio::spawn(run_endpoint(ep, direction, rx)))
+}
+
+impl<T, D> EndpointState<T, D>
+where
+    T: BulkOrInterrupt,
+    D: nusb::transfer::EndpointDirection,
+{
+    async fn command(&mut self, cmd: EpCmd) {
+        match cmd {
+            EpCmd::Submit(urb, done) => self.submit(urb, done),
+            EpCmd::Cancel(id) => {
+                let mut found = false;
+                for p in self.pending.iter_mut().filter(|p| p.id == id) {
+                    p.unlink_asked = true;
+                    found = true;
+                }
+                if found && self.reaping == 0 {
+                    self.reaping = self.ep.pending();
+                    self.ep.cancel_all();
+                }
+            }
+            EpCmd::ClearHalt(id, done) => {
+                // The kernel clears a halt with the endpoint idle; anything still queued is
+                // ended first so usbfs accepts the request.
+                if self.ep.pending() > 0 {
+                    self.ep.cancel_all();
+                    while self.ep.pending() > 0 {
+                        let c = self.ep.next_complete().await;
+                        self.finish(c, true);
+                    }
+                }
+                let status = match self.ep.clear_halt().await {
+                    Ok(()) => UrbStatus::Ok,
+                    Err(e) => {
+                        warn!(
+                            endpoint = self.ep.endpoint_address(),
+                            "CLEAR_FEATURE(HALT): {e}"
+                        );
+                        UrbStatus::Stall
+                    }
+                };
+                let _ = done.send(completion(id, status));
+            }
+        }
+    }
+
+    fn submit(&mut self, urb: UrbSubmit, done: CompletionSender) {
+        let mps = self.ep.max_packet_size().max(1);
+        let part = |length, zlp_follows, done| Pending {
+            id: urb.id,
+            length,
+            done,
+            moved_before: 0,
+            zlp_follows,
+            unlink_asked: false,
+        };
+        match self.direction {
+            Direction::In => {
+                // nusb (like usbfs) wants IN requests in whole packets; the true length is
+                // kept to report a device that sends more as an overflow.
+                let requested = (urb.length as usize).div_ceil(mps).max(1) * mps;
+                self.ep.submit(Buffer::new(requested));
+                self.pending.push_back(part(urb.length, false, done));
+            }
+            Direction::Out => {
+                let length = urb.data.len() as u32;
+                let zlp = urb.flags & transfer_flags::ZERO_PACKET != 0
+                    && length > 0
+                    && urb.data.len().is_multiple_of(mps);
+                self.ep.submit(Buffer::from(urb.data));
+                if zlp {
+                    self.pending.push_back(part(length, true, done.clone()));
+                    self.ep.submit(Buffer::new(0));
+                    self.pending.push_back(part(0, false, done));
+                } else {
+                    self.pending.push_back(part(length, false, done));
+                }
+            }
+        }
+    }
+
+    /// Handles nusb's next completion, which belongs to the front of `pending`.
+    fn completed(&mut self, c: Completion) {
+        let resubmit = matches!(c.status, Err(TransferError::Cancelled))
+            && self.pending.front().is_some_and(|p| !p.unlink_asked)
+            && c.actual_len == 0;
+        if resubmit {
+            // Cancelled only because nusb cancels the whole endpoint: nothing moved, so it is
+            // safe to queue again, behind the others being reaped, in the same order.
+            if let Some(p) = self.pending.pop_front() {
+                let mut buffer = c.buffer;
+                if self.direction == Direction::In {
+                    buffer.clear();
+                }
+                self.ep.submit(buffer);
+                self.pending.push_back(p);
+            }
+            return;
+        }
+        self.finish(c, false);
+    }
+
+    /// Reports a completion to the client (or holds it for the zero-length packet that ends
+    /// the URB).
+    fn finish(&mut self, c: Completion, forced: bool) {
+        let Some(p) = self.pending.pop_front() else {
+            return;
+        };
+        let moved = p.moved_before + c.actual_len as u32;
+        let mut status = match c.status {
+            Ok(()) => UrbStatus::Ok,
+            Err(TransferError::Cancelled) if !p.unlink_asked && !forced => {
+                warn!(id = ?p.id, moved, "URB cancelled with the endpoint after moving data; reported as unlinked");
+                UrbStatus::Unlinked
+            }
+            Err(e) => status_of(e),
+        };
+        if p.zlp_follows && status == UrbStatus::Ok {
+            if let Some(next) = self.pending.front_mut() {
+                next.moved_before = moved;
+            }
+            return;
+        }
+        if p.zlp_follows {
+            // The data stage failed; its zero-length packet must not report a second time.
+            if let Some(next) = self.pending.front_mut() {
+                next.done = closed_sender();
+            }
+        }
+        let result = if self.direction == Direction::In {
+            let mut data = c.buffer.into_vec();
+            if data.len() > p.length as usize {
+                data.truncate(p.length as usize);
+                status = UrbStatus::Overflow;
+            }
+            UrbComplete {
+                actual_length: data.len() as u32,
+                data,
+                ..completion(p.id, status)
+            }
+        } else {
+            UrbComplete {
+                actual_length: moved.min(p.length),
+                ..completion(p.id, status)
+            }
+        };
+        let _ = p.done.send(result);
+    }
+}
+
+/// A sender whose messages go nowhere: for a transfer part that must not report.
+fn closed_sender() -> CompletionSender {
+    mpsc::unbounded_channel().0
+}
