@@ -71,6 +71,36 @@ fn failing_and_hanging_scenarios_fail_the_run_with_their_log_tails() {
 }
 
 #[test]
+fn a_guest_kernel_panic_stops_the_vm_and_fails_the_scenario() {
+    if !lab_enabled() {
+        return;
+    }
+    let (ok, stdout, stderr) = xtask(&["lab", "run", "selftest-panic", "--timeout-secs", "30"]);
+    println!("{stdout}");
+    eprintln!("{stderr}");
+    assert!(
+        !ok,
+        "lab run must exit non-zero when the guest kernel panics"
+    );
+    let result: serde_json::Value = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("LAB-RESULT "))
+        .map(|j| serde_json::from_str(j).expect("LAB-RESULT carries JSON"))
+        .expect("the host synthesises a result for the scenario that was running");
+    assert_eq!(result["scenario"], "selftest-panic");
+    assert_eq!(result["status"], "fail");
+    let reason = result["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("Kernel panic"),
+        "reason names the panic: {reason}"
+    );
+    assert!(
+        stderr.contains("crashing the kernel on purpose"),
+        "the tail is printed"
+    );
+}
+
+#[test]
 fn unknown_scenario_is_refused_before_booting() {
     if !lab_enabled() {
         return;

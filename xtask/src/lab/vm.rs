@@ -41,6 +41,9 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 /// Host slack on top of the guest's own per-scenario timeout, for its kill and report.
 const SCENARIO_SLACK: Duration = Duration::from_secs(30);
 
+/// Time QEMU gets to exit after the guest's summary (it powers off right away).
+const POWEROFF_GRACE: Duration = Duration::from_secs(15);
+
 /// Console lines kept after a fatal marker, because the trace follows a lockup message.
 const FATAL_GRACE: Duration = Duration::from_secs(2);
 
@@ -96,6 +99,12 @@ pub fn boot(b: &Boot) -> Result<Outcome> {
         cmdline::KEEP_GOING,
         u8::from(b.keep_going),
     );
+    if !cmd::exists("qemu-system-x86_64") {
+        anyhow::bail!(
+            "QEMU is not installed; `cargo xtask lab build` installs it, or run: \
+             apt-get install -y --no-install-recommends qemu-system-x86"
+        );
+    }
     let mut qemu = Command::new("qemu-system-x86_64");
     match b.accel {
         Accel::Kvm => qemu.args(["-accel", "kvm", "-cpu", "host"]),
@@ -117,7 +126,7 @@ pub fn boot(b: &Boot) -> Result<Outcome> {
     let started = Instant::now();
     let mut child = qemu
         .spawn()
-        .with_context(|| format!("could not start `{shown}`; run `cargo xtask lab build`"))?;
+        .with_context(|| format!("could not start `{shown}`"))?;
     let (tx, rx) = mpsc::channel();
     for stream in [
         child
@@ -186,7 +195,7 @@ struct Follow<'a> {
     tail: VecDeque<String>,
     peak_rss_kib: Option<u64>,
     aborted: Option<String>,
-    completed: bool,
+    completed_at: Option<Instant>,
 }
 
 impl<'a> Follow<'a> {
@@ -200,7 +209,7 @@ impl<'a> Follow<'a> {
             tail: VecDeque::new(),
             peak_rss_kib: None,
             aborted: None,
-            completed: false,
+            completed_at: None,
         }
     }
 
@@ -228,14 +237,14 @@ impl<'a> Follow<'a> {
             if fatal_at.is_some_and(|t| t.elapsed() > FATAL_GRACE) {
                 break;
             }
-            if self.completed && open_streams > 0 {
-                // The guest powers off right after its summary; give QEMU a moment to exit.
-                if let Ok(Some(_)) = child.try_wait() {
-                    continue;
-                }
-            }
             let now = Instant::now();
-            let hung = if self.boot_secs.is_none() {
+            let hung = if let Some(done) = self.completed_at {
+                // The guest powers off right after its summary; if QEMU lingers, stop it.
+                if now - done > POWEROFF_GRACE {
+                    break;
+                }
+                None
+            } else if self.boot_secs.is_none() {
                 (now - self.started > BOOT_TIMEOUT).then(|| {
                     format!(
                         "no {} line within {BOOT_TIMEOUT:?} of starting QEMU",
@@ -259,7 +268,7 @@ impl<'a> Follow<'a> {
             }
         }
         self.sample_rss(child.id());
-        if !self.completed && self.aborted.is_none() {
+        if self.completed_at.is_none() && self.aborted.is_none() {
             let status = child.try_wait().ok().flatten();
             self.aborted = Some(match status {
                 Some(s) => format!(
@@ -289,7 +298,7 @@ impl<'a> Follow<'a> {
             wall_secs: round2(self.started.elapsed().as_secs_f64()),
             peak_rss_mib: self.peak_rss_kib.map(|k| k / 1024),
             aborted: self.aborted.take(),
-            completed: self.completed,
+            completed: self.completed_at.is_some(),
             console_tail: self.tail.iter().cloned().collect(),
         })
     }
@@ -315,7 +324,7 @@ impl<'a> Follow<'a> {
                 self.current = None;
                 self.results.push(v);
             }
-            tag::SUMMARY => self.completed = true,
+            tag::SUMMARY => self.completed_at = Some(Instant::now()),
             _ => {}
         }
     }

@@ -68,6 +68,12 @@ pub const ALL: &[Scenario] = &[
         default: false,
         run: selftest::hang,
     },
+    Scenario {
+        name: "selftest-panic",
+        about: "panics the guest kernel on purpose, to prove the host stops QEMU and reports it",
+        default: false,
+        run: selftest::panic,
+    },
 ];
 
 /// The scenario called `name`.

@@ -22,3 +22,11 @@ pub fn hang() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_secs(3600));
     }
 }
+
+/// Crashes the guest kernel (sysrq `c`); the host must notice the panic, stop QEMU and
+/// report this scenario with the console tail.
+pub fn panic() -> anyhow::Result<()> {
+    log!("selftest: crashing the kernel on purpose via /proc/sysrq-trigger");
+    crate::sys::write("/proc/sysrq-trigger", "c")?;
+    bail!("the kernel survived sysrq-trigger c")
+}
