@@ -1,0 +1,17 @@
+//! The client's kernel-facing half: presenting a remote device through vhci-hcd.
+//!
+//! - [`session`]: the USB/IP conversation of one port, sans-IO.
+//! - [`sysfs`]: finding a free vhci port, attaching and detaching through sysfs.
+//! - [`link`]: moving bytes between our end of the socketpair and the async side, with
+//!   io_uring on a dedicated thread or plain threads where io_uring is unavailable.
+//! - `sys`: the only module with `unsafe` (the ring's submissions, eventfd, raw fds).
+
+pub mod link;
+pub mod session;
+mod sys;
+pub mod sysfs;
+mod uring;
+
+pub use link::{Backend, KernelLink, KernelRx, KernelTx, LinkEnd, LinkHandle, LinkOptions};
+pub use session::{Action, BadCompletion, CloseReason, PortSession, SessionStats};
+pub use sysfs::{PortStatus, RealSys, Vhci, VhciError, VhciSys};

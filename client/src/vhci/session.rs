@@ -1,0 +1,678 @@
+//! One vhci port's USB/IP conversation, as a state machine with no I/O.
+//!
+//! Kernel bytes, server completions and unlink answers go in; [`Action`]s come out through
+//! [`PortSession::poll_action`]: URBs and unlinks for the server, RET_* bytes for the kernel,
+//! or a reason to close the port. Keeping it free of sockets and runtimes is what lets every
+//! unlink race be tested with scripted byte streams.
+//!
+//! The invariant everything here protects: vhci kills the port (`VDEV_EVENT_ERROR_TCP`) when a
+//! RET_SUBMIT names a seqnum it no longer holds. So a URB answered by an unlinking RET_UNLINK
+//! (status `-ECONNRESET`) leaves the in-flight table at that moment, and a completion for an id
+//! that is not in the table is dropped, never turned into a RET_SUBMIT. The reverse also
+//! matters: a RET_UNLINK with status 0 for a URB vhci still holds gives it back as a success with
+//! no data, so RET_UNLINK(0) is only sent once the URB's RET_SUBMIT has been queued.
+
+use std::collections::{HashMap, VecDeque};
+
+use protocol::descriptors::Configuration;
+use protocol::usb::{
+    Direction, EndpointNumber, IsoPacket, SetupPacket, TransferType, UrbStatus, transfer_flags,
+};
+use protocol::usbip::{
+    CmdSubmit, CmdUnlink, Pdu, PduDecoder, RetSubmit, RetUnlink, SubmitBuffer, Transferred,
+    UrbError,
+};
+use protocol::wire::{DeviceInfo, IsoSubmit, UrbComplete, UrbId, UrbSubmit};
+
+/// The most URBs one port forwards at once. vhci itself has no cap, but the drivers behind it
+/// keep a handful each (usb-storage 1-2, audio ~8, network adapters up to ~60); the bound keeps
+/// a runaway usbfs program from growing the table without limit. Past it, URBs fail locally
+/// with `-ENOMEM`, which drivers already handle as a transient failure.
+pub const MAX_IN_FLIGHT: usize = 1024;
+
+/// The most CMD_UNLINKs kept for one URB. usbcore unlinks a URB once (a second
+/// `usb_unlink_urb` gets `-EBUSY` before reaching vhci); a few spare slots cost nothing.
+pub const MAX_UNLINKS_PER_URB: usize = 4;
+
+const ENOMEM: i32 = 12;
+const REQ_SET_CONFIGURATION: u8 = 0x09;
+const REQ_SET_INTERFACE: u8 = 0x0b;
+const RT_STANDARD_DEVICE_OUT: u8 = 0x00;
+const RT_STANDARD_INTERFACE_OUT: u8 = 0x01;
+
+/// What the session asks its driver to do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Run this URB on the server, on the URB stream of `endpoint`/`direction`. For control
+    /// endpoints `direction` is always [`Direction::Out`]: one stream carries both directions.
+    Submit {
+        /// Stream endpoint.
+        endpoint: EndpointNumber,
+        /// Stream direction (routing only; the URB carries its own data direction).
+        direction: Direction,
+        /// The URB, with the kernel's seqnum as its id.
+        urb: UrbSubmit,
+    },
+    /// Ask the server to cancel a URB sent earlier on that stream.
+    Unlink {
+        /// Stream endpoint.
+        endpoint: EndpointNumber,
+        /// Stream direction, as in [`Action::Submit`].
+        direction: Direction,
+        /// The URB to cancel.
+        id: UrbId,
+    },
+    /// Write these bytes (whole RET_SUBMIT/RET_UNLINK PDUs, possibly several) to the kernel.
+    ToKernel(Vec<u8>),
+    /// The port cannot continue: detach it. Always the last action.
+    Close(CloseReason),
+}
+
+/// Why a port session gave up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CloseReason {
+    /// The kernel's byte stream stopped being valid USB/IP; its framing is lost.
+    #[error("the kernel sent invalid USB/IP")]
+    Kernel(#[from] UrbError),
+    /// The kernel reused a seqnum that is still in flight.
+    #[error("the kernel reused seqnum {0} while it was still in flight")]
+    DuplicateSeqnum(u32),
+    /// The kernel unlinked one URB more often than usbcore ever does.
+    #[error("the kernel unlinked seqnum {0} more than {MAX_UNLINKS_PER_URB} times")]
+    TooManyUnlinks(u32),
+    /// A server completion that does not fit its URB; passing it on would corrupt the kernel's
+    /// buffers or kill the port, so the port is closed instead.
+    #[error("the server's completion of URB {id} is out of bounds")]
+    BadCompletion {
+        /// The URB.
+        id: u32,
+        /// What was wrong with it.
+        #[source]
+        problem: BadCompletion,
+    },
+}
+
+/// How a server completion broke the bounds of its URB.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadCompletion {
+    /// More bytes than the URB's buffer holds.
+    #[error("{actual} bytes for a {buffer}-byte buffer")]
+    TooLong {
+        /// What the server says moved.
+        actual: u64,
+        /// The kernel's buffer length.
+        buffer: u32,
+    },
+    /// An IN completion whose data length differs from its actual length.
+    #[error("{data} bytes of IN data but an actual length of {actual}")]
+    LengthMismatch {
+        /// Bytes carried.
+        data: usize,
+        /// Bytes claimed.
+        actual: u32,
+    },
+    /// Data on an OUT completion.
+    #[error("an OUT completion carries {0} bytes of data")]
+    OutWithData(usize),
+    /// Iso results for a URB that is not isochronous.
+    #[error("iso results for a non-isochronous URB")]
+    UnexpectedIso,
+    /// An iso URB that moved data but came back with no per-packet results.
+    #[error("an isochronous URB moved data but has no packet results")]
+    MissingIso,
+    /// vhci requires exactly the submitted number of packets back.
+    #[error("{got} iso packets back for {sent} submitted")]
+    IsoPacketCount {
+        /// Packets submitted.
+        sent: usize,
+        /// Packets returned.
+        got: usize,
+    },
+    /// An iso packet that moved more than it asked for.
+    #[error("iso packet {index} moved {actual} of {length} bytes")]
+    IsoPacketOverrun {
+        /// Packet index.
+        index: usize,
+        /// Bytes claimed.
+        actual: u32,
+        /// Packet length.
+        length: u32,
+    },
+    /// Packed iso IN data whose size is not the sum of the packets' actual lengths.
+    #[error("iso packets sum to {sum} bytes but {data} bytes came back")]
+    IsoSumMismatch {
+        /// Sum of packet actual lengths.
+        sum: u64,
+        /// Bytes of data.
+        data: usize,
+    },
+    /// More packet errors than packets.
+    #[error("{errors} iso errors for {packets} packets")]
+    IsoErrorCount {
+        /// Claimed error count.
+        errors: u32,
+        /// Packets.
+        packets: usize,
+    },
+}
+
+/// Counters for the UI; cheap to copy out after every batch of actions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// URBs forwarded to the server.
+    pub submitted: u64,
+    /// RET_SUBMITs sent to the kernel for forwarded URBs.
+    pub completed: u64,
+    /// URBs answered here without the server (unknown endpoint, table full, bad iso shape).
+    pub answered_locally: u64,
+    /// URBs cancelled by an unlink (answered with RET_UNLINK `-ECONNRESET`).
+    pub unlinked: u64,
+    /// Completions dropped because their URB was no longer in flight.
+    pub stray_completions: u64,
+    /// OUT data bytes forwarded to the device.
+    pub bytes_out: u64,
+    /// IN data bytes handed to the kernel.
+    pub bytes_in: u64,
+}
+
+/// What the session remembers about a URB the server is running.
+#[derive(Debug)]
+struct InFlight {
+    devid: u32,
+    endpoint: EndpointNumber,
+    route: Direction,
+    direction: Direction,
+    buffer_len: u32,
+    setup: Option<SetupPacket>,
+    iso: Option<Vec<IsoPacket>>,
+    /// Seqnums of CMD_UNLINKs naming this URB, answered when its fate is known.
+    unlinks: Vec<u32>,
+}
+
+/// The endpoints of the device's current configuration and alternate settings.
+///
+/// Transfer types come from here and never from a CMD_SUBMIT's setup bytes, which usb-storage
+/// leaves stale on bulk URBs. SET_CONFIGURATION and SET_INTERFACE that complete successfully
+/// move the table along with the device.
+#[derive(Debug)]
+struct EndpointTable {
+    configurations: Vec<Configuration>,
+    /// Index into `configurations`; `None` while unconfigured (only endpoint 0 exists).
+    active: Option<usize>,
+    /// Current alternate setting per interface number; absent means 0.
+    alternates: HashMap<u8, u8>,
+}
+
+impl EndpointTable {
+    fn new(device: &DeviceInfo) -> Self {
+        let configurations: Vec<Configuration> = device
+            .configurations
+            .iter()
+            .filter_map(|bytes| match Configuration::parse(bytes) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping an unparsable configuration descriptor");
+                    None
+                }
+            })
+            .collect();
+        let mut table = EndpointTable {
+            configurations,
+            active: None,
+            alternates: HashMap::new(),
+        };
+        table.set_configuration(device.active_configuration);
+        table
+    }
+
+    fn set_configuration(&mut self, value: u8) {
+        self.active = match value {
+            0 => None,
+            v => self.configurations.iter().position(|c| c.value == v),
+        };
+        self.alternates.clear();
+    }
+
+    fn set_interface(&mut self, interface: u8, alternate: u8) {
+        self.alternates.insert(interface, alternate);
+    }
+
+    /// The transfer type of `number` in `direction`, or `None` if the device has no such
+    /// endpoint now.
+    fn transfer_type(&self, number: EndpointNumber, direction: Direction) -> Option<TransferType> {
+        if number == EndpointNumber::CONTROL {
+            return Some(TransferType::Control);
+        }
+        let config = &self.configurations[self.active?];
+        // A control endpoint other than 0 is bidirectional under one address.
+        let matches = |e: &&protocol::descriptors::Endpoint| {
+            e.number == number
+                && (e.direction == direction || e.transfer_type == TransferType::Control)
+        };
+        let current = config
+            .interfaces
+            .iter()
+            .filter(|i| i.alternate == self.alternates.get(&i.number).copied().unwrap_or(0))
+            .flat_map(|i| &i.endpoints)
+            .find(matches);
+        if let Some(e) = current {
+            return Some(e.transfer_type);
+        }
+        // The kernel only submits to endpoints it has enabled, so an endpoint of another
+        // alternate setting means we missed a SET_INTERFACE (for example one made on the server
+        // before the attach); its descriptor still says what type it is.
+        let other = config
+            .interfaces
+            .iter()
+            .flat_map(|i| &i.endpoints)
+            .find(matches)?;
+        tracing::debug!(
+            endpoint = number.get(),
+            ?direction,
+            "endpoint found only in an inactive alternate setting"
+        );
+        Some(other.transfer_type)
+    }
+
+    /// Follows a control request that the device accepted.
+    fn follow(&mut self, setup: &SetupPacket) {
+        match (setup.request_type(), setup.request()) {
+            (RT_STANDARD_DEVICE_OUT, REQ_SET_CONFIGURATION) => {
+                self.set_configuration(setup.value() as u8);
+            }
+            (RT_STANDARD_INTERFACE_OUT, REQ_SET_INTERFACE) => {
+                self.set_interface(setup.index() as u8, setup.value() as u8);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The USB/IP session of one attached vhci port. See the module docs for the contract.
+#[derive(Debug)]
+pub struct PortSession {
+    decoder: PduDecoder,
+    endpoints: EndpointTable,
+    in_flight: HashMap<u32, InFlight>,
+    to_kernel: Vec<u8>,
+    actions: VecDeque<Action>,
+    /// Set once the session has failed; the reason is handed out once, after everything else.
+    failed: bool,
+    close: Option<CloseReason>,
+    stats: SessionStats,
+}
+
+impl PortSession {
+    /// A session for `device`, starting from its active configuration as the server reported it.
+    pub fn new(device: &DeviceInfo) -> Self {
+        PortSession {
+            decoder: PduDecoder::commands(),
+            endpoints: EndpointTable::new(device),
+            in_flight: HashMap::new(),
+            to_kernel: Vec::new(),
+            actions: VecDeque::new(),
+            failed: false,
+            close: None,
+            stats: SessionStats::default(),
+        }
+    }
+
+    /// Feeds bytes read from the kernel's end of the socketpair, split anywhere.
+    pub fn on_kernel_bytes(&mut self, bytes: &[u8]) {
+        if self.failed {
+            return;
+        }
+        self.decoder.push(bytes);
+        loop {
+            match self.decoder.next_pdu() {
+                Ok(Some(Pdu::CmdSubmit(submit))) => self.on_submit(submit),
+                Ok(Some(Pdu::CmdUnlink(unlink))) => self.on_unlink(unlink),
+                // The commands decoder refuses RET_* itself; nothing else can come out.
+                Ok(Some(Pdu::RetSubmit(_) | Pdu::RetUnlink(_))) | Ok(None) => break,
+                Err(e) => {
+                    self.fail(CloseReason::Kernel(e));
+                    break;
+                }
+            }
+            if self.failed {
+                break;
+            }
+        }
+    }
+
+    /// Feeds a URB's completion from the server.
+    pub fn on_completion(&mut self, completion: UrbComplete) {
+        if self.failed {
+            return;
+        }
+        let id = completion.id.0;
+        let Some(urb) = self.in_flight.remove(&id) else {
+            // Already answered (an unlink cancelled it, or the server repeated itself): a
+            // RET_SUBMIT now would name a seqnum vhci no longer holds and kill the port.
+            self.stats.stray_completions += 1;
+            tracing::debug!(id, "dropping a completion for a URB no longer in flight");
+            return;
+        };
+        if !urb.unlinks.is_empty()
+            && matches!(completion.status, UrbStatus::Unlinked | UrbStatus::Killed)
+        {
+            self.cancelled(&urb);
+            return;
+        }
+        let ret = match ret_submit(id, &urb, completion) {
+            Ok(ret) => ret,
+            Err(problem) => {
+                self.fail(CloseReason::BadCompletion { id, problem });
+                return;
+            }
+        };
+        if ret.status == UrbStatus::Ok
+            && let Some(setup) = &urb.setup
+        {
+            self.endpoints.follow(setup);
+        }
+        self.stats.completed += 1;
+        if let Transferred::In(data) = &ret.transferred {
+            self.stats.bytes_in += data.len() as u64;
+        }
+        Pdu::RetSubmit(ret).encode(&mut self.to_kernel);
+        for &unlink in &urb.unlinks {
+            self.ret_unlink(unlink, urb.devid, UrbStatus::Ok);
+        }
+    }
+
+    /// Feeds the server's answer to an [`Action::Unlink`].
+    ///
+    /// The server sends it after the URB's own completion, which has already settled
+    /// everything. If a server ever sends it first with `cancelled`, the URB is answered as
+    /// cancelled here and its late completion is dropped as stray.
+    pub fn on_unlink_done(&mut self, id: UrbId, cancelled: bool) {
+        if self.failed || !cancelled {
+            return;
+        }
+        let unlinking = self
+            .in_flight
+            .get(&id.0)
+            .is_some_and(|urb| !urb.unlinks.is_empty());
+        if unlinking && let Some(urb) = self.in_flight.remove(&id.0) {
+            self.cancelled(&urb);
+        }
+    }
+
+    /// The next thing to do, `None` when there is nothing until more input arrives. Kernel
+    /// bytes come first (the kernel is waiting on them), then server actions, then `Close`.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        if !self.to_kernel.is_empty() {
+            return Some(Action::ToKernel(std::mem::take(&mut self.to_kernel)));
+        }
+        if let Some(action) = self.actions.pop_front() {
+            return Some(action);
+        }
+        self.close.take().map(Action::Close)
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> SessionStats {
+        self.stats
+    }
+
+    /// URBs the server is running for this port.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Whether the session has failed (its `Close` may still be waiting in `poll_action`).
+    pub fn is_closed(&self) -> bool {
+        self.failed
+    }
+
+    fn on_submit(&mut self, cmd: CmdSubmit) {
+        if self.in_flight.contains_key(&cmd.seqnum) {
+            self.fail(CloseReason::DuplicateSeqnum(cmd.seqnum));
+            return;
+        }
+        let direction = cmd.buffer.direction();
+        let Some(transfer_type) = self.endpoints.transfer_type(cmd.ep, direction) else {
+            tracing::debug!(
+                seqnum = cmd.seqnum,
+                endpoint = cmd.ep.get(),
+                ?direction,
+                "no such endpoint: stalling"
+            );
+            self.answer_locally(&cmd, UrbStatus::Stall);
+            return;
+        };
+        if (transfer_type == TransferType::Isochronous) != cmd.iso.is_some() {
+            self.answer_locally(&cmd, UrbStatus::Invalid);
+            return;
+        }
+        if self.in_flight.len() >= MAX_IN_FLIGHT {
+            tracing::warn!(seqnum = cmd.seqnum, "too many URBs in flight: failing one");
+            self.answer_locally(&cmd, UrbStatus::Other(ENOMEM));
+            return;
+        }
+        let route = match transfer_type {
+            TransferType::Control => Direction::Out,
+            _ => direction,
+        };
+        let setup = (transfer_type == TransferType::Control).then_some(cmd.setup);
+        let length = cmd.buffer.len();
+        let data = match cmd.buffer {
+            SubmitBuffer::Out(data) => data,
+            SubmitBuffer::In(_) => Vec::new(),
+        };
+        self.stats.submitted += 1;
+        self.stats.bytes_out += data.len() as u64;
+        self.in_flight.insert(
+            cmd.seqnum,
+            InFlight {
+                devid: cmd.devid,
+                endpoint: cmd.ep,
+                route,
+                direction,
+                buffer_len: length,
+                setup,
+                iso: cmd.iso.clone(),
+                unlinks: Vec::new(),
+            },
+        );
+        self.actions.push_back(Action::Submit {
+            endpoint: cmd.ep,
+            direction: route,
+            urb: UrbSubmit {
+                id: UrbId(cmd.seqnum),
+                endpoint: cmd.ep,
+                direction,
+                transfer_type,
+                flags: cmd.transfer_flags & transfer_flags::FORWARDED,
+                setup,
+                length,
+                data,
+                interval: cmd.interval,
+                iso: cmd.iso.map(|packets| IsoSubmit {
+                    start_frame: cmd.start_frame,
+                    packets,
+                }),
+            },
+        });
+    }
+
+    fn on_unlink(&mut self, cmd: CmdUnlink) {
+        let Some(urb) = self.in_flight.get_mut(&cmd.unlink_seqnum) else {
+            // Its RET_SUBMIT is already queued or sent: vhci gives the URB back from that and
+            // ignores this answer.
+            self.ret_unlink(cmd.seqnum, cmd.devid, UrbStatus::Ok);
+            return;
+        };
+        if urb.unlinks.len() >= MAX_UNLINKS_PER_URB {
+            self.fail(CloseReason::TooManyUnlinks(cmd.unlink_seqnum));
+            return;
+        }
+        urb.unlinks.push(cmd.seqnum);
+        if urb.unlinks.len() == 1 {
+            self.actions.push_back(Action::Unlink {
+                endpoint: urb.endpoint,
+                direction: urb.route,
+                id: UrbId(cmd.unlink_seqnum),
+            });
+        }
+    }
+
+    fn cancelled(&mut self, urb: &InFlight) {
+        self.stats.unlinked += 1;
+        for &unlink in &urb.unlinks {
+            self.ret_unlink(unlink, urb.devid, UrbStatus::Unlinked);
+        }
+    }
+
+    fn answer_locally(&mut self, cmd: &CmdSubmit, status: UrbStatus) {
+        self.stats.answered_locally += 1;
+        let iso = cmd.iso.as_ref().map(|packets| {
+            packets
+                .iter()
+                .map(|p| IsoPacket {
+                    actual_length: 0,
+                    status,
+                    ..*p
+                })
+                .collect::<Vec<_>>()
+        });
+        let ret = RetSubmit {
+            seqnum: cmd.seqnum,
+            devid: cmd.devid,
+            ep: cmd.ep,
+            status,
+            transferred: match cmd.buffer.direction() {
+                Direction::Out => Transferred::Out(0),
+                Direction::In => Transferred::In(Vec::new()),
+            },
+            start_frame: cmd.start_frame,
+            error_count: iso.as_ref().map_or(0, |p| p.len() as u32),
+            iso,
+        };
+        Pdu::RetSubmit(ret).encode(&mut self.to_kernel);
+    }
+
+    fn ret_unlink(&mut self, seqnum: u32, devid: u32, status: UrbStatus) {
+        Pdu::RetUnlink(RetUnlink {
+            seqnum,
+            devid,
+            status,
+        })
+        .encode(&mut self.to_kernel);
+    }
+
+    fn fail(&mut self, reason: CloseReason) {
+        if !self.failed {
+            tracing::warn!(error = %reason, "closing the vhci port session");
+            self.failed = true;
+            self.close = Some(reason);
+        }
+    }
+}
+
+/// Builds the RET_SUBMIT for `urb` from the server's completion, refusing anything vhci would
+/// choke on: vhci trusts lengths and iso counts, and a mismatch corrupts memory or kills the
+/// port.
+fn ret_submit(id: u32, urb: &InFlight, c: UrbComplete) -> Result<RetSubmit, BadCompletion> {
+    let too_long = |actual: u64| BadCompletion::TooLong {
+        actual,
+        buffer: urb.buffer_len,
+    };
+    let transferred = match urb.direction {
+        Direction::In => {
+            if c.data.len() > urb.buffer_len as usize {
+                return Err(too_long(c.data.len() as u64));
+            }
+            if c.data.len() != c.actual_length as usize {
+                return Err(BadCompletion::LengthMismatch {
+                    data: c.data.len(),
+                    actual: c.actual_length,
+                });
+            }
+            Transferred::In(c.data)
+        }
+        Direction::Out => {
+            if !c.data.is_empty() {
+                return Err(BadCompletion::OutWithData(c.data.len()));
+            }
+            if c.actual_length > urb.buffer_len {
+                return Err(too_long(c.actual_length.into()));
+            }
+            Transferred::Out(c.actual_length)
+        }
+    };
+    let (start_frame, error_count, iso) = match (&urb.iso, c.iso) {
+        (None, None) => (0, 0, None),
+        (None, Some(_)) => return Err(BadCompletion::UnexpectedIso),
+        (Some(sent), None) => {
+            // A URB that failed as a whole (device gone, cancelled) may come back without
+            // packet results; vhci still needs one descriptor per submitted packet.
+            if transferred.actual_length() != 0 {
+                return Err(BadCompletion::MissingIso);
+            }
+            let failed = c.status != UrbStatus::Ok;
+            let packets = sent
+                .iter()
+                .map(|p| IsoPacket {
+                    actual_length: 0,
+                    status: c.status,
+                    ..*p
+                })
+                .collect::<Vec<_>>();
+            let errors = if failed { packets.len() as u32 } else { 0 };
+            (0, errors, Some(packets))
+        }
+        (Some(sent), Some(back)) => {
+            if back.packets.len() != sent.len() {
+                return Err(BadCompletion::IsoPacketCount {
+                    sent: sent.len(),
+                    got: back.packets.len(),
+                });
+            }
+            if back.error_count as usize > sent.len() {
+                return Err(BadCompletion::IsoErrorCount {
+                    errors: back.error_count,
+                    packets: sent.len(),
+                });
+            }
+            // vhci takes each packet's offset and length from the RET_SUBMIT and spreads packed
+            // IN data by them, so ours (the kernel's own) go back, never the server's.
+            let mut packets = Vec::with_capacity(sent.len());
+            for (index, (mine, theirs)) in sent.iter().zip(&back.packets).enumerate() {
+                if theirs.actual_length > mine.length {
+                    return Err(BadCompletion::IsoPacketOverrun {
+                        index,
+                        actual: theirs.actual_length,
+                        length: mine.length,
+                    });
+                }
+                packets.push(IsoPacket {
+                    actual_length: theirs.actual_length,
+                    status: theirs.status,
+                    ..*mine
+                });
+            }
+            if let Transferred::In(data) = &transferred {
+                let sum: u64 = packets.iter().map(|p| u64::from(p.actual_length)).sum();
+                if sum != data.len() as u64 {
+                    return Err(BadCompletion::IsoSumMismatch {
+                        sum,
+                        data: data.len(),
+                    });
+                }
+            }
+            (back.start_frame, back.error_count, Some(packets))
+        }
+    };
+    Ok(RetSubmit {
+        seqnum: id,
+        devid: urb.devid,
+        ep: urb.endpoint,
+        status: c.status,
+        transferred,
+        start_frame,
+        error_count,
+        iso,
+    })
+}
