@@ -5,11 +5,13 @@
 //! on disk ([`key`]), connection tickets ([`ticket`]), and frames read from and written to QUIC
 //! streams ([`framed`]).
 
+pub mod client;
 pub mod endpoint;
 pub mod framed;
 pub mod key;
 pub mod ticket;
 
+pub use client::{ClientError, ServerConnection};
 pub use endpoint::{NetConfig, bind_endpoint};
 pub use framed::{FramedRecv, FramedSend, StreamError};
 pub use key::load_or_create_secret_key;
