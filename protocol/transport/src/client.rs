@@ -79,6 +79,8 @@ fn now_us() -> u64 {
 
 /// A connection to one server, after a successful handshake.
 pub struct ServerConnection {
+    /// Dropping the last handle of an endpoint closes it, and with it this connection.
+    _endpoint: Endpoint,
     conn: Connection,
     welcome: Welcome,
     tx: tokio::sync::Mutex<FramedSend<ClientMessage>>,
@@ -132,6 +134,7 @@ impl ServerConnection {
         };
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let this = Arc::new(ServerConnection {
+            _endpoint: endpoint.clone(),
             conn,
             welcome,
             tx: tokio::sync::Mutex::new(tx),

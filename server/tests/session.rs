@@ -1,0 +1,401 @@
+//! The server's sessions over real iroh connections on loopback, against a scripted device:
+//! allowlist, handshake, exclusive attach, URBs in flight, unlink, hostile frames, release.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use iroh::{Endpoint, EndpointAddr, SecretKey};
+use protocol::usb::{Direction, EndpointNumber, Speed, TransferType, UrbStatus};
+use protocol::wire::{
+    ALPN, AttachRefusal, Capabilities, ClassTriple, DeviceId, DeviceInfo, Event, UrbClientMessage,
+    UrbComplete, UrbId, UrbServerMessage, UrbSubmit,
+};
+use server::device::{CompletionSender, DeviceEvent, DeviceSource, OpenError, OpenedDevice};
+use server::session::{Allowlist, Server, ServerConfig};
+use tokio::sync::broadcast;
+use transport::{ClientError, NetConfig, ServerConnection, bind_endpoint};
+
+/// A loopback device: bulk OUT on endpoint 2 fills a buffer that bulk IN on endpoint 1 drains;
+/// IN URBs wait for data.
+struct Loopback {
+    buffer: VecDeque<u8>,
+    waiting: VecDeque<(UrbSubmit, CompletionSender)>,
+    releases: Arc<AtomicUsize>,
+}
+
+fn done(id: UrbId, status: UrbStatus, data: Vec<u8>, actual: u32) -> UrbComplete {
+    UrbComplete {
+        id,
+        status,
+        actual_length: actual,
+        data,
+        iso: None,
+        timing: None,
+    }
+}
+
+impl Loopback {
+    fn serve_waiting(&mut self) {
+        while !self.buffer.is_empty() {
+            let Some((urb, tx)) = self.waiting.pop_front() else {
+                break;
+            };
+            let n = (urb.length as usize).min(self.buffer.len());
+            let data: Vec<u8> = self.buffer.drain(..n).collect();
+            let _ = tx.send(done(urb.id, UrbStatus::Ok, data, n as u32));
+        }
+    }
+}
+
+impl OpenedDevice for Loopback {
+    fn submit(&mut self, urb: UrbSubmit, tx: CompletionSender) {
+        match (urb.endpoint.get(), urb.direction) {
+            (0, Direction::In) => {
+                let data = vec![0xab; urb.length as usize];
+                let _ = tx.send(done(urb.id, UrbStatus::Ok, data, urb.length));
+            }
+            (2, Direction::Out) => {
+                let n = urb.data.len() as u32;
+                self.buffer.extend(urb.data);
+                let _ = tx.send(done(urb.id, UrbStatus::Ok, vec![], n));
+                self.serve_waiting();
+            }
+            (1, Direction::In) => {
+                self.waiting.push_back((urb, tx));
+                self.serve_waiting();
+            }
+            _ => {
+                let _ = tx.send(done(urb.id, UrbStatus::Stall, vec![], 0));
+            }
+        }
+    }
+
+    fn cancel(&mut self, _: EndpointNumber, _: Direction, id: UrbId) {
+        if let Some(pos) = self.waiting.iter().position(|(u, _)| u.id == id) {
+            let (urb, tx) = self.waiting.remove(pos).unwrap();
+            let _ = tx.send(done(urb.id, UrbStatus::Unlinked, vec![], 0));
+        }
+    }
+
+    fn release(self: Box<Self>) {
+        for (urb, tx) in self.waiting {
+            let _ = tx.send(done(urb.id, UrbStatus::NoDevice, vec![], 0));
+        }
+        self.releases.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+struct Source {
+    info: DeviceInfo,
+    events: broadcast::Sender<DeviceEvent>,
+    releases: Arc<AtomicUsize>,
+}
+
+impl DeviceSource for Source {
+    fn devices(&self) -> Vec<DeviceInfo> {
+        vec![self.info.clone()]
+    }
+    fn open(&self, id: DeviceId) -> Result<Box<dyn OpenedDevice>, OpenError> {
+        if id != self.info.id {
+            return Err(OpenError::Gone(id));
+        }
+        Ok(Box::new(Loopback {
+            buffer: VecDeque::new(),
+            waiting: VecDeque::new(),
+            releases: self.releases.clone(),
+        }))
+    }
+    fn subscribe(&self) -> broadcast::Receiver<DeviceEvent> {
+        self.events.subscribe()
+    }
+}
+
+fn info() -> DeviceInfo {
+    DeviceInfo {
+        id: DeviceId(7),
+        bus_id: "1-1".into(),
+        bus_number: 1,
+        device_address: 2,
+        vendor_id: 0x1209,
+        product_id: 0x0001,
+        bcd_device: 0x0100,
+        class: ClassTriple {
+            class: 0,
+            subclass: 0,
+            protocol: 0,
+        },
+        speed: Speed::High,
+        manufacturer: None,
+        product: Some("loopback".into()),
+        serial: None,
+        device_descriptor: vec![18, 1, 0, 2, 0, 0, 0, 64, 9, 18, 1, 0, 0, 1, 0, 2, 0, 1],
+        configurations: vec![],
+        active_configuration: 1,
+    }
+}
+
+struct Lab {
+    server_addr: EndpointAddr,
+    source: Arc<Source>,
+    releases: Arc<AtomicUsize>,
+    _server: Endpoint,
+}
+
+async fn endpoint(alpns: Vec<Vec<u8>>) -> Endpoint {
+    bind_endpoint(SecretKey::generate(), alpns, &NetConfig::loopback())
+        .await
+        .unwrap()
+}
+
+/// A server allowing `allowed` client keys (or anyone when `None`).
+async fn lab(allowed: Option<&[&SecretKey]>) -> Lab {
+    let releases = Arc::new(AtomicUsize::new(0));
+    let source = Arc::new(Source {
+        info: info(),
+        events: broadcast::channel(8).0,
+        releases: releases.clone(),
+    });
+    let allow = match allowed {
+        None => Allowlist::Anyone,
+        Some(keys) => Allowlist::Only(keys.iter().map(|k| k.public()).collect::<HashSet<_>>()),
+    };
+    let config = ServerConfig {
+        allow,
+        queue_depth: 8,
+        ..ServerConfig::default()
+    };
+    let ep = endpoint(vec![ALPN.to_vec()]).await;
+    let addr = EndpointAddr::new(ep.id()).with_ip_addr(ep.bound_sockets()[0]);
+    tokio::spawn(Server::new(source.clone(), config).run(ep.clone()));
+    Lab {
+        server_addr: addr,
+        source,
+        releases,
+        _server: ep,
+    }
+}
+
+async fn client(lab: &Lab, key: &SecretKey) -> Result<Arc<ServerConnection>, ClientError> {
+    let ep = bind_endpoint(key.clone(), vec![], &NetConfig::loopback())
+        .await
+        .unwrap();
+    ServerConnection::connect(&ep, lab.server_addr.clone(), Capabilities::TIMING, "test").await
+}
+
+fn submit(id: u32, ep: u8, direction: Direction, length: u32, data: Vec<u8>) -> UrbClientMessage {
+    UrbClientMessage::Submit(UrbSubmit {
+        id: UrbId(id),
+        endpoint: EndpointNumber::new(ep).unwrap(),
+        direction,
+        transfer_type: TransferType::Bulk,
+        flags: 0,
+        setup: None,
+        length,
+        data,
+        interval: 0,
+        iso: None,
+    })
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..100 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_not_on_the_allowlist_gets_nothing() {
+    let allowed = SecretKey::generate();
+    let lab = lab(Some(&[&allowed])).await;
+    let stranger = SecretKey::generate();
+    match client(&lab, &stranger).await {
+        Err(ClientError::NotAllowed) => {}
+        Err(other) => panic!("expected NotAllowed, got {other}"),
+        Ok(_) => panic!("a stranger got a session"),
+    }
+    let friend = client(&lab, &allowed).await.unwrap();
+    assert_eq!(friend.list_devices().await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_is_exclusive_and_urbs_flow_with_many_in_flight() {
+    let lab = lab(None).await;
+    let a = client(&lab, &SecretKey::generate()).await.unwrap();
+    let b = client(&lab, &SecretKey::generate()).await.unwrap();
+    assert!(a.welcome().capabilities.contains(Capabilities::TIMING));
+    assert!(a.ping().await.unwrap() < Duration::from_secs(1));
+
+    let (handle, device) = a.attach(DeviceId(7), None).await.unwrap();
+    assert_eq!(device.product.as_deref(), Some("loopback"));
+    assert!(matches!(
+        b.attach(DeviceId(7), None).await,
+        Err(ClientError::Refused(AttachRefusal::Busy))
+    ));
+    assert!(matches!(
+        a.attach(DeviceId(99), None).await,
+        Err(ClientError::Refused(AttachRefusal::Gone))
+    ));
+
+    let (mut in_tx, mut in_rx) = a
+        .open_urb_stream(handle, EndpointNumber::new(1).unwrap(), Direction::In)
+        .await
+        .unwrap();
+    let (mut out_tx, mut out_rx) = a
+        .open_urb_stream(handle, EndpointNumber::new(2).unwrap(), Direction::Out)
+        .await
+        .unwrap();
+    // Four reads in flight before any data exists, then one write that feeds them all.
+    for id in 1..=4 {
+        in_tx
+            .queue(&submit(id, 1, Direction::In, 512, vec![]))
+            .unwrap();
+    }
+    in_tx
+        .queue(&submit(5, 1, Direction::In, 512, vec![]))
+        .unwrap();
+    in_tx.flush().await.unwrap();
+    let pattern: Vec<u8> = (0..2048u32).map(|i| (i * 7) as u8).collect();
+    out_tx
+        .send(&submit(100, 2, Direction::Out, 2048, pattern.clone()))
+        .await
+        .unwrap();
+    match out_rx.next().await.unwrap().unwrap() {
+        UrbServerMessage::Complete(c) => {
+            assert_eq!((c.status, c.actual_length), (UrbStatus::Ok, 2048))
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut read = Vec::new();
+    for id in 1..=4 {
+        match in_rx.next().await.unwrap().unwrap() {
+            UrbServerMessage::Complete(c) => {
+                assert_eq!(c.id, UrbId(id), "completions in submission order");
+                assert!(c.timing.is_some(), "timing was negotiated");
+                read.extend(c.data);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(read, pattern, "byte-exact through the loopback");
+
+    // URB 5 has no data to wait for: unlink it.
+    in_tx
+        .send(&UrbClientMessage::Unlink(UrbId(5)))
+        .await
+        .unwrap();
+    let c = in_rx.next().await.unwrap().unwrap();
+    assert!(
+        matches!(c, UrbServerMessage::Complete(ref c) if c.status == UrbStatus::Unlinked),
+        "{c:?}"
+    );
+    assert_eq!(
+        in_rx.next().await.unwrap().unwrap(),
+        UrbServerMessage::UnlinkDone {
+            id: UrbId(5),
+            cancelled: true
+        }
+    );
+    in_tx
+        .send(&UrbClientMessage::Unlink(UrbId(5)))
+        .await
+        .unwrap();
+    assert_eq!(
+        in_rx.next().await.unwrap().unwrap(),
+        UrbServerMessage::UnlinkDone {
+            id: UrbId(5),
+            cancelled: false
+        }
+    );
+
+    a.detach(handle).await.unwrap();
+    assert_eq!(lab.releases.load(Ordering::SeqCst), 1);
+    assert!(
+        in_rx.next().await.unwrap().is_none(),
+        "the stream ends with its attachment"
+    );
+    b.attach(DeviceId(7), None)
+        .await
+        .expect("free again after detach");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_frame_closes_only_that_connection_and_frees_its_claim() {
+    let lab = lab(None).await;
+    let bad = client(&lab, &SecretKey::generate()).await.unwrap();
+    let good = client(&lab, &SecretKey::generate()).await.unwrap();
+    let (handle, _) = bad.attach(DeviceId(7), None).await.unwrap();
+    let (send, _recv) = bad.connection().open_bi().await.unwrap();
+    let mut send = send;
+    // A length prefix far past the frame bound.
+    send.write_all(&[0xff, 0xff, 0xff, 0xff, 0]).await.unwrap();
+    let _ = handle;
+    eventually("the claim is released", || {
+        lab.releases.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let closed = tokio::time::timeout(Duration::from_secs(2), bad.connection().closed()).await;
+    assert!(closed.is_ok(), "the hostile connection is closed");
+    assert!(good.ping().await.is_ok(), "other sessions are untouched");
+    good.attach(DeviceId(7), None)
+        .await
+        .expect("the device is free for others");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_endpoint_closes_releases_its_claim_within_two_seconds() {
+    let lab = lab(None).await;
+    let key = SecretKey::generate();
+    let ep = bind_endpoint(key, vec![], &NetConfig::loopback())
+        .await
+        .unwrap();
+    let gone =
+        ServerConnection::connect(&ep, lab.server_addr.clone(), Capabilities::default(), "t")
+            .await
+            .unwrap();
+    gone.attach(DeviceId(7), None).await.unwrap();
+    // Close the whole endpoint instead of detaching: the server must release on its own.
+    ep.close().await;
+    drop(gone);
+    let start = std::time::Instant::now();
+    eventually("the claim is released", || {
+        lab.releases.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removal_ends_the_attachment_and_is_announced() {
+    let lab = lab(None).await;
+    let c = client(&lab, &SecretKey::generate()).await.unwrap();
+    let mut events = c.take_events().unwrap();
+    let (handle, _) = c.attach(DeviceId(7), None).await.unwrap();
+    lab.source
+        .events
+        .send(DeviceEvent::Removed(DeviceId(7)))
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(2), events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(first, Event::AttachmentEnded { handle: h, .. } if h == handle),
+        "{first:?}"
+    );
+    let second = tokio::time::timeout(Duration::from_secs(2), events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(second, Event::DeviceRemoved(DeviceId(7)));
+    assert_eq!(lab.releases.load(Ordering::SeqCst), 1);
+}
