@@ -1,0 +1,1012 @@
+//! `PortSession` driven by scripted kernel byte streams and server answers, with a model of
+//! vhci that fails the test where the real one would kill the port.
+
+use std::collections::{HashMap, HashSet};
+
+use client::vhci::{Action, BadCompletion, CloseReason, PortSession};
+use proptest::prelude::*;
+use protocol::usb::{
+    Direction, EndpointNumber, IsoPacket, SetupPacket, Speed, TransferType, UrbStatus,
+};
+use protocol::usbip::{CmdSubmit, CmdUnlink, Pdu, PduDecoder, SubmitBuffer, Transferred, UrbError};
+use protocol::wire::{ClassTriple, DeviceId, DeviceInfo, IsoComplete, UrbComplete, UrbId};
+
+/// The first PDU vhci-hcd sent in the lab (../shared/LAB-NOTES.md): CMD_SUBMIT, seqnum 1,
+/// devid 0x00010002, IN, ep 0, flags 0x200, 64 bytes, GET_DESCRIPTOR(device).
+const KERNEL_FIRST_SUBMIT: &str = "00000001 00000001 00010002 00000001 00000000 00000200
+    00000040 00000000 00000000 00000000 80060001 00004000";
+
+const DEVID: u32 = 0x0001_0002;
+const ECONNRESET: i32 = -104;
+
+fn hex(s: &str) -> Vec<u8> {
+    let digits: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    digits
+        .chunks(2)
+        .map(|p| u8::from_str_radix(std::str::from_utf8(p).unwrap(), 16).unwrap())
+        .collect()
+}
+
+fn ep(n: u8) -> EndpointNumber {
+    EndpointNumber::new(n).unwrap()
+}
+
+fn config(value: u8, body: &[&[u8]]) -> Vec<u8> {
+    let body: Vec<u8> = body.concat();
+    let total = (9 + body.len()) as u16;
+    let mut c = vec![9, 2, total as u8, (total >> 8) as u8, 1, value, 0, 0x80, 50];
+    c.extend(body);
+    c
+}
+
+/// Configuration 1: a mass-storage interface (bulk 0x81 IN, 0x02 OUT). Configuration 2:
+/// interface 0 alternate 0 with interrupt 0x83 IN, alternate 1 with isochronous 0x84 IN.
+fn device() -> DeviceInfo {
+    let storage = config(
+        1,
+        &[
+            &[9, 4, 0, 0, 2, 8, 6, 80, 0],
+            &[7, 5, 0x81, 2, 0x00, 0x02, 0],
+            &[7, 5, 0x02, 2, 0x00, 0x02, 0],
+        ],
+    );
+    let other = config(
+        2,
+        &[
+            &[9, 4, 0, 0, 1, 3, 0, 0, 0],
+            &[7, 5, 0x83, 3, 8, 0, 10],
+            &[9, 4, 0, 1, 1, 1, 2, 0, 0],
+            &[7, 5, 0x84, 1, 0xc0, 0, 1],
+        ],
+    );
+    DeviceInfo {
+        id: DeviceId(7),
+        bus_id: "1-1".into(),
+        bus_number: 1,
+        device_address: 2,
+        vendor_id: 0x1d6b,
+        product_id: 0x0104,
+        bcd_device: 0x0100,
+        class: ClassTriple {
+            class: 0,
+            subclass: 0,
+            protocol: 0,
+        },
+        speed: Speed::High,
+        manufacturer: None,
+        product: None,
+        serial: None,
+        device_descriptor: vec![
+            18, 1, 0x00, 0x02, 0, 0, 0, 64, 0x6b, 0x1d, 0x04, 0x01, 0x00, 0x01, 0, 0, 0, 2,
+        ],
+        configurations: vec![storage.into(), other.into()],
+        active_configuration: 1,
+    }
+}
+
+fn submit_pdu(
+    seqnum: u32,
+    endpoint: u8,
+    buffer: SubmitBuffer,
+    setup: [u8; 8],
+    iso: Option<Vec<IsoPacket>>,
+) -> Vec<u8> {
+    let flags = match buffer {
+        SubmitBuffer::In(_) => 0x200,
+        SubmitBuffer::Out(_) => 0,
+    };
+    Pdu::CmdSubmit(CmdSubmit {
+        seqnum,
+        devid: DEVID,
+        ep: ep(endpoint),
+        transfer_flags: flags | 0x0004, // URB_NO_TRANSFER_DMA_MAP: must not be forwarded
+        start_frame: 0,
+        interval: 0,
+        setup: SetupPacket(setup),
+        buffer,
+        iso,
+    })
+    .to_bytes()
+}
+
+fn unlink_pdu(seqnum: u32, target: u32) -> Vec<u8> {
+    Pdu::CmdUnlink(CmdUnlink {
+        seqnum,
+        devid: DEVID,
+        unlink_seqnum: target,
+    })
+    .to_bytes()
+}
+
+fn bulk_in(seqnum: u32, len: u32) -> Vec<u8> {
+    submit_pdu(seqnum, 1, SubmitBuffer::In(len), [0; 8], None)
+}
+
+fn drain(session: &mut PortSession) -> Vec<Action> {
+    std::iter::from_fn(|| session.poll_action()).collect()
+}
+
+fn kernel_bytes(actions: &[Action]) -> Vec<u8> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::ToKernel(b) => Some(b.as_slice()),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .concat()
+}
+
+fn completed_in(id: u32, data: Vec<u8>) -> UrbComplete {
+    UrbComplete {
+        id: UrbId(id),
+        status: UrbStatus::Ok,
+        actual_length: data.len() as u32,
+        data,
+        iso: None,
+        timing: None,
+    }
+}
+
+fn completed_with(id: u32, status: UrbStatus) -> UrbComplete {
+    UrbComplete {
+        id: UrbId(id),
+        status,
+        actual_length: 0,
+        data: Vec::new(),
+        iso: None,
+        timing: None,
+    }
+}
+
+/// Decodes what the session sent to the kernel, knowing what was submitted.
+fn returns(bytes: &[u8], submitted: &[(u32, Direction, u32)]) -> Vec<Pdu> {
+    let mut decoder = PduDecoder::returns();
+    for &(seq, dir, len) in submitted {
+        decoder.expect_return(seq, dir, len).unwrap();
+    }
+    decoder.push(bytes);
+    let mut out = Vec::new();
+    while let Some(pdu) = decoder.next_pdu().unwrap() {
+        out.push(pdu);
+    }
+    decoder.finish().unwrap();
+    out
+}
+
+fn ret_submit_of(pdu: &Pdu) -> (u32, UrbStatus, &Transferred) {
+    match pdu {
+        Pdu::RetSubmit(r) => (r.seqnum, r.status, &r.transferred),
+        other => panic!("expected RET_SUBMIT, got {other:?}"),
+    }
+}
+
+fn ret_unlink_of(pdu: &Pdu) -> (u32, i32) {
+    match pdu {
+        Pdu::RetUnlink(r) => (r.seqnum, r.status.to_errno()),
+        other => panic!("expected RET_UNLINK, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_kernels_first_submit_split_anywhere_becomes_one_control_urb() {
+    let bytes = hex(KERNEL_FIRST_SUBMIT);
+    for cut in 0..=bytes.len() {
+        let mut session = PortSession::new(&device());
+        session.on_kernel_bytes(&bytes[..cut]);
+        let early = drain(&mut session);
+        if cut < bytes.len() {
+            assert!(
+                early.is_empty(),
+                "an action before the PDU was whole (cut {cut})"
+            );
+        }
+        session.on_kernel_bytes(&bytes[cut..]);
+        let actions = [early, drain(&mut session)].concat();
+        let [
+            Action::Submit {
+                endpoint,
+                direction,
+                urb,
+            },
+        ] = &actions[..]
+        else {
+            panic!("cut {cut}: {actions:?}");
+        };
+        assert_eq!(*endpoint, EndpointNumber::CONTROL);
+        assert_eq!(*direction, Direction::Out, "ep0 is routed as OUT");
+        assert_eq!(urb.id, UrbId(1));
+        assert_eq!(urb.direction, Direction::In);
+        assert_eq!(urb.transfer_type, TransferType::Control);
+        assert_eq!(urb.flags, 0x200);
+        assert_eq!(urb.length, 64);
+        assert!(urb.data.is_empty());
+        assert_eq!(
+            urb.setup,
+            Some(SetupPacket([
+                0x80, 0x06, 0x00, 0x01, 0x00, 0x00, 0x40, 0x00
+            ]))
+        );
+        assert_eq!(urb.iso, None);
+    }
+}
+
+#[test]
+fn answers_the_first_submit_with_the_descriptor() {
+    let mut session = PortSession::new(&device());
+    session.on_kernel_bytes(&hex(KERNEL_FIRST_SUBMIT));
+    drain(&mut session);
+    let descriptor = device().device_descriptor;
+    session.on_completion(completed_in(1, descriptor.clone()));
+    let actions = drain(&mut session);
+    let pdus = returns(&kernel_bytes(&actions), &[(1, Direction::In, 64)]);
+    let (seq, status, transferred) = ret_submit_of(&pdus[0]);
+    assert_eq!((seq, status), (1, UrbStatus::Ok));
+    assert_eq!(transferred, &Transferred::In(descriptor));
+    let stats = session.stats();
+    assert_eq!(
+        (stats.submitted, stats.completed, stats.bytes_in),
+        (1, 1, 18)
+    );
+}
+
+#[test]
+fn many_urbs_complete_in_any_order() {
+    let mut session = PortSession::new(&device());
+    let n = 40u32;
+    let mut script = Vec::new();
+    for seq in 1..=n {
+        if seq % 2 == 0 {
+            script.extend(bulk_in(seq, 512));
+        } else {
+            let data = vec![seq as u8; seq as usize * 3];
+            script.extend(submit_pdu(seq, 2, SubmitBuffer::Out(data), [0; 8], None));
+        }
+    }
+    session.on_kernel_bytes(&script);
+    let submits = drain(&mut session);
+    assert_eq!(submits.len(), n as usize);
+    for (i, a) in submits.iter().enumerate() {
+        let Action::Submit { urb, direction, .. } = a else {
+            panic!("{a:?}")
+        };
+        assert_eq!(urb.id, UrbId(i as u32 + 1));
+        assert_eq!(urb.transfer_type, TransferType::Bulk);
+        assert_eq!(urb.setup, None);
+        assert_eq!(
+            urb.flags & 0x0004,
+            0,
+            "DMA-mapping flags stay on this machine"
+        );
+        assert_eq!(*direction, urb.direction);
+    }
+    assert_eq!(session.in_flight(), n as usize);
+
+    // Completions in a scrambled order: every one still becomes its own RET_SUBMIT.
+    let order: Vec<u32> = (1..=n).map(|i| (i * 17) % n + 1).collect();
+    assert_eq!(order.iter().collect::<HashSet<_>>().len(), n as usize);
+    let mut out = Vec::new();
+    for &seq in &order {
+        if seq % 2 == 0 {
+            session.on_completion(completed_in(seq, vec![!(seq as u8); seq as usize]));
+        } else {
+            session.on_completion(UrbComplete {
+                actual_length: seq * 3,
+                ..completed_with(seq, UrbStatus::Ok)
+            });
+        }
+        out.extend(kernel_bytes(&drain(&mut session)));
+    }
+    let expectations: Vec<_> = (1..=n)
+        .map(|s| match s % 2 {
+            0 => (s, Direction::In, 512),
+            _ => (s, Direction::Out, s * 3),
+        })
+        .collect();
+    let pdus = returns(&out, &expectations);
+    let seen: Vec<u32> = pdus.iter().map(|p| ret_submit_of(p).0).collect();
+    assert_eq!(seen, order);
+    for p in &pdus {
+        let (seq, _, transferred) = ret_submit_of(p);
+        match seq % 2 {
+            0 => assert_eq!(
+                transferred,
+                &Transferred::In(vec![!(seq as u8); seq as usize])
+            ),
+            _ => assert_eq!(transferred, &Transferred::Out(seq * 3)),
+        }
+    }
+    assert_eq!(session.in_flight(), 0);
+    let stats = session.stats();
+    assert_eq!(stats.submitted, u64::from(n));
+    assert_eq!(stats.completed, u64::from(n));
+    assert_eq!(
+        stats.bytes_out,
+        (1..=n)
+            .filter(|s| s % 2 == 1)
+            .map(|s| u64::from(s) * 3)
+            .sum()
+    );
+}
+
+#[test]
+fn unlink_before_completion_cancels_without_a_ret_submit() {
+    let mut session = PortSession::new(&device());
+    session.on_kernel_bytes(&bulk_in(5, 512));
+    drain(&mut session);
+    session.on_kernel_bytes(&unlink_pdu(6, 5));
+    assert_eq!(
+        drain(&mut session),
+        vec![Action::Unlink {
+            endpoint: ep(1),
+            direction: Direction::In,
+            id: UrbId(5),
+        }]
+    );
+    session.on_completion(completed_with(5, UrbStatus::Unlinked));
+    let pdus = returns(&kernel_bytes(&drain(&mut session)), &[]);
+    assert_eq!(pdus.len(), 1);
+    assert_eq!(ret_unlink_of(&pdus[0]), (6, ECONNRESET));
+    // The server's confirmation and any repeated completion change nothing.
+    session.on_unlink_done(UrbId(5), true);
+    session.on_completion(completed_in(5, vec![1; 10]));
+    assert!(drain(&mut session).is_empty());
+    assert_eq!(session.stats().unlinked, 1);
+    assert_eq!(session.stats().stray_completions, 1);
+}
+
+#[test]
+fn completion_that_beat_the_unlink_keeps_its_data_then_unlink_status_0() {
+    let mut session = PortSession::new(&device());
+    session.on_kernel_bytes(&bulk_in(5, 512));
+    drain(&mut session);
+    session.on_kernel_bytes(&unlink_pdu(6, 5));
+    drain(&mut session);
+    session.on_completion(completed_in(5, vec![0xab; 300]));
+    let pdus = returns(
+        &kernel_bytes(&drain(&mut session)),
+        &[(5, Direction::In, 512)],
+    );
+    assert_eq!(pdus.len(), 2);
+    let (seq, status, transferred) = ret_submit_of(&pdus[0]);
+    assert_eq!((seq, status), (5, UrbStatus::Ok));
+    assert_eq!(transferred, &Transferred::In(vec![0xab; 300]));
+    assert_eq!(ret_unlink_of(&pdus[1]), (6, 0));
+    session.on_unlink_done(UrbId(5), false);
+    assert!(drain(&mut session).is_empty());
+}
+
+#[test]
+fn unlink_of_an_answered_urb_is_answered_at_once() {
+    let mut session = PortSession::new(&device());
+    session.on_kernel_bytes(&bulk_in(5, 512));
+    drain(&mut session);
+    session.on_completion(completed_in(5, vec![1; 4]));
+    drain(&mut session);
+    session.on_kernel_bytes(&unlink_pdu(6, 5));
+    let actions = drain(&mut session);
+    assert!(actions.iter().all(|a| matches!(a, Action::ToKernel(_))));
+    let pdus = returns(&kernel_bytes(&actions), &[]);
+    assert_eq!(pdus.iter().map(ret_unlink_of).collect::<Vec<_>>(), [(6, 0)]);
+}
+
+#[test]
+fn an_early_cancelled_unlink_done_settles_the_urb() {
+    let mut session = PortSession::new(&device());
+    session.on_kernel_bytes(&bulk_in(5, 512));
+    session.on_kernel_bytes(&unlink_pdu(6, 5));
+    drain(&mut session);
+    session.on_unlink_done(UrbId(5), true);
+    let pdus = returns(&kernel_bytes(&drain(&mut session)), &[]);
+    assert_eq!(ret_unlink_of(&pdus[0]), (6, ECONNRESET));
+    session.on_completion(completed_in(5, vec![1; 4]));
+    assert!(
+        drain(&mut session).is_empty(),
+        "no RET_SUBMIT after the unlink"
+    );
+}
+
+#[test]
+fn bad_kernel_bytes_close_the_port() {
+    let mut bad_command = hex(KERNEL_FIRST_SUBMIT);
+    bad_command[3] = 9;
+    let mut bad_direction = hex(KERNEL_FIRST_SUBMIT);
+    bad_direction[15] = 2;
+    let mut a_return = hex(KERNEL_FIRST_SUBMIT);
+    a_return[3] = 3;
+    let mut too_long = hex(KERNEL_FIRST_SUBMIT);
+    too_long[24..28].copy_from_slice(&0x7fff_ffffu32.to_be_bytes());
+    for (bytes, expected) in [
+        (bad_command, UrbError::UnknownCommand(9)),
+        (bad_direction, UrbError::BadDirection(2)),
+        (a_return, UrbError::UnexpectedCommand(3)),
+        (
+            too_long,
+            UrbError::TooLong {
+                len: 0x7fff_ffff,
+                max: 4 * 1024 * 1024,
+            },
+        ),
+    ] {
+        let mut session = PortSession::new(&device());
+        session.on_kernel_bytes(&bytes);
+        assert_eq!(
+            drain(&mut session),
+            vec![Action::Close(CloseReason::Kernel(expected))]
+        );
+        assert!(session.is_closed());
+        session.on_kernel_bytes(&hex(KERNEL_FIRST_SUBMIT));
+        session.on_completion(completed_in(1, vec![]));
+        assert!(
+            drain(&mut session).is_empty(),
+            "a closed session stays quiet"
+        );
+    }
+}
+
+#[test]
+fn a_reused_seqnum_closes_the_port() {
+    let mut session = PortSession::new(&device());
+    session.on_kernel_bytes(&[bulk_in(5, 512), bulk_in(5, 512)].concat());
+    let actions = drain(&mut session);
+    assert_eq!(
+        actions.last(),
+        Some(&Action::Close(CloseReason::DuplicateSeqnum(5)))
+    );
+}
+
+#[test]
+fn out_of_bounds_completions_close_the_port() {
+    let cases: Vec<(Vec<u8>, UrbComplete, BadCompletion)> = vec![
+        (
+            bulk_in(1, 16),
+            completed_in(1, vec![0; 17]),
+            BadCompletion::TooLong {
+                actual: 17,
+                buffer: 16,
+            },
+        ),
+        (
+            bulk_in(1, 16),
+            UrbComplete {
+                actual_length: 9,
+                ..completed_in(1, vec![0; 8])
+            },
+            BadCompletion::LengthMismatch { data: 8, actual: 9 },
+        ),
+        (
+            submit_pdu(1, 2, SubmitBuffer::Out(vec![1; 8]), [0; 8], None),
+            UrbComplete {
+                actual_length: 9,
+                ..completed_with(1, UrbStatus::Ok)
+            },
+            BadCompletion::TooLong {
+                actual: 9,
+                buffer: 8,
+            },
+        ),
+        (
+            bulk_in(1, 16),
+            UrbComplete {
+                iso: Some(IsoComplete {
+                    start_frame: 0,
+                    error_count: 0,
+                    packets: vec![],
+                }),
+                ..completed_in(1, vec![])
+            },
+            BadCompletion::UnexpectedIso,
+        ),
+    ];
+    for (submit, completion, problem) in cases {
+        let mut session = PortSession::new(&device());
+        session.on_kernel_bytes(&submit);
+        drain(&mut session);
+        session.on_completion(completion);
+        assert_eq!(
+            drain(&mut session),
+            vec![Action::Close(CloseReason::BadCompletion { id: 1, problem })]
+        );
+    }
+}
+
+#[test]
+fn an_unknown_endpoint_stalls_locally() {
+    let mut session = PortSession::new(&device());
+    // ep 3 IN exists only in configuration 2; ep 1 OUT exists nowhere.
+    session.on_kernel_bytes(&submit_pdu(1, 3, SubmitBuffer::In(8), [0; 8], None));
+    session.on_kernel_bytes(&submit_pdu(
+        2,
+        1,
+        SubmitBuffer::Out(vec![1, 2]),
+        [0; 8],
+        None,
+    ));
+    let actions = drain(&mut session);
+    assert!(actions.iter().all(|a| matches!(a, Action::ToKernel(_))));
+    let pdus = returns(
+        &kernel_bytes(&actions),
+        &[(1, Direction::In, 8), (2, Direction::Out, 2)],
+    );
+    let got: Vec<_> = pdus
+        .iter()
+        .map(|p| (ret_submit_of(p).0, ret_submit_of(p).1))
+        .collect();
+    assert_eq!(got, [(1, UrbStatus::Stall), (2, UrbStatus::Stall)]);
+    assert_eq!(session.stats().answered_locally, 2);
+    assert_eq!(session.in_flight(), 0);
+}
+
+/// SET_CONFIGURATION(2) as the kernel's ep0 CMD_SUBMIT carries it.
+const SET_CONFIGURATION_2: [u8; 8] = [0x00, 0x09, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00];
+/// SET_INTERFACE(interface 0, alternate 1).
+const SET_INTERFACE_0_1: [u8; 8] = [0x01, 0x0b, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00];
+
+fn control_out(session: &mut PortSession, seqnum: u32, setup: [u8; 8], status: UrbStatus) {
+    session.on_kernel_bytes(&submit_pdu(
+        seqnum,
+        0,
+        SubmitBuffer::Out(vec![]),
+        setup,
+        None,
+    ));
+    drain(session);
+    session.on_completion(completed_with(seqnum, status));
+    drain(session);
+}
+
+fn first_action(session: &mut PortSession, bytes: &[u8]) -> Action {
+    session.on_kernel_bytes(bytes);
+    drain(session).remove(0)
+}
+
+#[test]
+fn stale_setup_bytes_on_a_bulk_endpoint_are_ignored() {
+    let mut session = PortSession::new(&device());
+    // A bulk URB whose buffer last held SET_CONFIGURATION(2).
+    let action = first_action(
+        &mut session,
+        &submit_pdu(1, 1, SubmitBuffer::In(512), SET_CONFIGURATION_2, None),
+    );
+    let Action::Submit { urb, .. } = action else {
+        panic!("{action:?}")
+    };
+    assert_eq!(urb.transfer_type, TransferType::Bulk);
+    assert_eq!(urb.setup, None);
+    session.on_completion(completed_in(1, vec![0; 13]));
+    drain(&mut session);
+    // The table did not move: ep 1 still forwards, ep 3 still stalls.
+    assert!(matches!(
+        first_action(&mut session, &bulk_in(2, 512)),
+        Action::Submit { .. }
+    ));
+    assert!(matches!(
+        first_action(
+            &mut session,
+            &submit_pdu(3, 3, SubmitBuffer::In(8), [0; 8], None)
+        ),
+        Action::ToKernel(_)
+    ));
+}
+
+#[test]
+fn set_configuration_and_set_interface_move_the_endpoint_table() {
+    let mut session = PortSession::new(&device());
+    // A refused SET_CONFIGURATION changes nothing.
+    control_out(&mut session, 1, SET_CONFIGURATION_2, UrbStatus::Stall);
+    assert!(matches!(
+        first_action(&mut session, &bulk_in(2, 512)),
+        Action::Submit { .. }
+    ));
+
+    control_out(&mut session, 3, SET_CONFIGURATION_2, UrbStatus::Ok);
+    let action = first_action(
+        &mut session,
+        &submit_pdu(4, 3, SubmitBuffer::In(8), [0; 8], None),
+    );
+    let Action::Submit { urb, .. } = action else {
+        panic!("{action:?}")
+    };
+    assert_eq!(urb.transfer_type, TransferType::Interrupt);
+    // Configuration 1's bulk endpoint is gone.
+    assert!(matches!(
+        first_action(&mut session, &bulk_in(5, 512)),
+        Action::ToKernel(_)
+    ));
+
+    control_out(&mut session, 6, SET_INTERFACE_0_1, UrbStatus::Ok);
+    let packets = vec![
+        IsoPacket {
+            offset: 0,
+            length: 192,
+            actual_length: 0,
+            status: UrbStatus::Ok,
+        },
+        IsoPacket {
+            offset: 192,
+            length: 192,
+            actual_length: 0,
+            status: UrbStatus::Ok,
+        },
+    ];
+    let action = first_action(
+        &mut session,
+        &submit_pdu(7, 4, SubmitBuffer::In(384), [0; 8], Some(packets.clone())),
+    );
+    let Action::Submit { urb, .. } = action else {
+        panic!("{action:?}")
+    };
+    assert_eq!(urb.transfer_type, TransferType::Isochronous);
+    assert_eq!(urb.iso.as_ref().map(|i| &i.packets), Some(&packets));
+
+    // The iso completion goes back packed, with the kernel's own offsets.
+    session.on_completion(UrbComplete {
+        iso: Some(IsoComplete {
+            start_frame: 42,
+            error_count: 1,
+            packets: vec![
+                IsoPacket {
+                    offset: 999,
+                    length: 192,
+                    actual_length: 100,
+                    status: UrbStatus::Ok,
+                },
+                IsoPacket {
+                    offset: 999,
+                    length: 192,
+                    actual_length: 0,
+                    status: UrbStatus::Overflow,
+                },
+            ],
+        }),
+        ..completed_in(7, vec![5; 100])
+    });
+    let pdus = returns(
+        &kernel_bytes(&drain(&mut session)),
+        &[(7, Direction::In, 384)],
+    );
+    let Pdu::RetSubmit(ret) = &pdus[0] else {
+        panic!("{pdus:?}")
+    };
+    assert_eq!(ret.start_frame, 42);
+    assert_eq!(ret.error_count, 1);
+    let iso = ret.iso.as_ref().unwrap();
+    assert_eq!((iso[0].offset, iso[0].actual_length), (0, 100));
+    assert_eq!((iso[1].offset, iso[1].status), (192, UrbStatus::Overflow));
+}
+
+#[test]
+fn an_iso_urb_that_failed_whole_still_returns_every_packet() {
+    let mut session = PortSession::new(&device());
+    control_out(&mut session, 1, SET_CONFIGURATION_2, UrbStatus::Ok);
+    control_out(&mut session, 2, SET_INTERFACE_0_1, UrbStatus::Ok);
+    let packets: Vec<IsoPacket> = (0..3)
+        .map(|i| IsoPacket {
+            offset: i * 64,
+            length: 64,
+            actual_length: 0,
+            status: UrbStatus::Ok,
+        })
+        .collect();
+    session.on_kernel_bytes(&submit_pdu(
+        3,
+        4,
+        SubmitBuffer::In(192),
+        [0; 8],
+        Some(packets),
+    ));
+    drain(&mut session);
+    session.on_completion(completed_with(3, UrbStatus::NoDevice));
+    let pdus = returns(
+        &kernel_bytes(&drain(&mut session)),
+        &[(3, Direction::In, 192)],
+    );
+    let Pdu::RetSubmit(ret) = &pdus[0] else {
+        panic!("{pdus:?}")
+    };
+    assert_eq!(ret.iso.as_ref().map(Vec::len), Some(3));
+    assert_eq!(ret.error_count, 3);
+
+    // Iso on a bulk endpoint (or none on an iso one) is refused locally.
+    session.on_kernel_bytes(&submit_pdu(4, 4, SubmitBuffer::In(192), [0; 8], None));
+    let pdus = returns(
+        &kernel_bytes(&drain(&mut session)),
+        &[(4, Direction::In, 192)],
+    );
+    assert_eq!(ret_submit_of(&pdus[0]).1, UrbStatus::Invalid);
+}
+
+// ---- a model of vhci and the server, for random interleavings ----
+
+/// What vhci does with our answers, failing where the real one would kill the port or give
+/// a URB back wrongly.
+struct VhciModel {
+    decoder: PduDecoder,
+    next_seqnum: u32,
+    /// URBs vhci holds, with what an IN completion must carry.
+    pending: HashMap<u32, Direction>,
+    /// URBs vhci has asked to unlink (it never asks twice).
+    unlinking: HashSet<u32>,
+    /// CMD_UNLINK seqnum -> target.
+    unlinks: HashMap<u32, u32>,
+    given_back: HashMap<u32, UrbStatus>,
+    in_data: HashMap<u32, Vec<u8>>,
+}
+
+impl VhciModel {
+    fn new() -> Self {
+        VhciModel {
+            decoder: PduDecoder::returns(),
+            next_seqnum: 1,
+            pending: HashMap::new(),
+            unlinking: HashSet::new(),
+            unlinks: HashMap::new(),
+            given_back: HashMap::new(),
+            in_data: HashMap::new(),
+        }
+    }
+
+    fn submit(&mut self, kind: u8) -> Vec<u8> {
+        let seq = self.next_seqnum;
+        self.next_seqnum += 1;
+        let (direction, bytes) = match kind % 3 {
+            0 => (Direction::In, bulk_in(seq, 64)),
+            1 => (
+                Direction::Out,
+                submit_pdu(seq, 2, SubmitBuffer::Out(vec![seq as u8; 32]), [0; 8], None),
+            ),
+            _ => (
+                Direction::In,
+                submit_pdu(
+                    seq,
+                    0,
+                    SubmitBuffer::In(18),
+                    [0x80, 6, 0, 1, 0, 0, 18, 0],
+                    None,
+                ),
+            ),
+        };
+        let len = if direction == Direction::In { 64 } else { 32 };
+        self.decoder.expect_return(seq, direction, len).unwrap();
+        self.pending.insert(seq, direction);
+        bytes
+    }
+
+    /// Unlinks a URB vhci still holds and has not unlinked yet, if any.
+    fn unlink(&mut self, pick: usize) -> Option<Vec<u8>> {
+        let mut candidates: Vec<u32> = self
+            .pending
+            .keys()
+            .copied()
+            .filter(|s| !self.unlinking.contains(s))
+            .collect();
+        candidates.sort_unstable();
+        let target = *candidates.get(pick % candidates.len().max(1))?;
+        let seq = self.next_seqnum;
+        self.next_seqnum += 1;
+        self.unlinking.insert(target);
+        self.unlinks.insert(seq, target);
+        Some(unlink_pdu(seq, target))
+    }
+
+    fn receive(&mut self, bytes: &[u8]) {
+        self.decoder.push(bytes);
+        loop {
+            let pdu = match self.decoder.next_pdu() {
+                Ok(Some(pdu)) => pdu,
+                Ok(None) => break,
+                Err(e) => panic!("vhci would kill the port: {e}"),
+            };
+            match pdu {
+                Pdu::RetSubmit(r) => {
+                    assert!(
+                        self.pending.remove(&r.seqnum).is_some(),
+                        "RET_SUBMIT {} for a URB vhci no longer holds",
+                        r.seqnum
+                    );
+                    self.given_back.insert(r.seqnum, r.status);
+                    if let Transferred::In(data) = r.transferred {
+                        self.in_data.insert(r.seqnum, data);
+                    }
+                }
+                Pdu::RetUnlink(r) => {
+                    let target = self
+                        .unlinks
+                        .remove(&r.seqnum)
+                        .expect("RET_UNLINK for an unknown CMD_UNLINK");
+                    match r.status {
+                        UrbStatus::Unlinked => {
+                            assert!(
+                                self.pending.remove(&target).is_some(),
+                                "-ECONNRESET for URB {target} that was already answered"
+                            );
+                            self.decoder.forget_return(target);
+                            self.given_back.insert(target, UrbStatus::Unlinked);
+                        }
+                        UrbStatus::Ok => assert!(
+                            !self.pending.contains_key(&target),
+                            "RET_UNLINK(0) would give URB {target} back as an empty success"
+                        ),
+                        other => panic!("unexpected RET_UNLINK status {other:?}"),
+                    }
+                }
+                other => panic!("{other:?} sent to vhci"),
+            }
+        }
+    }
+}
+
+/// A server that runs URBs and answers unlinks in its stream order: a completion always
+/// before the matching UnlinkDone.
+#[derive(Default)]
+struct ServerModel {
+    inbox: Vec<Action>,
+    running: Vec<(u32, Direction)>,
+    outbox: Vec<ServerMsg>,
+    done: HashSet<u32>,
+}
+
+#[derive(Debug, Clone)]
+enum ServerMsg {
+    Complete(UrbComplete),
+    UnlinkDone(u32, bool),
+}
+
+impl ServerModel {
+    fn take_action(&mut self) {
+        if self.inbox.is_empty() {
+            return;
+        }
+        match self.inbox.remove(0) {
+            Action::Submit { urb, .. } => self.running.push((urb.id.0, urb.direction)),
+            Action::Unlink { id, .. } => {
+                if let Some(i) = self.running.iter().position(|(s, _)| *s == id.0) {
+                    self.running.remove(i);
+                    self.outbox.push(ServerMsg::Complete(completed_with(
+                        id.0,
+                        UrbStatus::Unlinked,
+                    )));
+                    self.outbox.push(ServerMsg::UnlinkDone(id.0, true));
+                } else {
+                    assert!(self.done.contains(&id.0), "unlink of a URB never submitted");
+                    self.outbox.push(ServerMsg::UnlinkDone(id.0, false));
+                }
+            }
+            other => panic!("{other:?} sent to the server"),
+        }
+    }
+
+    fn complete(&mut self, pick: usize) {
+        if self.running.is_empty() {
+            return;
+        }
+        let (id, direction) = self.running.remove(pick % self.running.len());
+        self.done.insert(id);
+        let completion = match direction {
+            Direction::In => completed_in(id, vec![id as u8; (id % 18) as usize]),
+            Direction::Out => UrbComplete {
+                actual_length: 32,
+                ..completed_with(id, UrbStatus::Ok)
+            },
+        };
+        self.outbox.push(ServerMsg::Complete(completion));
+    }
+}
+
+fn run_interleaving(ops: &[(u8, u8)]) {
+    let mut kernel = VhciModel::new();
+    let mut server = ServerModel::default();
+    let mut session = PortSession::new(&device());
+    let mut to_kernel: Vec<u8> = Vec::new();
+    let step = |session: &mut PortSession, server: &mut ServerModel, to_kernel: &mut Vec<u8>| {
+        while let Some(action) = session.poll_action() {
+            match action {
+                Action::ToKernel(bytes) => to_kernel.extend(bytes),
+                Action::Close(reason) => panic!("session closed: {reason}"),
+                other => server.inbox.push(other),
+            }
+        }
+    };
+    for &(op, arg) in ops {
+        match op % 6 {
+            0 => session.on_kernel_bytes(&kernel.submit(arg)),
+            1 => {
+                if let Some(bytes) = kernel.unlink(arg.into()) {
+                    session.on_kernel_bytes(&bytes);
+                }
+            }
+            // The kernel reads what we wrote only now: its unlinks race our answers.
+            2 => kernel.receive(&std::mem::take(&mut to_kernel)),
+            3 => server.take_action(),
+            4 => server.complete(arg.into()),
+            _ => {
+                if !server.outbox.is_empty() {
+                    match server.outbox.remove(0) {
+                        ServerMsg::Complete(c) => session.on_completion(c),
+                        ServerMsg::UnlinkDone(id, cancelled) => {
+                            session.on_unlink_done(UrbId(id), cancelled)
+                        }
+                    }
+                }
+            }
+        }
+        step(&mut session, &mut server, &mut to_kernel);
+    }
+    // Let everything settle: the server finishes all URBs and every message is delivered.
+    loop {
+        step(&mut session, &mut server, &mut to_kernel);
+        kernel.receive(&std::mem::take(&mut to_kernel));
+        if !server.inbox.is_empty() {
+            server.take_action();
+        } else if !server.running.is_empty() {
+            server.complete(0);
+        } else if !server.outbox.is_empty() {
+            match server.outbox.remove(0) {
+                ServerMsg::Complete(c) => session.on_completion(c),
+                ServerMsg::UnlinkDone(id, cancelled) => {
+                    session.on_unlink_done(UrbId(id), cancelled)
+                }
+            }
+        } else {
+            break;
+        }
+    }
+    assert!(
+        kernel.pending.is_empty(),
+        "URBs never given back: {:?}",
+        kernel.pending
+    );
+    assert!(kernel.unlinks.is_empty(), "unlinks never answered");
+    assert_eq!(session.in_flight(), 0);
+    // A URB that completed for real keeps its data even when an unlink raced it.
+    for (seq, data) in &kernel.in_data {
+        if kernel.given_back[seq] == UrbStatus::Ok && !data.is_empty() {
+            assert_eq!(data, &vec![*seq as u8; (*seq % 18) as usize]);
+        }
+    }
+}
+
+#[test]
+fn a_scripted_interleaving_with_every_race() {
+    run_interleaving(&[
+        // Three URBs reach the server.
+        (0, 0),
+        (0, 1),
+        (0, 2),
+        (3, 0),
+        (3, 0),
+        (3, 0),
+        // The kernel unlinks URB 1; the server completes it before reading the unlink.
+        (1, 0),
+        (4, 0),
+        (3, 0),
+        // The completion, then UnlinkDone(false): RET_SUBMIT 1, then RET_UNLINK(0).
+        (5, 0),
+        (5, 0),
+        // URB 2 is unlinked and cancelled: Complete(Unlinked), UnlinkDone(true).
+        (1, 0),
+        (3, 0),
+        (5, 0),
+        (5, 0),
+        // URB 3 completes and its RET_SUBMIT is queued, but the kernel unlinks it before
+        // reading it.
+        (4, 0),
+        (5, 0),
+        (1, 0),
+        (2, 0),
+    ]);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Whatever the order of submits, unlinks, server completions and deliveries: no
+    /// RET_SUBMIT after an unlinking RET_UNLINK (or for any URB vhci no longer holds), no
+    /// RET_UNLINK(0) for a URB vhci still holds, and every URB and unlink answered once.
+    #[test]
+    fn random_interleavings_keep_vhci_alive(
+        ops in prop::collection::vec((any::<u8>(), any::<u8>()), 0..160)
+    ) {
+        run_interleaving(&ops);
+    }
+}
