@@ -5,6 +5,11 @@
 //! `cargo xtask test` after `lab build`); otherwise it passes with a note saying so.
 
 use std::process::Command;
+use std::sync::Mutex;
+
+/// One QEMU at a time: the tests in this file run on parallel threads, and two TCG guests on
+/// a 2-core host would slow each other and every other job on the machine.
+static ONE_VM: Mutex<()> = Mutex::new(());
 
 fn lab_enabled() -> bool {
     if std::env::var_os("P2P_USB_LAB").is_some_and(|v| v == "1") {
@@ -18,6 +23,9 @@ fn lab_enabled() -> bool {
 }
 
 fn xtask(args: &[&str]) -> (bool, String, String) {
+    let _vm = ONE_VM
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
         .args(args)
         .output()
