@@ -64,7 +64,7 @@ pub struct RunArgs {
     /// CPU accelerator: `auto` uses KVM only if a probe boot works, else TCG.
     #[arg(long, value_enum, default_value_t = lab::vm::Accel::Auto)]
     pub accel: lab::vm::Accel,
-    /// Also write the result lines (JSON, one per scenario) to this file.
+    /// Write the result lines (LAB-RESULT and LAB-RUN JSON) here instead of .lab/results.jsonl.
     #[arg(long)]
     pub results: Option<PathBuf>,
     /// Run `lab build` first (it is fast when nothing changed).

@@ -494,7 +494,45 @@ pub fn probe_file(lab_dir: &Path) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
-    use super::clean;
+    use std::path::Path;
+    use std::time::Instant;
+
+    use super::{Accel, Boot, Follow, clean};
+
+    #[test]
+    fn console_messages_drive_the_run_state() {
+        let boot = Boot {
+            kernel: Path::new("vmlinux"),
+            initramfs: Path::new("initramfs.cpio"),
+            scenarios: &["smoke".to_owned()],
+            timeout_secs: 10,
+            keep_going: false,
+            accel: Accel::Tcg,
+            echo: false,
+        };
+        let mut f = Follow::new(&boot, Instant::now());
+        for line in [
+            "SeaBIOS (version 1.16.2)",
+            r#"LAB-BOOT {"uptime":1.7,"kernel":"6.1.0"}"#,
+            r#"LAB-START {"scenario":"smoke","timeout_secs":10}"#,
+            "[smoke] + modprobe usb-storage",
+        ] {
+            f.line(line.to_owned());
+        }
+        assert!(f.boot_secs.is_some());
+        let (name, _, lines) = f.current.as_ref().expect("a scenario is running");
+        assert_eq!(name, "smoke");
+        assert_eq!(
+            lines.back().map(String::as_str),
+            Some("[smoke] + modprobe usb-storage")
+        );
+
+        f.line(r#"[  3.1] usb 1-1: x LAB-RESULT {"scenario":"smoke","status":"pass"}"#.to_owned());
+        assert!(f.current.is_none());
+        assert_eq!(f.results.len(), 1);
+        f.line(r#"LAB-SUMMARY {"passed":1,"failed":0,"skipped":0}"#.to_owned());
+        assert!(f.completed_at.is_some());
+    }
 
     #[test]
     fn console_noise_is_stripped() {
