@@ -6,4 +6,5 @@
 //! the async networking code. The networking glue that carries URBs to the server over iroh
 //! builds on these.
 
+pub mod probe;
 pub mod vhci;

@@ -1,16 +1,217 @@
-//! `p2p-usb-client`: placeholder until the client issue lands.
+//! `p2p-usb-client`: use USB devices plugged into another machine as if they were plugged in
+//! here.
 
-use clap::Parser;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
-/// rust-p2p-usb client (not implemented yet).
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use client::probe::Probe;
+use protocol::wire::{Capabilities, DeviceInfo};
+use transport::{NetConfig, ServerConnection, Ticket, bind_endpoint, load_or_create_secret_key};
+
+/// Attach USB devices shared by a `p2p-usb-server` to this machine's kernel, peer to peer over
+/// iroh. The server's operator allows this client's id (`p2p-usb-client id`) and gives you a
+/// ticket; `p2p-usb-client list <ticket>` shows what it shares.
 #[derive(Parser)]
-#[command(version, about)]
-struct Cli {}
+#[command(version, about, long_about)]
+struct Cli {
+    /// Secret key file (created with mode 0600 on first run): this client's identity.
+    #[arg(long, global = true, env = "P2P_USB_CLIENT_KEY", default_value_os_t = default_key_path())]
+    key_file: PathBuf,
+    /// Use n0's public relays to reach servers behind NAT.
+    #[arg(long, global = true)]
+    relay: bool,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    anyhow::bail!(
-        "p2p-usb-client is not implemented yet (protocol version {})",
-        protocol::PROTOCOL_VERSION
+#[derive(Subcommand)]
+enum Command {
+    /// Print this client's endpoint id, for the server's `--allow`.
+    Id,
+    /// List the devices a server shares with us.
+    List {
+        /// The server's ticket (`p2pusb1:...`).
+        ticket: Ticket,
+    },
+    /// Check a remote mass-storage device end to end without the kernel: descriptors, INQUIRY,
+    /// READ CAPACITY and a timed read.
+    Probe {
+        /// The server's ticket.
+        ticket: Ticket,
+        /// Which device: bus id, `vid:pid`, serial, or product name (default: the first one).
+        #[arg(long)]
+        device: Option<String>,
+        /// MiB to read from the start of the disk.
+        #[arg(long, default_value_t = 4)]
+        read_mib: u64,
+        /// Write what was read to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn default_key_path() -> PathBuf {
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("/var/lib"));
+    state.join("p2p-usb/client.key")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,iroh=warn,noq=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match &cli.command {
+        Command::Id => {
+            let key = load_or_create_secret_key(&cli.key_file).await?;
+            println!("{}", key.public());
+            Ok(())
+        }
+        Command::List { ticket } => {
+            let conn = connect(&cli, ticket).await?;
+            let devices = conn.list_devices().await?;
+            if cli.json {
+                for d in &devices {
+                    println!("{}", device_json(d));
+                }
+            } else if devices.is_empty() {
+                println!("the server shares no devices with us");
+            } else {
+                for d in &devices {
+                    println!(
+                        "{:<10} {:04x}:{:04x} {:<9} {} {} {}",
+                        d.bus_id,
+                        d.vendor_id,
+                        d.product_id,
+                        format!("{:?}", d.speed),
+                        d.manufacturer.as_deref().unwrap_or("-"),
+                        d.product.as_deref().unwrap_or("-"),
+                        d.serial.as_deref().unwrap_or("-"),
+                    );
+                }
+            }
+            conn.close().await;
+            Ok(())
+        }
+        Command::Probe {
+            ticket,
+            device,
+            read_mib,
+            out,
+        } => {
+            let conn = connect(&cli, ticket).await?;
+            let devices = conn.list_devices().await?;
+            let chosen = choose(&devices, device.as_deref())?;
+            let (handle, info) = conn.attach(chosen.id, None).await?;
+            let mut probe = Probe::open(&conn, handle, info).await?;
+            let mut file = match out {
+                Some(path) => Some(
+                    std::fs::File::create(path)
+                        .with_context(|| format!("creating {}", path.display()))?,
+                ),
+                None => None,
+            };
+            let report = probe
+                .run(read_mib * 1024 * 1024, |chunk| match &mut file {
+                    Some(f) => f.write_all(chunk),
+                    None => Ok(()),
+                })
+                .await;
+            let _ = conn.detach(handle).await;
+            conn.close().await;
+            let report = report?;
+            let mib_s = report.read_bytes as f64 / (1024.0 * 1024.0) / report.read_secs.max(1e-9);
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "vendor": report.vendor, "product": report.product,
+                        "blocks": report.blocks, "block_size": report.block_size,
+                        "read_bytes": report.read_bytes, "read_secs": report.read_secs,
+                        "read_mib_s": mib_s,
+                    })
+                );
+            } else {
+                println!(
+                    "{} {}: {} blocks of {} bytes; read {} MiB in {:.2} s ({mib_s:.1} MiB/s)",
+                    report.vendor,
+                    report.product,
+                    report.blocks,
+                    report.block_size,
+                    report.read_bytes / (1024 * 1024),
+                    report.read_secs
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn connect(cli: &Cli, ticket: &Ticket) -> anyhow::Result<Arc<ServerConnection>> {
+    let key = load_or_create_secret_key(&cli.key_file).await?;
+    let net = NetConfig {
+        bind: vec![],
+        relays: cli.relay,
+        port_mapping: false,
+        idle_timeout: Duration::from_millis(1500),
+    };
+    let endpoint = bind_endpoint(key, vec![], &net).await?;
+    let agent = format!("p2p-usb-client/{}", env!("CARGO_PKG_VERSION"));
+    ServerConnection::connect(
+        &endpoint,
+        ticket.endpoint_addr(),
+        Capabilities::TIMING,
+        &agent,
     )
+    .await
+    .with_context(|| format!("connecting to {}", ticket.id))
+}
+
+/// The device `spec` names: bus id, `vid:pid`, serial or product; the first device if none.
+fn choose<'a>(devices: &'a [DeviceInfo], spec: Option<&str>) -> anyhow::Result<&'a DeviceInfo> {
+    let Some(spec) = spec else {
+        return devices
+            .first()
+            .context("the server shares no devices with us");
+    };
+    let matching: Vec<&DeviceInfo> = devices
+        .iter()
+        .filter(|d| {
+            d.bus_id == spec
+                || format!("{:04x}:{:04x}", d.vendor_id, d.product_id).eq_ignore_ascii_case(spec)
+                || d.serial.as_deref() == Some(spec)
+                || d.product.as_deref() == Some(spec)
+        })
+        .collect();
+    match matching[..] {
+        [one] => Ok(one),
+        [] => bail!("no shared device matches `{spec}` (see `p2p-usb-client list <ticket>`)"),
+        _ => bail!(
+            "`{spec}` matches {} devices; name one by its bus id",
+            matching.len()
+        ),
+    }
+}
+
+fn device_json(d: &DeviceInfo) -> serde_json::Value {
+    serde_json::json!({
+        "id": d.id.0, "bus_id": d.bus_id,
+        "vid_pid": format!("{:04x}:{:04x}", d.vendor_id, d.product_id),
+        "speed": format!("{:?}", d.speed), "manufacturer": d.manufacturer,
+        "product": d.product, "serial": d.serial,
+    })
 }

@@ -112,16 +112,12 @@ async fn main() -> anyhow::Result<()> {
 
 async fn source(args: &RunArgs) -> anyhow::Result<Arc<dyn DeviceSource>> {
     if !args.simulate.is_empty() {
-        for path in &args.simulate {
-            if !path.exists() {
-                let file = std::fs::File::create_new(path)
-                    .with_context(|| format!("creating simulated disk {}", path.display()))?;
-                file.set_len(args.simulate_size * 1024 * 1024)?;
-            }
-        }
-        let source = server::device::sim::SimSource::open(&args.simulate)
-            .context("could not set up the simulated disks")?;
-        return Ok(Arc::new(source));
+        let source = server::device::sim::SimSource::with_files(
+            &args.simulate,
+            args.simulate_size * 1024 * 1024,
+        )
+        .context("could not set up the simulated disks")?;
+        return Ok(source);
     }
     let filter = DeviceFilter {
         all: args.share.iter().any(|s| s == "all"),

@@ -274,6 +274,7 @@ impl Session {
                 msg = rx.next() => match msg {
                     Ok(Some(msg)) => self.on_message(msg, &mut tx).await?,
                     Ok(None) => break Ok(()),
+                    Err(_) if closed_normally(&self.conn) => break Ok(()),
                     Err(e) => break Err(e.into()),
                 },
                 event = events.recv() => match event {
@@ -282,7 +283,11 @@ impl Session {
                     Err(broadcast::error::RecvError::Closed) => {}
                 },
                 Some(violation) = violations.recv() => break Err(violation),
-                e = self.conn.closed() => break Err(e.into()),
+                e = self.conn.closed() => break if closed_normally(&self.conn) {
+                    Ok(())
+                } else {
+                    Err(e.into())
+                },
             }
         };
         acceptor.abort();
@@ -482,6 +487,15 @@ impl Session {
         tx.finish();
         Ok(())
     }
+}
+
+/// Whether the peer closed the connection with a goodbye rather than failing.
+fn closed_normally(conn: &Connection) -> bool {
+    matches!(
+        conn.close_reason(),
+        Some(iroh::endpoint::ConnectionError::ApplicationClosed(app))
+            if app.error_code == VarInt::from_u32(close::NORMAL)
+    )
 }
 
 fn run_action(
