@@ -63,6 +63,26 @@ impl Cache {
         Ok(Cache { dir })
     }
 
+    /// Holds `.lab/lock` until dropped. Builds share the staging directory and runs share
+    /// the machine's two cores, so only one lab build or run proceeds at a time, across
+    /// every process and user of this workspace; others wait here. An OS file lock is
+    /// released when its holder exits, so a killed run never leaves a stale lock.
+    pub fn lock(&self) -> Result<fs::File> {
+        let path = self.dir.join("lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        if file.try_lock().is_err() {
+            eprintln!("lab: waiting for another lab build or run in this workspace to finish");
+            file.lock()
+                .with_context(|| format!("locking {}", path.display()))?;
+        }
+        Ok(file)
+    }
+
     /// Where the build with this key lives (whether or not it exists yet).
     pub fn build_dir(&self, key: &str) -> PathBuf {
         self.dir.join("builds").join(key)

@@ -80,6 +80,7 @@ pub fn build() -> Result<Manifest> {
     let started = Instant::now();
     let ws = workspace();
     let cache = Cache::open(&ws)?;
+    let _lock = cache.lock()?;
     let apt = packages::Apt::new(&cache.dir)?;
     apt.ensure_host_tools()?;
 
@@ -299,7 +300,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
 
 /// Runs scenarios and reports; errors only when the lab itself cannot run.
 pub fn run_report(args: &RunArgs) -> Result<Report> {
-    let manifest = if args.build { build()? } else { current()? };
+    if args.build {
+        build()?;
+    }
+    let cache = Cache::open(&workspace())?;
+    let _lock = cache.lock()?;
+    let manifest = current()?;
     let known = manifest.scenarios();
     let names: Vec<String> = if args.scenarios.is_empty() {
         known.iter().filter(|s| s.2).map(|s| s.0.clone()).collect()
@@ -315,7 +321,6 @@ pub fn run_report(args: &RunArgs) -> Result<Report> {
             );
         }
     }
-    let cache = Cache::open(&workspace())?;
     let accel = vm::resolve_accel(
         args.accel,
         &manifest.kernel(),

@@ -11,7 +11,7 @@ use crate::report::{log, metric};
 use crate::usbdev::{self, Via};
 use crate::{modules, sys};
 
-/// Plug a 16 MiB mass-storage gadget, check speed, driver and data, unplug.
+/// Plug a 16 MiB mass-storage gadget, check speed, driver and data, unplug, replug.
 pub fn run() -> Result<()> {
     modules::load(modules::STORAGE)?;
     let backing = Path::new("/tmp/smoke.img");
@@ -64,6 +64,12 @@ pub fn run() -> Result<()> {
         },
     )?;
     log!("smoke: unplug removed {}", disk.display());
+
+    // Replug: later scenarios rely on a gadget coming back after an unbind.
+    g.plug()?;
+    let again = usbdev::wait_block_device(g.vid, g.pid, Via::Dummy, Duration::from_secs(15))?;
+    log!("smoke: replug brought back {}", again.display());
+    g.unplug()?;
     drop(g);
     bench::remove(backing);
     Ok(())
