@@ -116,6 +116,7 @@ async fn main() -> anyhow::Result<()> {
             let conn = connect(&cli, ticket).await?;
             let devices = conn.list_devices().await?;
             let chosen = choose(&devices, device.as_deref())?;
+            let mut events = conn.take_events().context("events already taken")?;
             let (handle, info) = conn.attach(chosen.id, None).await?;
             let mut probe = Probe::open(&conn, handle, info).await?;
             let mut file = match out {
@@ -131,9 +132,22 @@ async fn main() -> anyhow::Result<()> {
                     None => Ok(()),
                 })
                 .await;
+            let report = match report {
+                Ok(report) => report,
+                Err(e) => {
+                    // Say what the server told us meanwhile: a removal explains most failures.
+                    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+                    while let Ok(Some(event)) =
+                        tokio::time::timeout_at(deadline, events.recv()).await
+                    {
+                        eprintln!("server event: {event:?}");
+                    }
+                    conn.close().await;
+                    return Err(e).context("probe failed");
+                }
+            };
             let _ = conn.detach(handle).await;
             conn.close().await;
-            let report = report?;
             let mib_s = report.read_bytes as f64 / (1024.0 * 1024.0) / report.read_secs.max(1e-9);
             if cli.json {
                 println!(

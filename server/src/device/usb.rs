@@ -65,12 +65,18 @@ struct Known {
     info: DeviceInfo,
 }
 
+/// How often the device list is re-read from sysfs. Hot-plug events come from udev, which a
+/// minimal system (a container, the lab VM) may not run; the rescan catches what they miss.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The devices plugged into this machine.
 pub struct UsbSource {
     known: Mutex<Vec<Known>>,
     next_id: Mutex<u32>,
     events: broadcast::Sender<DeviceEvent>,
     filter: DeviceFilter,
+    /// Wakes the rescan at once, e.g. when a transfer reports the device disconnected.
+    rescan: Arc<tokio::sync::Notify>,
 }
 
 /// Why the USB source could not start.
@@ -98,29 +104,62 @@ impl UsbSource {
             next_id: Mutex::new(1),
             events,
             filter,
+            rescan: Arc::new(tokio::sync::Notify::new()),
         });
         for info in listed {
             source.add(info);
         }
         let weak = Arc::downgrade(&source);
+        let rescan = source.rescan.clone();
         tokio::spawn(async move {
             let mut watch = watch;
-            while let Some(event) =
-                poll_fn(|cx| futures_core::Stream::poll_next(std::pin::Pin::new(&mut watch), cx))
-                    .await
-            {
+            loop {
+                let hotplug = poll_fn(|cx| {
+                    futures_core::Stream::poll_next(std::pin::Pin::new(&mut watch), cx)
+                });
+                tokio::select! {
+                    event = hotplug => {
+                        let Some(source) = weak.upgrade() else { break };
+                        match event {
+                            Some(nusb::hotplug::HotplugEvent::Connected(info)) => source.add(info),
+                            Some(nusb::hotplug::HotplugEvent::Disconnected(id)) => source.remove(id),
+                            None => break,
+                        }
+                    }
+                    _ = tokio::time::sleep(RESCAN_INTERVAL) => {}
+                    _ = rescan.notified() => {}
+                }
                 let Some(source) = weak.upgrade() else { break };
-                match event {
-                    nusb::hotplug::HotplugEvent::Connected(info) => source.add(info),
-                    nusb::hotplug::HotplugEvent::Disconnected(id) => source.remove(id),
+                match nusb::list_devices().await {
+                    Ok(listed) => source.reconcile(listed.collect()),
+                    Err(e) => debug!("rescan failed: {e}"),
                 }
             }
         });
         Ok(source)
     }
 
+    /// Brings the known set in line with what sysfs lists now.
+    fn reconcile(&self, listed: Vec<nusb::DeviceInfo>) {
+        let gone: Vec<nusb::DeviceId> = lock(&self.known)
+            .iter()
+            .filter(|k| !listed.iter().any(|l| l.id() == k.nusb_id))
+            .map(|k| k.nusb_id)
+            .collect();
+        for id in gone {
+            self.remove(id);
+        }
+        for info in listed {
+            self.add(info);
+        }
+    }
+
     fn add(&self, nusb_info: nusb::DeviceInfo) {
-        if !self.filter.matches(&nusb_info) {
+        if !self.filter.matches(&nusb_info)
+            || lock(&self.known)
+                .iter()
+                .any(|k| k.nusb_id == nusb_info.id())
+        {
             return;
         }
         let id = {
@@ -178,6 +217,7 @@ impl DeviceSource for UsbSource {
             config: None,
             workers: HashMap::new(),
             controls: Arc::new(Mutex::new(HashMap::new())),
+            rescan: self.rescan.clone(),
         };
         opened.claim_active().map_err(OpenError::Claim)?;
         Ok(Box::new(opened))
@@ -264,6 +304,7 @@ struct UsbDevice {
     config: Option<Configuration>,
     workers: HashMap<u8, Worker>,
     controls: Controls,
+    rescan: Arc<tokio::sync::Notify>,
 }
 
 impl UsbDevice {
@@ -309,16 +350,16 @@ impl UsbDevice {
             let input = address & 0x80 != 0;
             let task = match (kind, input) {
                 (TransferType::Bulk, true) => {
-                    spawn_worker(iface.endpoint::<Bulk, In>(address), rx)?
+                    spawn_worker(iface.endpoint::<Bulk, In>(address), rx, &self.rescan)?
                 }
                 (TransferType::Bulk, false) => {
-                    spawn_worker(iface.endpoint::<Bulk, Out>(address), rx)?
+                    spawn_worker(iface.endpoint::<Bulk, Out>(address), rx, &self.rescan)?
                 }
                 (TransferType::Interrupt, true) => {
-                    spawn_worker(iface.endpoint::<Interrupt, In>(address), rx)?
+                    spawn_worker(iface.endpoint::<Interrupt, In>(address), rx, &self.rescan)?
                 }
                 (TransferType::Interrupt, false) => {
-                    spawn_worker(iface.endpoint::<Interrupt, Out>(address), rx)?
+                    spawn_worker(iface.endpoint::<Interrupt, Out>(address), rx, &self.rescan)?
                 }
                 _ => return None,
             };
@@ -467,6 +508,7 @@ impl UsbDevice {
         lock(&self.controls).insert(urb.id, cancel_tx);
         let controls = self.controls.clone();
         let device = self.device.clone();
+        let rescan = self.rescan.clone();
         let id = urb.id;
         tokio::spawn(async move {
             let transfer = async {
@@ -510,6 +552,9 @@ impl UsbDevice {
                 _ = cancel_rx => completion(id, UrbStatus::Unlinked),
             };
             lock(&controls).remove(&id);
+            if result.status == UrbStatus::NoDevice {
+                rescan.notify_one();
+            }
             let _ = done.send(result);
         });
     }
@@ -609,6 +654,8 @@ struct EndpointState<T: BulkOrInterrupt, D> {
     ep: Endpoint<T, D>,
     direction: Direction,
     pending: VecDeque<Pending>,
+    /// Told when the device reports itself gone, so the source notices without udev.
+    rescan: Arc<tokio::sync::Notify>,
     /// Transfers still to be reaped after a `cancel_all`; new work waits until then so the
     /// resubmitted ones keep their order.
     reaping: usize,
@@ -624,6 +671,7 @@ async fn run_endpoint<T, D>(
     ep: Endpoint<T, D>,
     direction: Direction,
     mut rx: mpsc::UnboundedReceiver<EpCmd>,
+    rescan: Arc<tokio::sync::Notify>,
 ) where
     T: BulkOrInterrupt,
     D: nusb::transfer::EndpointDirection,
@@ -632,6 +680,7 @@ async fn run_endpoint<T, D>(
         ep,
         direction,
         pending: VecDeque::new(),
+        rescan,
         reaping: 0,
         held: VecDeque::new(),
     };
@@ -692,6 +741,7 @@ async fn run_endpoint<T, D>(
 fn spawn_worker<T, D>(
     ep: Result<Endpoint<T, D>, nusb::Error>,
     rx: mpsc::UnboundedReceiver<EpCmd>,
+    rescan: &Arc<tokio::sync::Notify>,
 ) -> Option<tokio::task::JoinHandle<()>>
 where
     T: BulkOrInterrupt + Send + 'static,
@@ -703,7 +753,12 @@ where
     } else {
         Direction::Out
     };
-    Some(tokio::spawn(run_endpoint(ep, direction, rx)))
+    Some(tokio::spawn(run_endpoint(
+        ep,
+        direction,
+        rx,
+        rescan.clone(),
+    )))
 }
 
 impl<T, D> EndpointState<T, D>
@@ -821,6 +876,9 @@ where
             }
             Err(e) => status_of(e),
         };
+        if status == UrbStatus::NoDevice {
+            self.rescan.notify_one();
+        }
         if p.zlp_follows && status == UrbStatus::Ok {
             if let Some(next) = self.pending.front_mut() {
                 next.moved_before = moved;

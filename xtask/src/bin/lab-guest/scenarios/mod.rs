@@ -7,6 +7,7 @@
 
 mod acm;
 mod baseline;
+pub mod export;
 mod hid;
 mod selftest;
 mod smoke;
@@ -55,6 +56,12 @@ pub const ALL: &[Scenario] = &[
         about: "kernel USB/IP (usbipd + usbip attach over loopback) on the mass-storage gadget: md5, read/write MiB/s",
         default: true,
         run: baseline::run,
+    },
+    Scenario {
+        name: "export",
+        about: "p2p-usb-server exports the mass-storage gadget; probe reads it over iroh byte-exact; stranger refused; unplug mid-read",
+        default: true,
+        run: export::run,
     },
     Scenario {
         name: "selftest-fail",

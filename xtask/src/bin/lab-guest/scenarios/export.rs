@@ -1,0 +1,231 @@
+//! The server exports a real USB device: the mass-storage gadget on dummy_hcd, shared by
+//! `p2p-usb-server` and read over iroh on guest loopback by `p2p-usb-client probe`, which
+//! speaks Bulk-Only Transport and SCSI through our URB streams (no vhci yet).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::bench::{self, MIB};
+use crate::gadget::Gadget;
+use crate::report::{log, metric};
+use crate::usbdev::{self, Via};
+use crate::{modules, sys};
+
+const SERVER: &str = "/usr/bin/p2p-usb-server";
+const CLIENT: &str = "/usr/bin/p2p-usb-client";
+const SIZE: usize = 64 * MIB;
+
+/// A project daemon running as our child, killed when the scenario ends.
+pub struct Daemon {
+    child: Child,
+    name: &'static str,
+}
+
+impl Daemon {
+    /// Whether it is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        log!("{} stopped", self.name);
+    }
+}
+
+/// Starts `p2p-usb-server` with `args`, its log in /tmp, and waits for its ticket.
+pub fn start_server(args: &[&str]) -> Result<(Daemon, String)> {
+    let ticket_file = Path::new("/tmp/server.ticket");
+    let _ = std::fs::remove_file(ticket_file);
+    let log_file = std::fs::File::create("/tmp/server.log")?;
+    let child = Command::new(SERVER)
+        .args(args)
+        .args(["--bind", "127.0.0.1:0", "--ticket-file"])
+        .arg(ticket_file)
+        .env("P2P_USB_SERVER_KEY", "/tmp/keys/server.key")
+        .env("RUST_LOG", "info,iroh=warn,noq=warn")
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .context("starting p2p-usb-server")?;
+    let mut server = Daemon {
+        child,
+        name: "p2p-usb-server",
+    };
+    let ticket = sys::wait_for("the server's ticket", Duration::from_secs(10), || {
+        std::fs::read_to_string(ticket_file)
+            .ok()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+    });
+    if !server.alive() || ticket.is_err() {
+        let tail = std::fs::read_to_string("/tmp/server.log").unwrap_or_default();
+        for line in tail
+            .lines()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+        {
+            log!("server: {line}");
+        }
+        bail!("p2p-usb-server did not start");
+    }
+    Ok((server, ticket?))
+}
+
+/// Runs `p2p-usb-client` with the key named `who`; returns (success, stdout, stderr).
+pub fn client(who: &str, args: &[&str]) -> Result<(bool, String, String)> {
+    let out = Command::new(CLIENT)
+        .args(args)
+        .env("P2P_USB_CLIENT_KEY", format!("/tmp/keys/{who}.key"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .context("running p2p-usb-client")?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// The client's endpoint id (creating its key).
+pub fn client_id(who: &str) -> Result<String> {
+    let (ok, out, err) = client(who, &["id"])?;
+    ensure!(ok, "p2p-usb-client id failed: {err}");
+    Ok(out.trim().to_owned())
+}
+
+fn show_server_log() {
+    let text = std::fs::read_to_string("/tmp/server.log").unwrap_or_default();
+    for line in text
+        .lines()
+        .rev()
+        .take(15)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+    {
+        log!("server: {line}");
+    }
+}
+
+/// Export the gadget, refuse a stranger, read it byte-exact, give it back, unplug mid-read.
+pub fn run() -> Result<()> {
+    modules::load(modules::STORAGE)?;
+    std::fs::create_dir_all("/tmp/keys")?;
+    let backing = Path::new("/tmp/export.img");
+    bench::pattern_file(backing, SIZE, 0xe4)?;
+    let expected = bench::md5(backing, None)?;
+    let mut gadget = Gadget::mass_storage(backing)?;
+    gadget.plug()?;
+    gadget.wait_enumerated(Duration::from_secs(10))?;
+    usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Dummy, Duration::from_secs(15))?;
+    let vid_pid = format!("{:04x}:{:04x}", gadget.vid, gadget.pid);
+
+    let friend = client_id("friend")?;
+    let (mut server, ticket) = start_server(&["--share", &vid_pid, "--allow", &friend])?;
+    log!("server up, ticket {ticket}");
+
+    // A peer not on the allowlist learns nothing.
+    client_id("stranger")?;
+    let (ok, out, err) = client("stranger", &["list", &ticket])?;
+    ensure!(!ok, "a stranger listed devices: {out}");
+    ensure!(
+        err.contains("allowlist"),
+        "a stranger was refused without saying why: {err}"
+    );
+    log!("stranger refused before any device data");
+
+    let (ok, out, err) = client("friend", &["--json", "list", &ticket])?;
+    ensure!(ok, "list failed: {err}");
+    ensure!(out.contains(&vid_pid), "the gadget is not listed: {out}");
+
+    let t0 = Instant::now();
+    let (ok, out, err) = client(
+        "friend",
+        &[
+            "--json",
+            "probe",
+            &ticket,
+            "--read-mib",
+            "64",
+            "--out",
+            "/tmp/probe.bin",
+        ],
+    )?;
+    if !ok {
+        show_server_log();
+        bail!("probe failed: {err}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(out.trim()).with_context(|| format!("probe printed {out}"))?;
+    let got = bench::md5(Path::new("/tmp/probe.bin"), None)?;
+    ensure!(
+        got == expected,
+        "data read through the server differs from the backing file ({got} != {expected})"
+    );
+    let mib_s = report["read_mib_s"].as_f64().unwrap_or(0.0);
+    log!(
+        "probe: {} {} read 64 MiB byte-exact at {mib_s:.1} MiB/s ({:.1}s in all)",
+        report["vendor"],
+        report["product"],
+        t0.elapsed().as_secs_f64()
+    );
+    metric("probe_read_mib_s", mib_s);
+    bench::remove(Path::new("/tmp/probe.bin"));
+
+    // Detach gave the device back to its kernel driver.
+    usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Dummy, Duration::from_secs(15))
+        .context("after detach the gadget did not come back as a local disk")?;
+    log!("after detach the gadget is a local disk again");
+
+    // Unplug in the middle of a long read: the URBs end with a disconnect, the client hears
+    // of the removal, and the server keeps serving.
+    let reader = Command::new(CLIENT)
+        .args(["probe", &ticket, "--read-mib", "64"])
+        .env("P2P_USB_CLIENT_KEY", "/tmp/keys/friend.key")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(700));
+    let t_unplug = Instant::now();
+    gadget.unplug()?;
+    let out = reader.wait_with_output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    let failed_after = t_unplug.elapsed().as_secs_f64();
+    ensure!(
+        !out.status.success(),
+        "the read finished although the device was unplugged mid-transfer"
+    );
+    ensure!(
+        err.contains("NoDevice") || err.contains("Shutdown") || err.contains("Protocol"),
+        "the URBs did not end with a disconnect status: {err}"
+    );
+    ensure!(
+        err.contains("DeviceRemoved"),
+        "the client was not told of the removal: {err}"
+    );
+    log!("unplug mid-read: the client saw the disconnect and removal {failed_after:.2}s later");
+    metric("unplug_to_error_secs", failed_after);
+    ensure!(
+        server.alive(),
+        "the server died when its device was unplugged"
+    );
+    let (ok, out, err) = client("friend", &["--json", "list", &ticket])?;
+    ensure!(ok, "the server stopped answering after the unplug: {err}");
+    ensure!(
+        !out.contains(&vid_pid),
+        "the unplugged gadget is still listed: {out}"
+    );
+    log!("server still serving after the unplug");
+    Ok(())
+}
