@@ -6,5 +6,6 @@
 //! the async networking code. The networking glue that carries URBs to the server over iroh
 //! builds on these.
 
+pub mod attach;
 pub mod probe;
 pub mod vhci;

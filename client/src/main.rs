@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use client::probe::Probe;
+use client::vhci::{RealSys, Vhci};
 use protocol::wire::{Capabilities, DeviceInfo};
 use transport::{NetConfig, ServerConnection, Ticket, bind_endpoint, load_or_create_secret_key};
 
@@ -40,6 +41,27 @@ enum Command {
         /// The server's ticket (`p2pusb1:...`).
         ticket: Ticket,
     },
+    /// Attach remote devices to this machine's kernel through vhci-hcd and keep them attached
+    /// until Ctrl-C, `p2p-usb-client detach`, or the server removes them. Needs root (or
+    /// CAP_SYS_ADMIN) and the vhci-hcd module.
+    Attach {
+        /// The server's ticket.
+        ticket: Ticket,
+        /// Which devices: bus id, `vid:pid`, serial or product name (repeatable; default: the
+        /// first one the server lists).
+        #[arg(long = "device")]
+        devices: Vec<String>,
+        /// The devices' PIN, if the server asks for one.
+        #[arg(long)]
+        pin: Option<String>,
+    },
+    /// Detach the device on a vhci port (see `status`).
+    Detach {
+        /// The vhci port number.
+        port: u32,
+    },
+    /// Show the vhci ports in use on this machine.
+    Status,
     /// Check a remote mass-storage device end to end without the kernel: descriptors, INQUIRY,
     /// READ CAPACITY and a timed read.
     Probe {
@@ -107,6 +129,38 @@ async fn main() -> anyhow::Result<()> {
             conn.close().await;
             Ok(())
         }
+        Command::Attach {
+            ticket,
+            devices,
+            pin,
+        } => attach(&cli, ticket, devices, pin.clone()).await,
+        Command::Detach { port } => {
+            Vhci::new(RealSys::default()).detach(*port)?;
+            println!("detached vhci port {port}");
+            Ok(())
+        }
+        Command::Status => {
+            let ports = Vhci::new(RealSys::default()).ports()?;
+            let used: Vec<_> = ports.iter().filter(|p| !p.is_free()).collect();
+            if cli.json {
+                for p in &used {
+                    println!(
+                        "{}",
+                        serde_json::json!({"port": p.port, "speed": p.speed, "devid": p.devid, "local_busid": p.local_busid})
+                    );
+                }
+            } else if used.is_empty() {
+                println!("no vhci port in use ({} free)", ports.len());
+            } else {
+                for p in used {
+                    println!(
+                        "port {:<3} {:?} devid {:#010x} local bus id {}",
+                        p.port, p.hub, p.devid, p.local_busid
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Probe {
             ticket,
             device,
@@ -172,6 +226,113 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+async fn attach(
+    cli: &Cli,
+    ticket: &Ticket,
+    specs: &[String],
+    pin: Option<String>,
+) -> anyhow::Result<()> {
+    let vhci = Arc::new(Vhci::new(RealSys::default()));
+    // Fail before touching the network if this machine cannot attach anything.
+    vhci.nports()?;
+    let conn = connect(cli, ticket).await?;
+    let listed = conn.list_devices().await?;
+    let chosen: Vec<DeviceInfo> = if specs.is_empty() {
+        vec![choose(&listed, None)?.clone()]
+    } else {
+        specs
+            .iter()
+            .map(|s| choose(&listed, Some(s)).cloned())
+            .collect::<anyhow::Result<_>>()?
+    };
+    let (events_tx, _) = tokio::sync::broadcast::channel(64);
+    if let Some(mut events) = conn.take_events() {
+        let events_tx = events_tx.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                let _ = events_tx.send(event);
+            }
+        });
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut attached = Vec::new();
+    for device in chosen {
+        let (handle, info) = conn
+            .attach(device.id, pin.clone())
+            .await
+            .with_context(|| format!("attaching {} on the server", device.bus_id))?;
+        let a = client::attach::attach(
+            conn.clone(),
+            handle,
+            info,
+            vhci.clone(),
+            events_tx.subscribe(),
+            stop_rx.clone(),
+        )
+        .await;
+        let a = match a {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = conn.detach(handle).await;
+                let _ = stop_tx.send(true);
+                return Err(e).context("attaching to the local kernel");
+            }
+        };
+        let d = &a.device;
+        if cli.json {
+            println!(
+                "{}",
+                serde_json::json!({"event": "attached", "port": a.port, "device": device_json(d)})
+            );
+        } else {
+            println!(
+                "attached {} ({:04x}:{:04x} {}) on vhci port {}",
+                d.bus_id,
+                d.vendor_id,
+                d.product_id,
+                d.product.as_deref().unwrap_or("-"),
+                a.port
+            );
+        }
+        std::io::stdout().flush()?;
+        attached.push(a);
+    }
+    let stop = tokio::spawn(async move {
+        let _ = shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let mut failed = false;
+    for a in attached {
+        let end = a.task.await.context("attachment task failed")?;
+        failed |= matches!(
+            end,
+            client::attach::AttachEnd::Violation(_) | client::attach::AttachEnd::ConnectionLost(_)
+        );
+        if cli.json {
+            println!(
+                "{}",
+                serde_json::json!({"event": "detached", "port": a.port, "why": format!("{end:?}")})
+            );
+        } else {
+            println!("detached vhci port {}: {end:?}", a.port);
+        }
+    }
+    stop.abort();
+    conn.close().await;
+    if failed {
+        bail!("an attachment ended abnormally");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() -> std::io::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r,
+        _ = term.recv() => Ok(()),
     }
 }
 

@@ -6,9 +6,11 @@
 //! entry to [`ALL`]. The host learns the list from `lab-guest --list-json` at build time.
 
 mod acm;
+mod attach;
 mod baseline;
-pub mod export;
+mod export;
 mod hid;
+mod project;
 mod selftest;
 mod smoke;
 mod sourcesink;
@@ -62,6 +64,12 @@ pub const ALL: &[Scenario] = &[
         about: "p2p-usb-server exports the mass-storage gadget; probe reads it over iroh byte-exact; stranger refused; unplug mid-read",
         default: true,
         run: export::run,
+    },
+    Scenario {
+        name: "attach",
+        about: "p2p-usb-client attaches the exported gadget through vhci-hcd: /dev/sdX, 64 MiB md5, write/read-back, detach gives it back",
+        default: true,
+        run: attach::run,
     },
     Scenario {
         name: "selftest-fail",

@@ -1,0 +1,300 @@
+//! One attached device: the glue between a vhci port and a server's URB streams.
+//!
+//! Bytes from the kernel go into the port's [`PortSession`]; its actions go out as URB stream
+//! frames (one stream per endpoint, each with its own writer task so a flow-controlled bulk
+//! stream never stalls another endpoint) or back to the kernel. Completions from every stream
+//! come back through one channel. All protocol decisions are the session's; this file only
+//! moves bytes and ends the attachment cleanly, whichever side ends it.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+use protocol::usb::{Direction, EndpointNumber};
+use protocol::wire::{AttachHandle, DeviceInfo, Event, UrbClientMessage, UrbServerMessage};
+use tokio::sync::{broadcast, mpsc, watch};
+use tracing::{debug, info, warn};
+use transport::{FramedRecv, FramedSend, ServerConnection};
+
+use crate::vhci::{Action, KernelLink, PortSession, RealSys, Vhci};
+
+/// Why an attachment ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttachEnd {
+    /// The port was detached on this machine (`p2p-usb-client detach`, or the kernel dropped
+    /// it).
+    KernelDetached,
+    /// The device was unplugged from the server, or the server ended the attachment.
+    ServerEnded(String),
+    /// The connection to the server is gone.
+    ConnectionLost(String),
+    /// We were asked to stop (Ctrl-C, SIGTERM).
+    Shutdown,
+    /// The kernel or the server broke the protocol; the port was closed.
+    Violation(String),
+}
+
+/// Why a device could not be attached.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// vhci refused or is missing.
+    #[error(transparent)]
+    Vhci(#[from] crate::vhci::VhciError),
+    /// The socketpair or the byte pump could not start.
+    #[error("could not set up the vhci socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A device attached to a local vhci port.
+pub struct Attached {
+    /// The vhci port it sits on.
+    pub port: u32,
+    /// The device.
+    pub device: DeviceInfo,
+    /// Ends when the attachment ends.
+    pub task: tokio::task::JoinHandle<AttachEnd>,
+}
+
+/// Stream keys: the session routes ep0 of both directions to `(0, Out)`.
+type StreamKey = (EndpointNumber, Direction);
+
+/// What the per-stream readers report.
+enum FromServer {
+    Message(UrbServerMessage),
+    /// A stream ended: the server finished it (attachment over) or the connection broke.
+    StreamEnded(String),
+}
+
+/// Attaches `device` (already claimed as `handle` on `conn`) to a free vhci port and runs it
+/// until it ends. `events` carries the connection's server events; `stop` asks for shutdown.
+pub async fn attach(
+    conn: Arc<ServerConnection>,
+    handle: AttachHandle,
+    device: DeviceInfo,
+    vhci: Arc<Vhci<RealSys>>,
+    events: broadcast::Receiver<Event>,
+    stop: watch::Receiver<bool>,
+) -> Result<Attached, AttachError> {
+    let (ours, kernels) = UnixStream::pair()?;
+    let port = vhci.attach_any(kernels.as_fd(), device.usbip_devid(), device.speed)?;
+    // The kernel holds its own reference to its end now.
+    drop(kernels);
+    let (link, link_handle) = match KernelLink::start(OwnedFd::from(ours)) {
+        Ok(ok) => ok,
+        Err(e) => {
+            let _ = vhci.detach(port);
+            return Err(e.into());
+        }
+    };
+    info!(
+        port,
+        backend = ?link_handle.backend(),
+        bus_id = %device.bus_id,
+        vid_pid = %format!("{:04x}:{:04x}", device.vendor_id, device.product_id),
+        "device attached to vhci"
+    );
+    let session = PortSession::new(&device);
+    let info = device.clone();
+    let task = tokio::spawn(async move {
+        let mut port_run = PortRun {
+            conn: conn.clone(),
+            handle,
+            session,
+            link,
+            streams: HashMap::new(),
+            from_server: mpsc::unbounded_channel(),
+        };
+        let end = port_run.run(events, stop).await;
+        info!(port, ?end, "attachment ending");
+        // Every way out leaves no ghost port and no claim behind.
+        if end != AttachEnd::KernelDetached
+            && let Err(e) = vhci.detach(port)
+        {
+            debug!(port, "vhci detach: {e}");
+        }
+        link_handle.shutdown();
+        let _ = link_handle.finished().await;
+        if !matches!(
+            end,
+            AttachEnd::ServerEnded(_) | AttachEnd::ConnectionLost(_)
+        ) {
+            let _ = conn.detach(handle).await;
+        }
+        end
+    });
+    Ok(Attached {
+        port,
+        device: info,
+        task,
+    })
+}
+
+struct PortRun {
+    conn: Arc<ServerConnection>,
+    handle: AttachHandle,
+    session: PortSession,
+    link: KernelLink,
+    streams: HashMap<StreamKey, mpsc::UnboundedSender<UrbClientMessage>>,
+    from_server: (
+        mpsc::UnboundedSender<FromServer>,
+        mpsc::UnboundedReceiver<FromServer>,
+    ),
+}
+
+impl PortRun {
+    async fn run(
+        &mut self,
+        mut events: broadcast::Receiver<Event>,
+        mut stop: watch::Receiver<bool>,
+    ) -> AttachEnd {
+        loop {
+            tokio::select! {
+                bytes = self.link.rx.recv() => match bytes {
+                    Some(bytes) => self.session.on_kernel_bytes(&bytes),
+                    None => return AttachEnd::KernelDetached,
+                },
+                Some(msg) = self.from_server.1.recv() => {
+                    if let Some(end) = self.on_server(msg) {
+                        return end;
+                    }
+                    // Take every completion that is already here before answering the kernel,
+                    // so its RET_SUBMITs go out in one write.
+                    while let Ok(msg) = self.from_server.1.try_recv() {
+                        if let Some(end) = self.on_server(msg) {
+                            return end;
+                        }
+                    }
+                }
+                event = events.recv() => match event {
+                    Ok(Event::AttachmentEnded { handle, reason }) if handle == self.handle => {
+                        return AttachEnd::ServerEnded(format!("{reason:?}"));
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return AttachEnd::ConnectionLost("the server's event stream ended".into());
+                    }
+                },
+                _ = stop.changed() => return AttachEnd::Shutdown,
+                e = self.conn.connection().closed() => return AttachEnd::ConnectionLost(e.to_string()),
+            }
+            if let Some(end) = self.drive().await {
+                return end;
+            }
+        }
+    }
+
+    fn on_server(&mut self, msg: FromServer) -> Option<AttachEnd> {
+        match msg {
+            FromServer::Message(UrbServerMessage::Complete(c)) => self.session.on_completion(c),
+            FromServer::Message(UrbServerMessage::UnlinkDone { id, cancelled }) => {
+                self.session.on_unlink_done(id, cancelled)
+            }
+            FromServer::StreamEnded(why) => return Some(AttachEnd::ServerEnded(why)),
+        }
+        None
+    }
+
+    /// Carries out everything the session asked for.
+    async fn drive(&mut self) -> Option<AttachEnd> {
+        while let Some(action) = self.session.poll_action() {
+            match action {
+                Action::Submit {
+                    endpoint,
+                    direction,
+                    urb,
+                } => {
+                    let id = urb.id;
+                    if let Err(end) = self
+                        .send((endpoint, direction), UrbClientMessage::Submit(urb))
+                        .await
+                    {
+                        warn!(?id, "could not send URB: {end:?}");
+                        return Some(end);
+                    }
+                }
+                Action::Unlink {
+                    endpoint,
+                    direction,
+                    id,
+                } => {
+                    if let Err(end) = self
+                        .send((endpoint, direction), UrbClientMessage::Unlink(id))
+                        .await
+                    {
+                        return Some(end);
+                    }
+                }
+                Action::ToKernel(bytes) => {
+                    if self.link.tx.send(bytes).await.is_err() {
+                        return Some(AttachEnd::KernelDetached);
+                    }
+                }
+                Action::Close(reason) => {
+                    warn!("closing the port: {reason}");
+                    return Some(AttachEnd::Violation(reason.to_string()));
+                }
+            }
+        }
+        None
+    }
+
+    /// Sends on the stream of `key`, opening it on first use.
+    async fn send(&mut self, key: StreamKey, msg: UrbClientMessage) -> Result<(), AttachEnd> {
+        if !self.streams.contains_key(&key) {
+            let (tx, rx) = self
+                .conn
+                .open_urb_stream(self.handle, key.0, key.1)
+                .await
+                .map_err(|e| AttachEnd::ConnectionLost(e.to_string()))?;
+            let (out_tx, out_rx) = mpsc::unbounded_channel();
+            tokio::spawn(write_stream(tx, out_rx));
+            tokio::spawn(read_stream(rx, self.from_server.0.clone()));
+            self.streams.insert(key, out_tx);
+        }
+        let Some(stream) = self.streams.get(&key) else {
+            return Err(AttachEnd::ConnectionLost("stream vanished".into()));
+        };
+        stream
+            .send(msg)
+            .map_err(|_| AttachEnd::ConnectionLost("URB stream writer stopped".into()))
+    }
+}
+
+/// Writes a stream's messages, batching whatever is queued into one write.
+async fn write_stream(
+    mut tx: FramedSend<UrbClientMessage>,
+    mut rx: mpsc::UnboundedReceiver<UrbClientMessage>,
+) {
+    while let Some(msg) = rx.recv().await {
+        if tx.queue(&msg).is_err() {
+            break;
+        }
+        while let Ok(msg) = rx.try_recv() {
+            if tx.queue(&msg).is_err() {
+                return;
+            }
+        }
+        if let Err(e) = tx.flush().await {
+            debug!("URB stream write failed: {e}");
+            break;
+        }
+    }
+    tx.finish();
+}
+
+/// Forwards a stream's messages until it ends.
+async fn read_stream(mut rx: FramedRecv<UrbServerMessage>, to: mpsc::UnboundedSender<FromServer>) {
+    let why = loop {
+        match rx.next().await {
+            Ok(Some(msg)) => {
+                if to.send(FromServer::Message(msg)).is_err() {
+                    return;
+                }
+            }
+            Ok(None) => break "the server finished the URB stream".to_owned(),
+            Err(e) => break e.to_string(),
+        }
+    };
+    let _ = to.send(FromServer::StreamEnded(why));
+}

@@ -1,0 +1,143 @@
+//! The whole product in one boot: the mass-storage gadget exported by `p2p-usb-server`,
+//! attached by `p2p-usb-client` through vhci-hcd over iroh on guest loopback, used by the
+//! kernel's own usb-storage as /dev/sdX, then detached and given back.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+
+use super::project::{
+    client, client_id, show_client_log, show_server_log, spawn_client, start_server,
+};
+use crate::bench::{self, MIB};
+use crate::gadget::Gadget;
+use crate::report::{log, metric};
+use crate::usbdev::{self, Via};
+use crate::{modules, sys};
+
+const SIZE: usize = 64 * MIB;
+const WRITE: usize = 16 * MIB;
+
+/// What `bench::write_mib_s` writes: each MiB is `i % 251` for its byte index `i`.
+fn written_pattern(path: &Path, total: usize) -> Result<()> {
+    let block: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
+    let mut data = Vec::with_capacity(total);
+    while data.len() < total {
+        data.extend_from_slice(&block);
+    }
+    std::fs::write(path, &data)?;
+    Ok(())
+}
+
+/// Attach, read, write, read back, detach, check the gadget is local again.
+pub fn run() -> Result<()> {
+    modules::load(modules::STORAGE)?;
+    modules::load(modules::USBIP)?;
+    let backing = Path::new("/tmp/attach.img");
+    bench::pattern_file(backing, SIZE, 0xa7)?;
+    let expected = bench::md5(backing, None)?;
+    let mut gadget = Gadget::mass_storage(backing)?;
+    gadget.plug()?;
+    gadget.wait_enumerated(Duration::from_secs(10))?;
+    usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Dummy, Duration::from_secs(15))?;
+    let vid_pid = format!("{:04x}:{:04x}", gadget.vid, gadget.pid);
+
+    let friend = client_id("friend")?;
+    let (mut server, ticket) = start_server(&["--share", &vid_pid, "--allow", &friend])?;
+    let t0 = Instant::now();
+    let mut attached = spawn_client(
+        "friend",
+        &["--json", "attach", &ticket, "--device", &vid_pid],
+    )?;
+    let disk =
+        match usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Vhci, Duration::from_secs(30))
+        {
+            Ok(disk) => disk,
+            Err(e) => {
+                show_client_log("friend");
+                show_server_log();
+                return Err(e.context("the remote device never became a disk under vhci_hcd"));
+            }
+        };
+    let secs = t0.elapsed().as_secs_f64();
+    log!("attached as {} via vhci_hcd in {secs:.2}s", disk.display());
+    metric("attach_to_disk_secs", secs);
+    let vhci_dev = usbdev::find_usb_device(gadget.vid, gadget.pid, Via::Vhci)
+        .context("no USB device under vhci_hcd")?;
+    let speed = sys::read(vhci_dev.join("speed"))?;
+    ensure!(speed == "480", "attached at {speed} Mb/s, expected 480");
+
+    let read = bench::read_mib_s(&disk, SIZE);
+    let read = match read {
+        Ok(r) => r,
+        Err(e) => {
+            show_client_log("friend");
+            show_server_log();
+            return Err(e);
+        }
+    };
+    let got = bench::md5(&disk, Some(SIZE))?;
+    ensure!(
+        got == expected,
+        "64 MiB read through the tunnel: md5 {got}, backing file {expected}"
+    );
+    log!("read 64 MiB byte-exact at {read:.1} MiB/s");
+    metric("read_mib_s", read);
+
+    let write = bench::write_mib_s(&disk, WRITE)?;
+    written_pattern(Path::new("/tmp/written.bin"), WRITE)?;
+    let want = bench::md5(Path::new("/tmp/written.bin"), None)?;
+    let back = bench::md5(&disk, Some(WRITE))?;
+    ensure!(
+        back == want,
+        "16 MiB written then read back differ ({back} != {want})"
+    );
+    log!("wrote 16 MiB at {write:.1} MiB/s, read back byte-exact");
+    metric("write_mib_s", write);
+
+    // Detach on command: the client's attachment ends, the vhci port is free, the server
+    // gives the gadget back to its kernel driver.
+    let port = sys::read("/sys/devices/platform/vhci_hcd.0/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .skip(1)
+                .find(|l| l.split_whitespace().nth(2) != Some("004"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        })
+        .context("no vhci port in use")?;
+    let port = port.trim_start_matches('0');
+    let port = if port.is_empty() { "0" } else { port };
+    let (ok, _, err) = client("friend", &["detach", port])?;
+    ensure!(ok, "detach failed: {err}");
+    let exited = attached.wait_exit(Duration::from_secs(10));
+    ensure!(
+        exited == Some(true),
+        "the attach process did not end cleanly after detach: {exited:?}"
+    );
+    sys::wait_for("the vhci disk to go away", Duration::from_secs(10), || {
+        usbdev::find_block_device_for(gadget.vid, gadget.pid, Via::Vhci)
+            .is_none()
+            .then_some(())
+    })?;
+    let status = sys::read("/sys/devices/platform/vhci_hcd.0/status")?;
+    ensure!(
+        status
+            .lines()
+            .skip(1)
+            .all(|l| l.split_whitespace().nth(2) == Some("004")),
+        "a vhci port is still in use after detach:\n{status}"
+    );
+    let local =
+        usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Dummy, Duration::from_secs(15))
+            .context("after detach the gadget did not come back as a local disk")?;
+    let written_on_gadget = bench::md5(&local, Some(WRITE))?;
+    ensure!(
+        written_on_gadget == want,
+        "the write did not reach the gadget's backing store"
+    );
+    log!("detached: no ghost port, the gadget is local again with the written data");
+    ensure!(server.alive(), "the server died");
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! Running the project's own binaries inside the guest: the server as a daemon with its ticket,
+//! the client as a command or a daemon, each with its own key under /tmp/keys.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::report::log;
+use crate::sys;
+
+pub const SERVER: &str = "/usr/bin/p2p-usb-server";
+pub const CLIENT: &str = "/usr/bin/p2p-usb-client";
+
+/// A project daemon running as our child, killed when the scenario ends.
+pub struct Daemon {
+    child: Child,
+    name: &'static str,
+}
+
+impl Daemon {
+    /// Whether it is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        log!("{} stopped", self.name);
+    }
+}
+
+/// Starts `p2p-usb-server` with `args`, its log in /tmp, and waits for its ticket.
+pub fn start_server(args: &[&str]) -> Result<(Daemon, String)> {
+    std::fs::create_dir_all("/tmp/keys")?;
+    let ticket_file = Path::new("/tmp/server.ticket");
+    let _ = std::fs::remove_file(ticket_file);
+    let log_file = std::fs::File::create("/tmp/server.log")?;
+    let child = Command::new(SERVER)
+        .args(args)
+        .args(["--bind", "127.0.0.1:0", "--ticket-file"])
+        .arg(ticket_file)
+        .env("P2P_USB_SERVER_KEY", "/tmp/keys/server.key")
+        .env("RUST_LOG", "info,iroh=warn,noq=warn")
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .context("starting p2p-usb-server")?;
+    let mut server = Daemon {
+        child,
+        name: "p2p-usb-server",
+    };
+    let ticket = sys::wait_for("the server's ticket", Duration::from_secs(10), || {
+        std::fs::read_to_string(ticket_file)
+            .ok()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+    });
+    if !server.alive() || ticket.is_err() {
+        let tail = std::fs::read_to_string("/tmp/server.log").unwrap_or_default();
+        for line in tail
+            .lines()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+        {
+            log!("server: {line}");
+        }
+        bail!("p2p-usb-server did not start");
+    }
+    Ok((server, ticket?))
+}
+
+/// Runs `p2p-usb-client` with the key named `who`; returns (success, stdout, stderr).
+pub fn client(who: &str, args: &[&str]) -> Result<(bool, String, String)> {
+    std::fs::create_dir_all("/tmp/keys")?;
+    let out = Command::new(CLIENT)
+        .args(args)
+        .env("P2P_USB_CLIENT_KEY", format!("/tmp/keys/{who}.key"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .context("running p2p-usb-client")?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// The client's endpoint id (creating its key).
+pub fn client_id(who: &str) -> Result<String> {
+    let (ok, out, err) = client(who, &["id"])?;
+    ensure!(ok, "p2p-usb-client id failed: {err}");
+    Ok(out.trim().to_owned())
+}
+
+/// Prints the last lines of the server's log into the scenario's log.
+pub fn show_server_log() {
+    let text = std::fs::read_to_string("/tmp/server.log").unwrap_or_default();
+    for line in text
+        .lines()
+        .rev()
+        .take(15)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+    {
+        log!("server: {line}");
+    }
+}
+
+/// Starts `p2p-usb-client` with `args` as a daemon (e.g. `attach`), its output in
+/// `/tmp/client-<who>.log`.
+pub fn spawn_client(who: &str, args: &[&str]) -> Result<Daemon> {
+    let log_file = std::fs::File::create(format!("/tmp/client-{who}.log"))?;
+    let child = Command::new(CLIENT)
+        .args(args)
+        .env("P2P_USB_CLIENT_KEY", format!("/tmp/keys/{who}.key"))
+        .env("RUST_LOG", "info,iroh=warn,noq=warn")
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .spawn()
+        .context("starting p2p-usb-client")?;
+    Ok(Daemon {
+        child,
+        name: "p2p-usb-client",
+    })
+}
+
+/// Prints the last lines of a client daemon's log into the scenario's log.
+pub fn show_client_log(who: &str) {
+    let text = std::fs::read_to_string(format!("/tmp/client-{who}.log")).unwrap_or_default();
+    for line in text
+        .lines()
+        .rev()
+        .take(15)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+    {
+        log!("client: {line}");
+    }
+}
+
+impl Daemon {
+    /// Waits up to `timeout` for the process to exit on its own; its success if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<bool> {
+        sys::wait_for("the process to exit", timeout, || {
+            self.child.try_wait().ok().flatten()
+        })
+        .ok()
+        .map(|status| status.success())
+    }
+}
