@@ -94,18 +94,18 @@ pub async fn attach(
         vid_pid = %format!("{:04x}:{:04x}", device.vendor_id, device.product_id),
         "device attached to vhci"
     );
-    let session = PortSession::new(&device);
     let info = device.clone();
     let task = tokio::spawn(async move {
-        let mut port_run = PortRun {
-            conn: conn.clone(),
+        let end = run_port(
+            conn.clone(),
             handle,
-            session,
+            &device,
             link,
-            streams: HashMap::new(),
-            from_server: mpsc::unbounded_channel(),
-        };
-        let end = port_run.run(events, stop).await;
+            Vec::new(),
+            events,
+            stop,
+        )
+        .await;
         info!(port, ?end, "attachment ending");
         // Every way out leaves no ghost port and no claim behind.
         if end != AttachEnd::KernelDetached
@@ -128,6 +128,35 @@ pub async fn attach(
         device: info,
         task,
     })
+}
+
+/// Runs one claimed device over a USB/IP byte link (vhci's socketpair, or a TCP connection
+/// from a `usbip attach` client) until either side ends it. `initial` holds URB-phase bytes
+/// that were read before the link started (the tail of an OP_REQ_IMPORT).
+pub async fn run_port(
+    conn: Arc<ServerConnection>,
+    handle: AttachHandle,
+    device: &DeviceInfo,
+    link: KernelLink,
+    initial: Vec<u8>,
+    events: broadcast::Receiver<Event>,
+    stop: watch::Receiver<bool>,
+) -> AttachEnd {
+    let mut port_run = PortRun {
+        conn,
+        handle,
+        session: PortSession::new(device),
+        link,
+        streams: HashMap::new(),
+        from_server: mpsc::unbounded_channel(),
+    };
+    if !initial.is_empty() {
+        port_run.session.on_kernel_bytes(&initial);
+        if let Some(end) = port_run.drive().await {
+            return end;
+        }
+    }
+    port_run.run(events, stop).await
 }
 
 struct PortRun {

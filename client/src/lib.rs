@@ -7,5 +7,6 @@
 //! builds on these.
 
 pub mod attach;
+pub mod bridge;
 pub mod probe;
 pub mod vhci;

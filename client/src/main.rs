@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use client::probe::Probe;
 use client::vhci::{RealSys, Vhci};
-use protocol::wire::{Capabilities, DeviceInfo};
+use protocol::wire::{Capabilities, DeviceInfo, Event};
 use transport::{NetConfig, ServerConnection, Ticket, bind_endpoint, load_or_create_secret_key};
 
 /// Attach USB devices shared by a `p2p-usb-server` to this machine's kernel, peer to peer over
@@ -54,6 +54,11 @@ enum Command {
         /// The devices' PIN, if the server asks for one.
         #[arg(long)]
         pin: Option<String>,
+        /// Bridge mode: instead of attaching here, serve standard USB/IP on this address so
+        /// unmodified clients (`usbip attach -r`, usbip-win2) import the server's devices
+        /// through our tunnel.
+        #[arg(long, value_name = "ADDR")]
+        usbip_listen: Option<std::net::SocketAddr>,
     },
     /// Detach the device on a vhci port (see `status`).
     Detach {
@@ -131,8 +136,14 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Attach {
             ticket,
+            usbip_listen: Some(addr),
+            ..
+        } => bridge(&cli, ticket, *addr).await,
+        Command::Attach {
+            ticket,
             devices,
             pin,
+            usbip_listen: None,
         } => attach(&cli, ticket, devices, pin.clone()).await,
         Command::Detach { port } => {
             Vhci::new(RealSys::default()).detach(*port)?;
@@ -248,15 +259,7 @@ async fn attach(
             .map(|s| choose(&listed, Some(s)).cloned())
             .collect::<anyhow::Result<_>>()?
     };
-    let (events_tx, _) = tokio::sync::broadcast::channel(64);
-    if let Some(mut events) = conn.take_events() {
-        let events_tx = events_tx.clone();
-        tokio::spawn(async move {
-            while let Some(event) = events.recv().await {
-                let _ = events_tx.send(event);
-            }
-        });
-    }
+    let events_tx = forward_events(&conn);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut attached = Vec::new();
     for device in chosen {
@@ -326,6 +329,39 @@ async fn attach(
         bail!("an attachment ended abnormally");
     }
     Ok(())
+}
+
+async fn bridge(cli: &Cli, ticket: &Ticket, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let conn = connect(cli, ticket).await?;
+    let events_tx = forward_events(&conn);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let _ = shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    println!(
+        "serving USB/IP on {addr}: `usbip list -r {}` then `usbip attach -r {} -b <bus id>`",
+        addr.ip(),
+        addr.ip()
+    );
+    std::io::stdout().flush()?;
+    client::bridge::serve(conn.clone(), addr, events_tx, stop_rx).await?;
+    conn.close().await;
+    Ok(())
+}
+
+/// Fans the connection's server events out to every attachment.
+fn forward_events(conn: &ServerConnection) -> tokio::sync::broadcast::Sender<Event> {
+    let (events_tx, _) = tokio::sync::broadcast::channel(64);
+    if let Some(mut events) = conn.take_events() {
+        let events_tx = events_tx.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                let _ = events_tx.send(event);
+            }
+        });
+    }
+    events_tx
 }
 
 async fn shutdown_signal() -> std::io::Result<()> {

@@ -54,7 +54,7 @@ impl DeviceFilter {
             || self
                 .rules
                 .iter()
-                .any(|r| r.eq_ignore_ascii_case(&vid_pid) || r == info.bus_id())
+                .any(|r| r.eq_ignore_ascii_case(&vid_pid) || *r == bus_id(info))
     }
 }
 
@@ -181,7 +181,7 @@ impl UsbSource {
                 });
                 let _ = self.events.send(DeviceEvent::Arrived(info));
             }
-            Err(e) => warn!(bus_id = nusb_info.bus_id(), "skipping device: {e}"),
+            Err(e) => warn!(bus_id = bus_id(&nusb_info), "skipping device: {e}"),
         }
     }
 
@@ -228,6 +228,19 @@ impl DeviceSource for UsbSource {
     }
 }
 
+/// The device's name in sysfs, e.g. `1-1.2`: bus number and port path, the id `lsusb -t`,
+/// `usbip` and udev use. (nusb's own `bus_id` names the bus, not the device.)
+fn bus_id(info: &nusb::DeviceInfo) -> String {
+    info.sysfs_path()
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            let ports: Vec<String> = info.port_chain().iter().map(u8::to_string).collect();
+            format!("{}-{}", info.busnum(), ports.join("."))
+        })
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic elsewhere while holding the lock leaves plain data behind; keep serving.
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -257,7 +270,7 @@ fn describe(nusb_info: &nusb::DeviceInfo, id: DeviceId) -> Result<DeviceInfo, St
     let clip = |s: Option<&str>| s.map(|s| s.chars().take(126).collect::<String>());
     Ok(DeviceInfo {
         id,
-        bus_id: nusb_info.bus_id().chars().take(31).collect(),
+        bus_id: bus_id(nusb_info).chars().take(31).collect(),
         bus_number: nusb_info.busnum(),
         device_address: nusb_info.device_address(),
         vendor_id: nusb_info.vendor_id(),

@@ -8,6 +8,7 @@
 mod acm;
 mod attach;
 mod baseline;
+mod bridge;
 mod export;
 mod hid;
 mod project;
@@ -70,6 +71,12 @@ pub const ALL: &[Scenario] = &[
         about: "p2p-usb-client attaches the exported gadget through vhci-hcd: /dev/sdX, 64 MiB md5, write/read-back, detach gives it back",
         default: true,
         run: attach::run,
+    },
+    Scenario {
+        name: "bridge",
+        about: "p2p-usb-client --usbip-listen: Linux's own usbip list/attach import the gadget through the tunnel, md5 matches",
+        default: true,
+        run: bridge::run,
     },
     Scenario {
         name: "selftest-fail",
