@@ -416,6 +416,7 @@ fn start_threads(
     let mut reader_socket = socket.try_clone()?;
     let reader_end = end.clone();
     let reader_weak = weak.clone();
+    let reader_stop = stop.clone();
     let read_size = options.read_size.max(4096);
     let reader = thread::Builder::new()
         .name("vhci-rx".into())
@@ -436,6 +437,7 @@ fn start_threads(
             record(&reader_end, reason);
             let _ = reader_socket.shutdown(Shutdown::Both);
             // The writer may be waiting for bytes that will never come.
+            reader_stop.store(true, Ordering::SeqCst);
             wake_writer(&reader_weak);
             let _ = writer.join();
             let reason = reader_end
