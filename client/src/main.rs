@@ -201,7 +201,7 @@ async fn main() -> anyhow::Result<()> {
                 Ok(report) => report,
                 Err(e) => {
                     // Say what the server told us meanwhile: a removal explains most failures.
-                    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
                     while let Ok(Some(event)) =
                         tokio::time::timeout_at(deadline, events.recv()).await
                     {

@@ -565,7 +565,7 @@ impl UsbDevice {
                 _ = cancel_rx => completion(id, UrbStatus::Unlinked),
             };
             lock(&controls).remove(&id);
-            if result.status == UrbStatus::NoDevice {
+            if suggests_unplug(result.status) {
                 rescan.notify_one();
             }
             let _ = done.send(result);
@@ -634,6 +634,15 @@ impl OpenedDevice for UsbDevice {
             info!(target: "audit", device = ?self.info.id, "device released to its kernel driver");
         });
     }
+}
+
+/// Statuses a host controller gives transfers of a device that is being unplugged (dummy_hcd
+/// and xHCI report EPROTO or ESHUTDOWN before usbfs reports ENODEV): worth a rescan now.
+fn suggests_unplug(status: UrbStatus) -> bool {
+    matches!(
+        status,
+        UrbStatus::NoDevice | UrbStatus::Protocol | UrbStatus::Shutdown
+    )
 }
 
 fn status_of(e: TransferError) -> UrbStatus {
@@ -889,7 +898,7 @@ where
             }
             Err(e) => status_of(e),
         };
-        if status == UrbStatus::NoDevice {
+        if suggests_unplug(status) {
             self.rescan.notify_one();
         }
         if p.zlp_follows && status == UrbStatus::Ok {

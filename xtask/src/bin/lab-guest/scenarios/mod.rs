@@ -14,6 +14,7 @@ mod hid;
 mod project;
 mod selftest;
 mod smoke;
+mod tunnel;
 mod sourcesink;
 
 /// One runnable scenario.
@@ -77,6 +78,12 @@ pub const ALL: &[Scenario] = &[
         about: "p2p-usb-client --usbip-listen: Linux's own usbip list/attach import the gadget through the tunnel, md5 matches",
         default: true,
         run: bridge::run,
+    },
+    Scenario {
+        name: "tunnel",
+        about: "p2p-usb-server --simulate read by probe over iroh inside the VM: our userspace path without USB",
+        default: true,
+        run: tunnel::run,
     },
     Scenario {
         name: "selftest-fail",
