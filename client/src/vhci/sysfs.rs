@@ -194,21 +194,18 @@ pub enum VhciError {
         port: u32,
     },
     /// A `status` line in a format we do not know.
-    #[error("line {line} of vhci `{file}` is not in the format of Linux 4.13 and later")]
+    #[error(
+        "line {line} of vhci controller {controller}'s status is not in the format of Linux 4.13 and later"
+    )]
     BadStatus {
-        /// The status file (`status`, `status.1`...).
-        file: &'static str,
+        /// The controller whose status file it is (`status` is 0, `status.N` is N).
+        controller: usize,
         /// 1-based line number.
         line: usize,
     },
-    /// `nports` is not a number or not a positive even count for the controllers found.
-    #[error("vhci `nports` ({nports}) does not fit {controllers} controllers")]
-    BadPortCount {
-        /// What `nports` said.
-        nports: u32,
-        /// Controllers found.
-        controllers: usize,
-    },
+    /// `nports` is not a decimal number.
+    #[error("vhci `nports` is not a number")]
+    BadPortCount,
     /// Any other I/O error.
     #[error("{op:?} on vhci-hcd failed")]
     Io {
@@ -258,12 +255,11 @@ impl<S: VhciSys> Vhci<S> {
         }
         let mut ports = Vec::new();
         for n in 0..controllers.len() {
-            let file: &'static str = status_file(n);
             let text = self
                 .sys
-                .read(file)
+                .read(&status_file(n))
                 .map_err(|e| VhciError::from_io(Op::ReadStatus, e))?;
-            ports.extend(parse_status(file, &text)?);
+            ports.extend(parse_status(n, &text)?);
         }
         Ok(ports)
     }
@@ -274,10 +270,7 @@ impl<S: VhciSys> Vhci<S> {
             .sys
             .read("nports")
             .map_err(|e| VhciError::from_io(Op::ReadStatus, e))?;
-        text.trim().parse().map_err(|_| VhciError::BadPortCount {
-            nports: 0,
-            controllers: 0,
-        })
+        text.trim().parse().map_err(|_| VhciError::BadPortCount)
     }
 
     /// The lowest free port for a device of `speed`.
@@ -367,38 +360,22 @@ impl<S: VhciSys> Vhci<S> {
     }
 }
 
-/// The status attribute of controller `n`, with a static name for error messages.
-fn status_file(n: usize) -> &'static str {
-    const NAMES: [&str; 16] = [
-        "status",
-        "status.1",
-        "status.2",
-        "status.3",
-        "status.4",
-        "status.5",
-        "status.6",
-        "status.7",
-        "status.8",
-        "status.9",
-        "status.10",
-        "status.11",
-        "status.12",
-        "status.13",
-        "status.14",
-        "status.15",
-    ];
-    // vhci-hcd allows at most 128 controllers, but Debian and every distro we know load 1.
-    NAMES.get(n).copied().unwrap_or("status.N")
+/// The status attribute of controller `n`: `status`, then `status.1`, `status.2`...
+fn status_file(n: usize) -> String {
+    match n {
+        0 => "status".to_owned(),
+        n => format!("status.{n}"),
+    }
 }
 
 /// Parses one `status` file:
 /// `hub port sta spd dev      sockfd local_busid` then lines such as
 /// `hs  0000 004 000 00000000 000000 0-0`. Port, status, speed and sockfd are decimal, devid hex.
-pub fn parse_status(file: &'static str, text: &str) -> Result<Vec<PortStatus>, VhciError> {
+pub fn parse_status(controller: usize, text: &str) -> Result<Vec<PortStatus>, VhciError> {
     let mut ports = Vec::new();
     for (index, line) in text.lines().enumerate() {
         let bad = || VhciError::BadStatus {
-            file,
+            controller,
             line: index + 1,
         };
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -638,7 +615,7 @@ ss  0003 004 000 00000000 000000 0-0
 
     #[test]
     fn parses_the_kernels_status_format() {
-        let ports = parse_status("status", STATUS).unwrap();
+        let ports = parse_status(0, STATUS).unwrap();
         assert_eq!(ports.len(), 4);
         assert_eq!(
             ports[0],
@@ -661,12 +638,12 @@ ss  0003 004 000 00000000 000000 0-0
     fn refuses_the_pre_4_13_format_by_line() {
         let old = "port sta spd dev      socket           local_busid\n";
         assert!(matches!(
-            parse_status("status", old),
+            parse_status(0, old),
             Err(VhciError::BadStatus { line: 1, .. })
         ));
         let bad = "hub port sta spd dev sockfd local_busid\nhs 0000 zzz 000 0 0 0-0\n";
         assert!(matches!(
-            parse_status("status", bad),
+            parse_status(0, bad),
             Err(VhciError::BadStatus { line: 2, .. })
         ));
     }
