@@ -60,6 +60,14 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         usbip_listen: Option<std::net::SocketAddr>,
     },
+    /// Measure round trips to a server on the control stream.
+    Ping {
+        /// The server's ticket.
+        ticket: Ticket,
+        /// How many pings.
+        #[arg(long, default_value_t = 20)]
+        count: u32,
+    },
     /// Detach the device on a vhci port (see `status`).
     Detach {
         /// The vhci port number.
@@ -145,6 +153,32 @@ async fn main() -> anyhow::Result<()> {
             pin,
             usbip_listen: None,
         } => attach(&cli, ticket, devices, pin.clone()).await,
+        Command::Ping { ticket, count } => {
+            let conn = connect(&cli, ticket).await?;
+            let mut rtts = Vec::new();
+            for _ in 0..*count {
+                rtts.push(conn.ping().await?);
+            }
+            conn.close().await;
+            rtts.sort();
+            let at = |q: f64| {
+                let i = ((rtts.len() as f64 - 1.0) * q).round() as usize;
+                rtts.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+            };
+            let (p50, p90, max) = (at(0.5), at(0.9), at(1.0));
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"count": rtts.len(), "p50_ms": p50, "p90_ms": p90, "max_ms": max})
+                );
+            } else {
+                println!(
+                    "{} pings: p50 {p50:.3} ms, p90 {p90:.3} ms, max {max:.3} ms",
+                    rtts.len()
+                );
+            }
+            Ok(())
+        }
         Command::Detach { port } => {
             Vhci::new(RealSys::default()).detach(*port)?;
             println!("detached vhci port {port}");
