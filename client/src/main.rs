@@ -89,6 +89,9 @@ enum Command {
         /// Write what was read to this file.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Also time this many control round trips, one at a time.
+        #[arg(long, default_value_t = 0)]
+        round_trips: u32,
     },
 }
 
@@ -161,15 +164,12 @@ async fn main() -> anyhow::Result<()> {
             }
             conn.close().await;
             rtts.sort();
-            let at = |q: f64| {
-                let i = ((rtts.len() as f64 - 1.0) * q).round() as usize;
-                rtts.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
-            };
+            let at = |q: f64| percentile_us(&rtts, q) / 1e3;
             let (p50, p90, max) = (at(0.5), at(0.9), at(1.0));
             if cli.json {
                 println!(
                     "{}",
-                    serde_json::json!({"count": rtts.len(), "p50_ms": p50, "p90_ms": p90, "max_ms": max})
+                    serde_json::json!({"count": rtts.len(), "p50_ms": p50, "p90_ms": p90, "p99_ms": at(0.99), "max_ms": max})
                 );
             } else {
                 println!(
@@ -211,6 +211,7 @@ async fn main() -> anyhow::Result<()> {
             device,
             read_mib,
             out,
+            round_trips,
         } => {
             let conn = connect(&cli, ticket).await?;
             let devices = conn.list_devices().await?;
@@ -218,6 +219,8 @@ async fn main() -> anyhow::Result<()> {
             let mut events = conn.take_events().context("events already taken")?;
             let (handle, info) = conn.attach(chosen.id, None).await?;
             let mut probe = Probe::open(&conn, handle, info).await?;
+            let mut trips = probe.control_round_trips(*round_trips).await?;
+            trips.sort();
             let mut file = match out {
                 Some(path) => Some(
                     std::fs::File::create(path)
@@ -256,6 +259,10 @@ async fn main() -> anyhow::Result<()> {
                         "blocks": report.blocks, "block_size": report.block_size,
                         "read_bytes": report.read_bytes, "read_secs": report.read_secs,
                         "read_mib_s": mib_s,
+                        "round_trips": trips.len(),
+                        "round_trip_p50_us": percentile_us(&trips, 0.5),
+                        "round_trip_p99_us": percentile_us(&trips, 0.99),
+                        "peak_rss_mib": peak_rss_mib(),
                     })
                 );
             } else {
@@ -382,6 +389,25 @@ async fn bridge(cli: &Cli, ticket: &Ticket, addr: std::net::SocketAddr) -> anyho
     client::bridge::serve(conn.clone(), addr, events_tx, stop_rx).await?;
     conn.close().await;
     Ok(())
+}
+
+/// The `q` quantile of sorted durations, in microseconds.
+fn percentile_us(sorted: &[Duration], q: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+}
+
+/// This process's peak resident set size, in MiB (0 where /proc is missing).
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// Fans the connection's server events out to every attachment.

@@ -163,6 +163,22 @@ impl Probe {
         Ok(())
     }
 
+    /// Times `count` control transfers (GET_DESCRIPTOR(device)) one after another: a full round
+    /// trip through client, network, server and device each, with nothing else in flight.
+    pub async fn control_round_trips(&mut self, count: u32) -> Result<Vec<Duration>, ProbeError> {
+        let mut times = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let mut urb = self.urb(EndpointNumber::CONTROL, Direction::In, 18);
+            urb.transfer_type = TransferType::Control;
+            urb.setup = Some(SetupPacket([0x80, 0x06, 0x00, 0x01, 0x00, 0x00, 18, 0]));
+            let start = Instant::now();
+            let done = run(&mut self.control, vec![urb]).await?;
+            expect_ok("GET_DESCRIPTOR(device)", &done[0])?;
+            times.push(start.elapsed());
+        }
+        Ok(times)
+    }
+
     /// Runs one SCSI command: CBW out, `data_len` bytes in (split into URBs all in flight at
     /// once), CSW in. Returns the data.
     async fn command(&mut self, cdb: &[u8], data_len: u32) -> Result<Vec<u8>, ProbeError> {

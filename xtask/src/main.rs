@@ -3,6 +3,7 @@
 //! The lab exists because the machines this project is built on have no USB stack: a QEMU VM
 //! with a stock Debian kernel gives the tests real `dummy_hcd`, `vhci-hcd` and USB/IP.
 
+mod bench;
 mod ci;
 mod lab;
 
@@ -37,6 +38,13 @@ enum Cmd {
     Test(ci::TestArgs),
     /// Build and boot the lab and show a USB device shared over USB/IP, with its figures.
     Demo,
+    /// Measure: our tunnel against the kernel's USB/IP in the lab (default), or our userspace
+    /// path on host loopback (`bench tunnel`). Prints a table; writes JSON and SVG under
+    /// target/bench/.
+    Bench {
+        #[command(subcommand)]
+        target: Option<bench::Target>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -82,6 +90,7 @@ fn main() -> ExitCode {
         },
         Cmd::Test(args) => ci::test(&args),
         Cmd::Demo => lab::demo(),
+        Cmd::Bench { target } => bench::bench(target),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use crate::sys;
 
 /// `O_DIRECT` on x86_64 Linux (the only target the lab runs).
-const O_DIRECT: i32 = 0o40000;
+pub const O_DIRECT: i32 = 0o40000;
 
 /// One MiB.
 pub const MIB: usize = 1 << 20;

@@ -8,14 +8,15 @@
 mod acm;
 mod attach;
 mod baseline;
+mod bench;
 mod bridge;
 mod export;
 mod hid;
 mod project;
 mod selftest;
 mod smoke;
-mod tunnel;
 mod sourcesink;
+mod tunnel;
 
 /// One runnable scenario.
 pub struct Scenario {
@@ -84,6 +85,12 @@ pub const ALL: &[Scenario] = &[
         about: "p2p-usb-server --simulate read by probe over iroh inside the VM: our userspace path without USB",
         default: true,
         run: tunnel::run,
+    },
+    Scenario {
+        name: "bench",
+        about: "kernel USB/IP and our tunnel side by side at netem RTT 0/2/20 ms: read/write MiB/s, 4 KiB read latency, RSS, CPU/GiB",
+        default: false,
+        run: bench::run,
     },
     Scenario {
         name: "selftest-fail",

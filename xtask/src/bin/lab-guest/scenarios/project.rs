@@ -20,6 +20,11 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// Its process id, for /proc readings.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Whether it is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

@@ -1,0 +1,318 @@
+//! `cargo xtask bench`: the figures we claim, measured, as tables.
+//!
+//! - `bench lab` (the default): one VM boot runs the guest's `bench` scenario, the kernel's own
+//!   USB/IP and our tunnel side by side on the same gadget, at netem round trips of 0, 2 and
+//!   20 ms; the table gives each figure for both and the ratio ours/kernel.
+//! - `bench tunnel`: on this host's loopback, our whole userspace path (client → iroh → server →
+//!   simulated disk → back) against a bare iroh round trip, so what we add per URB is visible.
+//!
+//! Both write JSON and the lab bench an SVG chart under `target/bench/`.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::{RunArgs, lab};
+
+/// Which bench to run.
+#[derive(clap::Subcommand, Clone, Copy)]
+pub enum Target {
+    /// The kernel's USB/IP and ours side by side in the lab VM (the default).
+    Lab,
+    /// Our userspace path on host loopback against a bare iroh round trip.
+    Tunnel,
+}
+
+/// Runs a bench and prints its table.
+pub fn bench(target: Option<Target>) -> Result<()> {
+    let out = lab::workspace().join("target/bench");
+    fs::create_dir_all(&out)?;
+    match target.unwrap_or(Target::Lab) {
+        Target::Lab => lab_bench(&out),
+        Target::Tunnel => tunnel_bench(&out),
+    }
+}
+
+fn lab_bench(out: &Path) -> Result<()> {
+    let args = RunArgs {
+        scenarios: vec!["bench".into()],
+        timeout_secs: 900,
+        keep_going: false,
+        accel: lab::vm::Accel::Auto,
+        results: None,
+        build: true,
+    };
+    let report = lab::run_report(&args)?;
+    if let Some(failure) = report.failure {
+        bail!("the bench scenario failed: {failure}");
+    }
+    let metrics: BTreeMap<String, f64> = report
+        .results
+        .iter()
+        .filter_map(|r| r["metrics"].as_object())
+        .flatten()
+        .filter_map(|(k, v)| v.as_f64().map(|v| (k.clone(), v)))
+        .collect();
+    let get = |k: &str| metrics.get(k).copied();
+
+    let mut rows = Vec::new();
+    println!();
+    println!(
+        "{:<30} {:>10} {:>10} {:>8}",
+        "lab (TCG, -smp 1)", "kernel", "ours", "ours/k"
+    );
+    for rtt in [0, 2, 20] {
+        for (what, unit, higher_is_better) in [
+            ("read_mib_s", "read MiB/s", true),
+            ("write_mib_s", "write MiB/s", true),
+            ("small_read_p50_ms", "4 KiB read p50 ms", false),
+            ("small_read_p99_ms", "4 KiB read p99 ms", false),
+        ] {
+            let key = |who: &str| format!("{who}_{what}_rtt{rtt}");
+            let (k, o) = (get(&key("kernel")), get(&key("ours")));
+            let ratio = match (k, o) {
+                (Some(k), Some(o)) if k > 0.0 => Some(o / k),
+                _ => None,
+            };
+            let label = format!("RTT {rtt:>2} ms {unit}");
+            println!(
+                "{label:<30} {:>10} {:>10} {:>8}",
+                fmt(k),
+                fmt(o),
+                ratio.map_or("-".into(), |r| format!("{r:.2}x"))
+            );
+            rows.push(
+                json!({"rtt_ms": rtt, "metric": what, "kernel": k, "ours": o,
+                "ratio": ratio, "higher_is_better": higher_is_better}),
+            );
+        }
+    }
+    for (key, label) in [
+        ("ours_cpu_secs_per_gib", "our CPU s per GiB (srv+cli)"),
+        ("ours_server_rss_mib", "our server peak RSS MiB"),
+        ("ours_client_rss_mib", "our client peak RSS MiB"),
+    ] {
+        println!("{label:<30} {:>10} {:>10}", "", fmt(get(key)));
+    }
+    let json_path = out.join("lab.json");
+    fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&json!({"rows": rows, "metrics": metrics}))?,
+    )?;
+    let svg_path = out.join("lab.svg");
+    fs::write(&svg_path, chart(&metrics))?;
+    println!("\nwrote {} and {}", json_path.display(), svg_path.display());
+    Ok(())
+}
+
+fn fmt(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.2}"))
+}
+
+/// A grouped bar chart of read and write MiB/s per round trip, kernel against ours.
+fn chart(m: &BTreeMap<String, f64>) -> String {
+    let groups: Vec<(String, f64, f64)> = [0, 2, 20]
+        .iter()
+        .flat_map(|rtt| {
+            ["read", "write"].map(|dir| {
+                let k = m
+                    .get(&format!("kernel_{dir}_mib_s_rtt{rtt}"))
+                    .copied()
+                    .unwrap_or(0.0);
+                let o = m
+                    .get(&format!("ours_{dir}_mib_s_rtt{rtt}"))
+                    .copied()
+                    .unwrap_or(0.0);
+                (format!("{dir} {rtt}ms"), k, o)
+            })
+        })
+        .collect();
+    let max = groups.iter().map(|g| g.1.max(g.2)).fold(1.0, f64::max);
+    let (w, h, base) = (80.0 * groups.len() as f64 + 60.0, 300.0, 250.0);
+    let mut svg = format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11"><text x="10" y="16" font-size="13">MiB/s: kernel USB/IP (grey) vs rust-p2p-usb (blue), lab VM</text>"##
+    );
+    for (i, (label, k, o)) in groups.iter().enumerate() {
+        let x = 40.0 + 80.0 * i as f64;
+        for (j, (v, colour)) in [(k, "#999"), (o, "#2a6fdb")].iter().enumerate() {
+            let bh = 200.0 * *v / max;
+            let bx = x + 26.0 * j as f64;
+            svg += &format!(
+                r#"<rect x="{bx}" y="{}" width="24" height="{bh}" fill="{colour}"/><text x="{bx}" y="{}" font-size="9">{v:.1}</text>"#,
+                base - bh,
+                base - bh - 3.0
+            );
+        }
+        svg += &format!(r#"<text x="{x}" y="{}">{label}</text>"#, base + 15.0);
+    }
+    svg + "</svg>\n"
+}
+
+// ---- host tunnel bench ----
+
+fn tunnel_bench(out: &Path) -> Result<()> {
+    let ws = lab::workspace();
+    eprintln!("bench: building release p2p-usb-server and p2p-usb-client");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(&cargo)
+        .current_dir(&ws)
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "server",
+            "-p",
+            "client",
+        ])
+        .status()?;
+    if !status.success() {
+        bail!("building the release binaries failed");
+    }
+    let release = ws.join("target/release");
+    let dir = out.join("tunnel");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let disk = dir.join("sim.img");
+    fs::File::create(&disk)?.set_len(256 * 1024 * 1024)?;
+    let client_key = dir.join("client.key");
+    let client = |args: &[&str]| -> Result<Value> {
+        let o = Command::new(release.join("p2p-usb-client"))
+            .args(args)
+            .env("P2P_USB_CLIENT_KEY", &client_key)
+            .env("RUST_LOG", "warn")
+            .output()?;
+        if !o.status.success() {
+            bail!(
+                "p2p-usb-client {args:?} failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        let text = String::from_utf8_lossy(&o.stdout);
+        serde_json::from_str(text.trim()).with_context(|| format!("client printed {text}"))
+    };
+    let id = Command::new(release.join("p2p-usb-client"))
+        .arg("id")
+        .env("P2P_USB_CLIENT_KEY", &client_key)
+        .output()?;
+    let id = String::from_utf8_lossy(&id.stdout).trim().to_owned();
+    let ticket_file = dir.join("ticket");
+    let mut server = Command::new(release.join("p2p-usb-server"))
+        .arg("--simulate")
+        .arg(&disk)
+        .args(["--allow", &id, "--bind", "127.0.0.1:0", "--ticket-file"])
+        .arg(&ticket_file)
+        .env("P2P_USB_SERVER_KEY", dir.join("server.key"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let result = (|| -> Result<(Value, Value, f64)> {
+        let start = Instant::now();
+        let ticket = loop {
+            if let Ok(t) = fs::read_to_string(&ticket_file)
+                && !t.trim().is_empty()
+            {
+                break t.trim().to_owned();
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("the server wrote no ticket");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        eprintln!(
+            "bench: 2000 bare iroh round trips, then 2000 URB round trips and a 256 MiB read"
+        );
+        let ping = client(&["--json", "ping", &ticket, "--count", "2000"])?;
+        let probe = client(&[
+            "--json",
+            "probe",
+            &ticket,
+            "--read-mib",
+            "256",
+            "--round-trips",
+            "2000",
+        ])?;
+        Ok((ping, probe, peak_rss_mib(server.id())))
+    })();
+    let _ = server.kill();
+    let _ = server.wait();
+    let (ping, probe, server_rss) = result?;
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let (ping50, ping99) = (f(&ping, "p50_ms") * 1e3, f(&ping, "p99_ms") * 1e3);
+    let (urb50, urb99) = (
+        f(&probe, "round_trip_p50_us"),
+        f(&probe, "round_trip_p99_us"),
+    );
+    let rows = [
+        (
+            "bare iroh round trip p50 / p99 (us)",
+            format!("{ping50:.0} / {ping99:.0}"),
+            "".to_owned(),
+        ),
+        (
+            "URB round trip p50 / p99 (us)",
+            format!("{urb50:.0} / {urb99:.0}"),
+            "".to_owned(),
+        ),
+        (
+            "added per URB p50 / p99 (us)",
+            format!("{:.0} / {:.0}", urb50 - ping50, urb99 - ping99),
+            "<= 50 / <= 200".to_owned(),
+        ),
+        (
+            "URB/s, one at a time",
+            format!("{:.0}", 1e6 / urb50),
+            "".to_owned(),
+        ),
+        (
+            "read MiB/s (256 MiB, 16 KiB URBs)",
+            format!("{:.1}", f(&probe, "read_mib_s")),
+            "".to_owned(),
+        ),
+        (
+            "server peak RSS MiB",
+            format!("{server_rss:.1}"),
+            "<= 20".to_owned(),
+        ),
+        (
+            "client peak RSS MiB",
+            format!("{:.1}", f(&probe, "peak_rss_mib")),
+            "<= 20".to_owned(),
+        ),
+    ];
+    println!();
+    println!(
+        "{:<38} {:>16} {:>16}",
+        "host loopback tunnel", "measured", "goal"
+    );
+    for (label, value, goal) in &rows {
+        println!("{label:<38} {value:>16} {goal:>16}");
+    }
+    let json_path = out.join("tunnel.json");
+    fs::write(
+        &json_path,
+        serde_json::to_string_pretty(
+            &json!({"ping": ping, "probe": probe, "server_peak_rss_mib": server_rss}),
+        )?,
+    )?;
+    println!("\nwrote {}", json_path.display());
+    Ok(())
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    fs::read_to_string(PathBuf::from(format!("/proc/{pid}/status")))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}

@@ -1,0 +1,230 @@
+//! Side by side in one boot: the kernel's own USB/IP and our tunnel, against the same gadget,
+//! over the same loopback, at netem round trips of 0, 2 and 20 ms. `cargo xtask bench` turns
+//! the metrics into the comparison table.
+
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+
+use super::project::{Daemon, client, client_id, show_client_log, spawn_client, start_server};
+use crate::bench::{self, MIB};
+use crate::gadget::Gadget;
+use crate::report::{log, metric};
+use crate::usbdev::{self, Via};
+use crate::{modules, netem, sys};
+
+const SIZE: usize = 64 * MIB;
+const USBIP: &str = "/usr/sbin/usbip";
+/// Round trips measured, in ms, with the bytes each sequential run moves (smaller on slow
+/// links so the whole bench stays within a few minutes).
+const RTTS: &[(u64, usize, usize)] = &[(0, 32 * MIB, 3), (2, 16 * MIB, 1), (20, 4 * MIB, 1)];
+/// Small reads per latency measurement.
+const SMALL_READS: usize = 60;
+
+/// Measure the kernel's USB/IP, then ours, at each round trip.
+pub fn run() -> Result<()> {
+    modules::load(modules::STORAGE)?;
+    modules::load(modules::USBIP)?;
+    modules::load(modules::NETEM)?;
+    let backing = Path::new("/tmp/bench.img");
+    bench::pattern_file(backing, SIZE, 0xbe)?;
+    let mut gadget = Gadget::mass_storage(backing)?;
+    gadget.plug()?;
+    gadget.wait_enumerated(Duration::from_secs(10))?;
+    usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Dummy, Duration::from_secs(15))?;
+    let busid = gadget.busid()?;
+    let vid_pid = format!("{:04x}:{:04x}", gadget.vid, gadget.pid);
+
+    // The kernel's USB/IP.
+    {
+        let _usbipd = Killed(
+            Command::new("/usr/sbin/usbipd")
+                .arg("-4")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
+        sys::wait_for("usbipd", Duration::from_secs(10), || {
+            Command::new(USBIP)
+                .args(["list", "-r", "127.0.0.1"])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|_| ())
+        })?;
+        sys::run(Command::new(USBIP).args(["bind", "-b", &busid]))?;
+        sys::run(Command::new(USBIP).args(["attach", "-r", "127.0.0.1", "-b", &busid]))?;
+        let disk =
+            usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Vhci, Duration::from_secs(20))?;
+        measure("kernel", &disk, None)?;
+        detach_all_usbip()?;
+        sys::run(Command::new(USBIP).args(["unbind", "-b", &busid]))?;
+    }
+    usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Dummy, Duration::from_secs(15))
+        .context("the gadget did not come back after the kernel's USB/IP")?;
+
+    // Ours.
+    let friend = client_id("friend")?;
+    let (server, ticket) = start_server(&["--share", &vid_pid, "--allow", &friend])?;
+    let client_daemon = spawn_client("friend", &["attach", &ticket, "--device", &vid_pid])?;
+    let disk =
+        match usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Vhci, Duration::from_secs(30))
+        {
+            Ok(d) => d,
+            Err(e) => {
+                show_client_log("friend");
+                return Err(e);
+            }
+        };
+    measure("ours", &disk, Some((&server, &client_daemon)))?;
+    let (ok, _, err) = client("friend", &["detach", &vhci_port_in_use()?])?;
+    ensure!(ok, "detach failed: {err}");
+    Ok(())
+}
+
+/// Reads, writes and small-read latency at every round trip, recorded as `<who>_<what>_rtt<ms>`.
+fn measure(who: &str, disk: &Path, procs: Option<(&Daemon, &Daemon)>) -> Result<()> {
+    let cpu_before = procs.map(|(s, c)| cpu_secs(s.pid()) + cpu_secs(c.pid()));
+    let mut moved = 0usize;
+    for &(rtt, size, runs) in RTTS {
+        if rtt > 0 {
+            netem::set(Duration::from_micros(rtt * 500), 0.0)?;
+        }
+        let result = (|| -> Result<()> {
+            let mut reads = Vec::new();
+            let mut writes = Vec::new();
+            for _ in 0..runs {
+                reads.push(bench::read_mib_s(disk, size)?);
+                writes.push(bench::write_mib_s(disk, size)?);
+                moved += 2 * size;
+            }
+            let (read, write) = (bench::median(reads), bench::median(writes));
+            let (p50, p99) = small_read_latency(disk)?;
+            log!(
+                "{who} rtt {rtt} ms: read {read} MiB/s, write {write} MiB/s, 4 KiB read p50 {p50:.2} ms p99 {p99:.2} ms"
+            );
+            metric(&format!("{who}_read_mib_s_rtt{rtt}"), read);
+            metric(&format!("{who}_write_mib_s_rtt{rtt}"), write);
+            metric(&format!("{who}_small_read_p50_ms_rtt{rtt}"), p50);
+            metric(&format!("{who}_small_read_p99_ms_rtt{rtt}"), p99);
+            Ok(())
+        })();
+        if rtt > 0 {
+            netem::clear()?;
+        }
+        result?;
+    }
+    if let (Some((server, client)), Some(before)) = (procs, cpu_before) {
+        let cpu = cpu_secs(server.pid()) + cpu_secs(client.pid()) - before;
+        let gib = moved as f64 / (1024.0 * MIB as f64);
+        metric("ours_cpu_secs_per_gib", (cpu / gib * 100.0).round() / 100.0);
+        metric("ours_server_rss_mib", peak_rss_mib(server.pid()));
+        metric("ours_client_rss_mib", peak_rss_mib(client.pid()));
+        log!(
+            "ours: {:.1} CPU s per GiB (server + client), peak RSS server {:.1} MiB, client {:.1} MiB",
+            cpu / gib,
+            peak_rss_mib(server.pid()),
+            peak_rss_mib(client.pid())
+        );
+    }
+    Ok(())
+}
+
+/// p50 and p99 of 4 KiB O_DIRECT reads spread over the disk: three URB round trips each
+/// (command, data, status), so this is what a small-I/O user feels.
+fn small_read_latency(disk: &Path) -> Result<(f64, f64)> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(bench::O_DIRECT)
+        .open(disk)?;
+    let mut storage = vec![0u8; 8192];
+    let off = storage.as_ptr().align_offset(4096);
+    let buf = &mut storage[off..off + 4096];
+    let mut times = Vec::with_capacity(SMALL_READS);
+    for i in 0..SMALL_READS {
+        let at = ((i * 7919) % (SIZE / 4096)) as u64 * 4096;
+        let t = Instant::now();
+        f.read_exact_at(buf, at)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+    Ok((
+        (at(0.5) * 100.0).round() / 100.0,
+        (at(0.99) * 100.0).round() / 100.0,
+    ))
+}
+
+/// User plus system CPU seconds of a process so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name: utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Peak resident set size of a process, in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    (kb / 1024.0 * 10.0).round() / 10.0
+}
+
+fn vhci_port_in_use() -> Result<String> {
+    let status = sys::read("/sys/devices/platform/vhci_hcd.0/status")?;
+    let port = status
+        .lines()
+        .skip(1)
+        .find(|l| l.split_whitespace().nth(2) != Some("004"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .context("no vhci port in use")?
+        .trim_start_matches('0')
+        .to_owned();
+    Ok(if port.is_empty() { "0".into() } else { port })
+}
+
+fn detach_all_usbip() -> Result<()> {
+    let port = vhci_port_in_use()?;
+    sys::run(Command::new(USBIP).args(["detach", "-p", &port]))?;
+    sys::wait_for(
+        "the USB/IP disk to go away",
+        Duration::from_secs(10),
+        || {
+            fs::read_to_string("/sys/devices/platform/vhci_hcd.0/status")
+                .ok()
+                .filter(|s| {
+                    s.lines()
+                        .skip(1)
+                        .all(|l| l.split_whitespace().nth(2) == Some("004"))
+                })
+                .map(|_| ())
+        },
+    )?;
+    Ok(())
+}
+
+/// A child process killed when dropped.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
