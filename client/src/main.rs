@@ -111,6 +111,8 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,iroh=warn,noq=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour only for people: journald and log files get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match &cli.command {

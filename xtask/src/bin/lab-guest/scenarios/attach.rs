@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 
 use super::project::{
-    client, client_id, show_client_log, show_server_log, spawn_client, start_server,
+    attach_disk, client, client_id, show_client_log, show_server_log, start_server,
+    vhci_port_in_use,
 };
 use crate::bench::{self, MIB};
 use crate::gadget::Gadget;
@@ -46,20 +47,7 @@ pub fn run() -> Result<()> {
     let friend = client_id("friend")?;
     let (mut server, ticket) = start_server(&["--share", &vid_pid, "--allow", &friend])?;
     let t0 = Instant::now();
-    let mut attached = spawn_client(
-        "friend",
-        &["--json", "attach", &ticket, "--device", &vid_pid],
-    )?;
-    let disk =
-        match usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Vhci, Duration::from_secs(30))
-        {
-            Ok(disk) => disk,
-            Err(e) => {
-                show_client_log("friend");
-                show_server_log();
-                return Err(e.context("the remote device never became a disk under vhci_hcd"));
-            }
-        };
+    let (mut attached, disk) = attach_disk("friend", &ticket, &vid_pid, gadget.vid, gadget.pid)?;
     let secs = t0.elapsed().as_secs_f64();
     log!("attached as {} via vhci_hcd in {secs:.2}s", disk.display());
     metric("attach_to_disk_secs", secs);
@@ -98,18 +86,8 @@ pub fn run() -> Result<()> {
 
     // Detach on command: the client's attachment ends, the vhci port is free, the server
     // gives the gadget back to its kernel driver.
-    let port = sys::read("/sys/devices/platform/vhci_hcd.0/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .skip(1)
-                .find(|l| l.split_whitespace().nth(2) != Some("004"))
-                .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
-        })
-        .context("no vhci port in use")?;
-    let port = port.trim_start_matches('0');
-    let port = if port.is_empty() { "0" } else { port };
-    let (ok, _, err) = client("friend", &["detach", port])?;
+    let port = vhci_port_in_use()?;
+    let (ok, _, err) = client("friend", &["detach", &port])?;
     ensure!(ok, "detach failed: {err}");
     let exited = attached.wait_exit(Duration::from_secs(10));
     ensure!(

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 
-use super::project::{Daemon, client, client_id, show_client_log, spawn_client, start_server};
+use super::project::{
+    Daemon, client, client_id, show_client_log, spawn_client, start_server, vhci_port_in_use,
+};
 use crate::bench::{self, MIB};
 use crate::gadget::Gadget;
 use crate::report::{log, metric};
@@ -184,19 +186,6 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
     (kb / 1024.0 * 10.0).round() / 10.0
-}
-
-fn vhci_port_in_use() -> Result<String> {
-    let status = sys::read("/sys/devices/platform/vhci_hcd.0/status")?;
-    let port = status
-        .lines()
-        .skip(1)
-        .find(|l| l.split_whitespace().nth(2) != Some("004"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .context("no vhci port in use")?
-        .trim_start_matches('0')
-        .to_owned();
-    Ok(if port.is_empty() { "0".into() } else { port })
 }
 
 fn detach_all_usbip() -> Result<()> {

@@ -11,6 +11,7 @@ mod baseline;
 mod bench;
 mod bridge;
 mod export;
+mod faults;
 mod hid;
 mod project;
 mod selftest;
@@ -91,6 +92,12 @@ pub const ALL: &[Scenario] = &[
         about: "kernel USB/IP and our tunnel side by side at netem RTT 0/2/20 ms: read/write MiB/s, 4 KiB read latency, RSS, CPU/GiB",
         default: false,
         run: bench::run,
+    },
+    Scenario {
+        name: "faults",
+        about: "integrity at 1% loss + 20 ms RTT, unplug during dd (gone <= 1 s, EIO, no D state), client SIGKILL (released <= 2 s)",
+        default: true,
+        run: faults::run,
     },
     Scenario {
         name: "selftest-fail",

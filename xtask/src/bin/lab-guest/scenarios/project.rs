@@ -138,6 +138,31 @@ pub fn spawn_client(who: &str, args: &[&str]) -> Result<Daemon> {
     })
 }
 
+/// Starts `p2p-usb-client attach` for `device` as `who` and waits for the remote device to be
+/// a disk under vhci_hcd; prints both logs if it never is.
+pub fn attach_disk(
+    who: &str,
+    ticket: &str,
+    device: &str,
+    vid: u16,
+    pid: u16,
+) -> Result<(Daemon, std::path::PathBuf)> {
+    let daemon = spawn_client(who, &["--json", "attach", ticket, "--device", device])?;
+    match crate::usbdev::wait_block_device(
+        vid,
+        pid,
+        crate::usbdev::Via::Vhci,
+        Duration::from_secs(30),
+    ) {
+        Ok(disk) => Ok((daemon, disk)),
+        Err(e) => {
+            show_client_log(who);
+            show_server_log();
+            Err(e.context("the remote device never became a disk under vhci_hcd"))
+        }
+    }
+}
+
 /// Prints the last lines of a client daemon's log into the scenario's log.
 pub fn show_client_log(who: &str) {
     let text = std::fs::read_to_string(format!("/tmp/client-{who}.log")).unwrap_or_default();
@@ -162,4 +187,18 @@ impl Daemon {
         .ok()
         .map(|status| status.success())
     }
+}
+
+/// The number of the first vhci port in use, as `detach` takes it.
+pub fn vhci_port_in_use() -> Result<String> {
+    let status = sys::read("/sys/devices/platform/vhci_hcd.0/status")?;
+    let port = status
+        .lines()
+        .skip(1)
+        .find(|l| l.split_whitespace().nth(2) != Some("004"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .context("no vhci port in use")?
+        .trim_start_matches('0')
+        .to_owned();
+    Ok(if port.is_empty() { "0".into() } else { port })
 }
