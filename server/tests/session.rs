@@ -399,3 +399,34 @@ async fn removal_ends_the_attachment_and_is_announced() {
     assert_eq!(second, Event::DeviceRemoved(DeviceId(7)));
     assert_eq!(lab.releases.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_clients_racing_for_one_device_exactly_one_wins() {
+    let lab = lab(None).await;
+    for round in 0..10 {
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            clients.push(client(&lab, &SecretKey::generate()).await.unwrap());
+        }
+        let mut attempts = tokio::task::JoinSet::new();
+        for c in &clients {
+            let c = c.clone();
+            attempts.spawn(async move { c.attach(DeviceId(7), None).await });
+        }
+        let results: Vec<_> = attempts.join_all().await;
+        let winners: Vec<_> = results.iter().filter(|r| r.is_ok()).collect();
+        let busy = results
+            .iter()
+            .filter(|r| matches!(r, Err(ClientError::Refused(AttachRefusal::Busy))))
+            .count();
+        assert_eq!(winners.len(), 1, "round {round}: {results:?}");
+        assert_eq!(busy, 3, "round {round}: the others get Busy");
+        for c in &clients {
+            c.close().await;
+        }
+        eventually("the winner's claim is released", || {
+            lab.releases.load(Ordering::SeqCst) == round + 1
+        })
+        .await;
+    }
+}
