@@ -19,6 +19,9 @@ pub struct TestArgs {
     /// Per-scenario timeout inside the guest.
     #[arg(long, default_value_t = 180)]
     pub timeout_secs: u64,
+    /// Seconds of fuzzing per decoder target.
+    #[arg(long, default_value_t = 20)]
+    pub fuzz_secs: u64,
 }
 
 /// The env var that tells `xtask/tests/lab.rs` a built lab is available.
@@ -63,6 +66,8 @@ pub fn test(args: &TestArgs) -> Result<()> {
         &["test", "--workspace"],
         false,
     )?;
+    eprintln!("test: fuzz every decoder for {} s", args.fuzz_secs);
+    crate::fuzz::fuzz(&[], args.fuzz_secs)?;
     if args.no_lab {
         eprintln!("test: lab skipped (--no-lab)");
         return Ok(());

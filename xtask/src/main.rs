@@ -5,6 +5,7 @@
 
 mod bench;
 mod ci;
+mod fuzz;
 mod lab;
 
 use std::path::PathBuf;
@@ -44,6 +45,14 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         target: Option<bench::Target>,
+    },
+    /// Fuzz the protocol decoders (every target, or those named) for a bounded time each.
+    Fuzz {
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
     },
 }
 
@@ -91,6 +100,7 @@ fn main() -> ExitCode {
         Cmd::Test(args) => ci::test(&args),
         Cmd::Demo => lab::demo(),
         Cmd::Bench { target } => bench::bench(target),
+        Cmd::Fuzz { targets, secs } => fuzz::fuzz(&targets, secs),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
