@@ -49,6 +49,9 @@ impl DeviceFilter {
         if info.class() == 0x09 {
             return false; // hubs carry other devices; exporting one makes no sense
         }
+        if is_imported(info) {
+            return false; // a remote device attached here: exporting it again would loop
+        }
         let vid_pid = format!("{:04x}:{:04x}", info.vendor_id(), info.product_id());
         self.all
             || self
@@ -106,9 +109,14 @@ impl UsbSource {
             filter,
             rescan: Arc::new(tokio::sync::Notify::new()),
         });
-        for info in listed {
-            source.add(info);
-        }
+        // Describing a device opens it, which can block while the kernel is still probing it.
+        let initial = source.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for info in listed {
+                initial.add(info);
+            }
+        })
+        .await;
         let weak = Arc::downgrade(&source);
         let rescan = source.rescan.clone();
         tokio::spawn(async move {
@@ -121,7 +129,9 @@ impl UsbSource {
                     event = hotplug => {
                         let Some(source) = weak.upgrade() else { break };
                         match event {
-                            Some(nusb::hotplug::HotplugEvent::Connected(info)) => source.add(info),
+                            Some(nusb::hotplug::HotplugEvent::Connected(info)) => {
+                                let _ = tokio::task::spawn_blocking(move || source.add(info)).await;
+                            }
                             Some(nusb::hotplug::HotplugEvent::Disconnected(id)) => source.remove(id),
                             None => break,
                         }
@@ -131,7 +141,10 @@ impl UsbSource {
                 }
                 let Some(source) = weak.upgrade() else { break };
                 match nusb::list_devices().await {
-                    Ok(listed) => source.reconcile(listed.collect()),
+                    Ok(listed) => {
+                        let listed: Vec<nusb::DeviceInfo> = listed.collect();
+                        let _ = tokio::task::spawn_blocking(move || source.reconcile(listed)).await;
+                    }
                     Err(e) => debug!("rescan failed: {e}"),
                 }
             }
@@ -226,6 +239,14 @@ impl DeviceSource for UsbSource {
     fn subscribe(&self) -> broadcast::Receiver<DeviceEvent> {
         self.events.subscribe()
     }
+}
+
+/// Whether the device sits on a vhci-hcd controller: a remote device imported to this machine
+/// (by our client or `usbip attach`), never one of ours to share.
+fn is_imported(info: &nusb::DeviceInfo) -> bool {
+    std::fs::canonicalize(info.sysfs_path())
+        .map(|p| p.to_string_lossy().contains("/vhci_hcd."))
+        .unwrap_or(false)
 }
 
 /// The device's name in sysfs, e.g. `1-1.2`: bus number and port path, the id `lsusb -t`,

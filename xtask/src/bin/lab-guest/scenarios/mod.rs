@@ -10,6 +10,7 @@ mod attach;
 mod baseline;
 mod bench;
 mod bridge;
+mod cycles;
 mod export;
 mod faults;
 mod hid;
@@ -98,6 +99,12 @@ pub const ALL: &[Scenario] = &[
         about: "integrity at 1% loss + 20 ms RTT, unplug during dd (gone <= 1 s, EIO, no D state), client SIGKILL (released <= 2 s)",
         default: true,
         run: faults::run,
+    },
+    Scenario {
+        name: "cycles",
+        about: "attach/detach repeatedly: no growth in the server's fds or RSS, no vhci port left in use",
+        default: true,
+        run: cycles::run,
     },
     Scenario {
         name: "selftest-fail",

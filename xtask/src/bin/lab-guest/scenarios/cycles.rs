@@ -1,0 +1,96 @@
+//! Attach and detach over and over: nothing may grow. The server's open files and memory, and
+//! the vhci ports in use, must be the same after the last cycle as after the first. (CI runs
+//! a few dozen cycles; that is enough to see a leak of one fd or one port per cycle.)
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+
+use super::project::{attach_disk, client, client_id, start_server, vhci_port_in_use};
+use crate::bench::{self, MIB};
+use crate::gadget::Gadget;
+use crate::report::{log, metric};
+use crate::usbdev::{self, Via};
+use crate::{modules, sys};
+
+const CYCLES: usize = 12;
+
+/// Attach, read a little, detach; `CYCLES` times; compare fds, RSS and ports.
+pub fn run() -> Result<()> {
+    modules::load(modules::STORAGE)?;
+    modules::load(modules::USBIP)?;
+    let backing = Path::new("/tmp/cycles.img");
+    bench::pattern_file(backing, 16 * MIB, 0xc1)?;
+    let mut gadget = Gadget::mass_storage(backing)?;
+    gadget.plug()?;
+    gadget.wait_enumerated(Duration::from_secs(10))?;
+    usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Dummy, Duration::from_secs(15))?;
+    let vid_pid = format!("{:04x}:{:04x}", gadget.vid, gadget.pid);
+    let friend = client_id("friend")?;
+    let (mut server, ticket) = start_server(&["--share", &vid_pid, "--allow", &friend])?;
+    let mut first = None;
+    for cycle in 1..=CYCLES {
+        let (mut daemon, disk) = attach_disk("friend", &ticket, &vid_pid, gadget.vid, gadget.pid)?;
+        bench::read_mib_s(&disk, MIB)?;
+        let (ok, _, err) = client("friend", &["detach", &vhci_port_in_use()?])?;
+        ensure!(ok, "cycle {cycle}: detach failed: {err}");
+        ensure!(
+            daemon.wait_exit(Duration::from_secs(10)) == Some(true),
+            "cycle {cycle}: the attach process did not end cleanly"
+        );
+        usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Dummy, Duration::from_secs(15))?;
+        // The server has released the claim once the gadget is a local disk again.
+        let now = (open_fds(server.pid()), rss_kib(server.pid()));
+        if cycle == 1 {
+            first = Some(now);
+        }
+        log!("cycle {cycle}: server fds {}, RSS {} KiB", now.0, now.1);
+    }
+    let last = (open_fds(server.pid()), rss_kib(server.pid()));
+    let first = first.unwrap_or(last);
+    let ports = sys::read("/sys/devices/platform/vhci_hcd.0/status")?;
+    let used = ports
+        .lines()
+        .skip(1)
+        .filter(|l| l.split_whitespace().nth(2) != Some("004"))
+        .count();
+    metric("cycles", CYCLES as f64);
+    metric("server_fd_growth", last.0 as f64 - first.0 as f64);
+    metric("server_rss_growth_kib", last.1 as f64 - first.1 as f64);
+    ensure!(
+        used == 0,
+        "{used} vhci ports still in use after {CYCLES} cycles"
+    );
+    ensure!(
+        last.0 <= first.0,
+        "the server's open files grew from {} to {} over {CYCLES} cycles",
+        first.0,
+        last.0
+    );
+    ensure!(
+        last.1 <= first.1 + 2048,
+        "the server's RSS grew from {} to {} KiB over {CYCLES} cycles",
+        first.1,
+        last.1
+    );
+    ensure!(server.alive(), "the server died");
+    log!("{CYCLES} cycles: no fd, memory or vhci port growth");
+    Ok(())
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
