@@ -89,6 +89,7 @@ fn default_key_path() -> PathBuf {
     state.join("p2p-usb/server.key")
 }
 
+// Multi-threaded: a Pi serving several devices and clients spreads their crypto over its cores.
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
