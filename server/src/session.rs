@@ -6,7 +6,7 @@
 //! is never left held by a peer that is no longer there.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{debug, info, warn};
 use transport::{FramedRecv, FramedSend, StreamError};
 
+use crate::config::ShareRule;
 use crate::device::{DeviceEvent, DeviceSource, OpenError, OpenedDevice};
 use crate::tracker::{DeviceAction, StreamTracker, Violation, completion};
 
@@ -58,6 +59,39 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Software name for the handshake.
     pub agent: String,
+    /// Share rules; the first matching one with a PIN guards a device.
+    pub pins: Vec<ShareRule>,
+    /// How long a wrong PIN waits before its refusal, so guessing is slow.
+    pub pin_penalty: Duration,
+}
+
+/// What a config reload can change while clients are connected.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Who may connect; a connected peer no longer on it is disconnected.
+    pub allow: Allowlist,
+    /// Share rules; the first matching one with a PIN guards a device.
+    pub pins: Vec<ShareRule>,
+}
+
+impl Policy {
+    fn pin_for(&self, device: &DeviceInfo) -> Option<&str> {
+        let facts = crate::config::DeviceFacts::from_wire(device);
+        self.pins
+            .iter()
+            .filter(|r| r.matcher.matches(&facts))
+            .find_map(|r| r.pin.as_deref())
+    }
+}
+
+/// Compares without stopping at the first difference, so timing tells a guesser nothing.
+fn same_pin(given: &str, wanted: &str) -> bool {
+    given.len() == wanted.len()
+        && given
+            .bytes()
+            .zip(wanted.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 impl Default for ServerConfig {
@@ -67,6 +101,8 @@ impl Default for ServerConfig {
             queue_depth: 32,
             handshake_timeout: Duration::from_secs(5),
             agent: format!("p2p-usb-server/{}", env!("CARGO_PKG_VERSION")),
+            pins: Vec::new(),
+            pin_penalty: Duration::from_millis(500),
         }
     }
 }
@@ -77,9 +113,18 @@ fn now_us() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_micros() as u64
 }
 
+/// Bytes and URBs through one device, over every attachment since the server started.
+#[derive(Debug, Default)]
+struct Traffic {
+    to_device: AtomicU64,
+    from_device: AtomicU64,
+    urbs: AtomicU64,
+}
+
 /// One device claimed by one connection.
 struct Attachment {
     device: DeviceId,
+    traffic: Arc<Traffic>,
     opened: Mutex<Option<Box<dyn OpenedDevice>>>,
     /// Becomes true when the attachment ends; its URB streams finish after their last
     /// completion.
@@ -96,25 +141,144 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A connected client, for [`Server::snapshot`].
+struct Peer {
+    id: EndpointId,
+    agent: String,
+    since: Instant,
+}
+
+/// The server's state at one moment, for `status` and the TUI.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Snapshot {
+    /// Every device offered, claimed or not.
+    pub devices: Vec<DeviceStatus>,
+    /// Every connected client.
+    pub clients: Vec<ClientStatus>,
+}
+
+/// One offered device.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct DeviceStatus {
+    /// The server's id for it.
+    pub id: u32,
+    /// Its sysfs bus id.
+    pub bus_id: String,
+    /// `vid:pid` in hex.
+    pub vid_pid: String,
+    /// Product string, if any.
+    pub product: Option<String>,
+    /// Manufacturer string, if any.
+    pub manufacturer: Option<String>,
+    /// Serial string, if any.
+    pub serial: Option<String>,
+    /// Signalling speed.
+    pub speed: String,
+    /// Whether attaching it needs a PIN.
+    pub pin: bool,
+    /// The endpoint id of the client it is attached to.
+    pub attached_to: Option<String>,
+    /// Bytes sent to the device since the server started.
+    pub bytes_to_device: u64,
+    /// Bytes read from the device since the server started.
+    pub bytes_from_device: u64,
+    /// URBs completed since the server started.
+    pub urbs: u64,
+}
+
+/// One connected client.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct ClientStatus {
+    /// Its endpoint id.
+    pub id: String,
+    /// The software it said it runs.
+    pub agent: String,
+    /// Seconds since it connected.
+    pub connected_secs: u64,
+}
+
 /// The server: a device source shared by every connection.
 pub struct Server {
     source: Arc<dyn DeviceSource>,
     config: ServerConfig,
+    /// Replaced by [`Server::set_policy`]; every session watches it.
+    policy: watch::Sender<Arc<Policy>>,
     /// Which device is claimed, by whom. Checked and set under one lock, so of two clients
     /// racing for a device exactly one wins.
     claims: Mutex<HashMap<DeviceId, EndpointId>>,
+    traffic: Mutex<HashMap<DeviceId, Arc<Traffic>>>,
+    peers: Mutex<HashMap<u64, Peer>>,
+    next_peer: AtomicU64,
     next_handle: AtomicU32,
 }
 
 impl Server {
     /// A server offering `source`'s devices.
     pub fn new(source: Arc<dyn DeviceSource>, config: ServerConfig) -> Arc<Self> {
+        let policy = Policy {
+            allow: config.allow.clone(),
+            pins: config.pins.clone(),
+        };
         Arc::new(Server {
             source,
             config,
+            policy: watch::channel(Arc::new(policy)).0,
             claims: Mutex::new(HashMap::new()),
+            traffic: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
+            next_peer: AtomicU64::new(1),
             next_handle: AtomicU32::new(1),
         })
+    }
+
+    /// Applies a reloaded config: new PINs hold for the next attach, and a connected client
+    /// that is no longer allowed is disconnected (its devices are released) at once.
+    pub fn set_policy(&self, policy: Policy) {
+        self.policy.send_replace(Arc::new(policy));
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.borrow().clone()
+    }
+
+    /// Devices, who holds them, traffic so far, and who is connected.
+    pub fn snapshot(&self) -> Snapshot {
+        let policy = self.policy.borrow().clone();
+        let claims = lock(&self.claims).clone();
+        let traffic = lock(&self.traffic).clone();
+        let devices = self
+            .source
+            .devices()
+            .into_iter()
+            .map(|d| {
+                let t = traffic.get(&d.id).cloned().unwrap_or_default();
+                DeviceStatus {
+                    id: d.id.0,
+                    vid_pid: format!("{:04x}:{:04x}", d.vendor_id, d.product_id),
+                    speed: format!("{:?}", d.speed),
+                    pin: policy.pin_for(&d).is_some(),
+                    attached_to: claims.get(&d.id).map(ToString::to_string),
+                    bytes_to_device: t.to_device.load(Ordering::Relaxed),
+                    bytes_from_device: t.from_device.load(Ordering::Relaxed),
+                    urbs: t.urbs.load(Ordering::Relaxed),
+                    bus_id: d.bus_id,
+                    product: d.product,
+                    manufacturer: d.manufacturer,
+                    serial: d.serial,
+                }
+            })
+            .collect();
+        let mut clients: Vec<ClientStatus> = lock(&self.peers)
+            .values()
+            .map(|p| ClientStatus {
+                id: p.id.to_string(),
+                agent: p.agent.clone(),
+                connected_secs: p.since.elapsed().as_secs(),
+            })
+            .collect();
+        clients.sort_by(|a, b| a.id.cmp(&b.id));
+        Snapshot { devices, clients }
     }
 
     /// Accepts connections until the endpoint closes.
@@ -137,7 +301,7 @@ impl Server {
     /// Serves one connection to its end.
     pub async fn serve(self: Arc<Self>, conn: Connection) {
         let peer = conn.remote_id();
-        if !self.config.allow.allows(&peer) {
+        if !self.policy.borrow().allow.allows(&peer) {
             info!(target: "audit", %peer, "refused: not on the allowlist");
             conn.close(
                 VarInt::from_u32(close::NOT_ALLOWED),
@@ -146,10 +310,20 @@ impl Server {
             return;
         }
         info!(target: "audit", %peer, "accepted");
+        let key = self.next_peer.fetch_add(1, Ordering::Relaxed);
+        lock(&self.peers).insert(
+            key,
+            Peer {
+                id: peer,
+                agent: String::new(),
+                since: Instant::now(),
+            },
+        );
         let session = Arc::new(Session {
             server: self.clone(),
             conn: conn.clone(),
             peer,
+            key,
             attachments: Mutex::new(HashMap::new()),
             timing: OnceLock::new(),
         });
@@ -162,6 +336,7 @@ impl Server {
         };
         session.end_all(EndReason::ServerShutdown);
         conn.close(VarInt::from_u32(code), reason.as_bytes());
+        lock(&self.peers).remove(&key);
         info!(target: "audit", %peer, "disconnected");
     }
 
@@ -187,6 +362,10 @@ impl Server {
                 }
             }
         })
+    }
+
+    fn traffic(&self, device: DeviceId) -> Arc<Traffic> {
+        lock(&self.traffic).entry(device).or_default().clone()
     }
 
     fn unclaim(&self, device: DeviceId) {
@@ -217,12 +396,15 @@ enum SessionError {
     NoOpen,
     #[error("connection lost: {0}")]
     Connection(#[from] iroh::endpoint::ConnectionError),
+    #[error("no longer on the allowlist")]
+    Revoked,
 }
 
 impl SessionError {
     fn close_code(&self) -> u32 {
         match self {
             SessionError::Version => close::VERSION_MISMATCH,
+            SessionError::Revoked => close::NOT_ALLOWED,
             SessionError::Connection(_) => close::SILENT_PEER,
             SessionError::Stream(e) if !e.is_violation() => close::SILENT_PEER,
             _ => close::PROTOCOL_VIOLATION,
@@ -234,6 +416,8 @@ struct Session {
     server: Arc<Server>,
     conn: Connection,
     peer: EndpointId,
+    /// Its entry in the server's peer table.
+    key: u64,
     attachments: Mutex<HashMap<AttachHandle, Arc<Attachment>>>,
     timing: OnceLock<bool>,
 }
@@ -258,6 +442,9 @@ impl Session {
                     .timing
                     .set(welcome.capabilities.contains(Capabilities::TIMING));
                 info!(%self.peer, agent = %hello.agent, version = welcome.version, "session ready");
+                if let Some(p) = lock(&self.server.peers).get_mut(&self.key) {
+                    p.agent = hello.agent.chars().take(64).collect();
+                }
                 tx.send(&ServerMessage::Welcome(welcome)).await?;
             }
             Err(refusal) => {
@@ -269,6 +456,7 @@ impl Session {
         let (violations_tx, mut violations) = mpsc::unbounded_channel();
         let acceptor = tokio::spawn(self.clone().accept_urb_streams(violations_tx));
         let mut events = self.server.source.subscribe();
+        let mut policy = self.server.policy.subscribe();
         let result = loop {
             tokio::select! {
                 msg = rx.next() => match msg {
@@ -283,6 +471,12 @@ impl Session {
                     Err(broadcast::error::RecvError::Closed) => {}
                 },
                 Some(violation) = violations.recv() => break Err(violation),
+                Ok(()) = policy.changed() => {
+                    if !policy.borrow_and_update().allow.allows(&self.peer) {
+                        info!(target: "audit", peer = %self.peer, "revoked: disconnecting");
+                        break Err(SessionError::Revoked);
+                    }
+                },
                 e = self.conn.closed() => break if closed_normally(&self.conn) {
                     Ok(())
                 } else {
@@ -319,7 +513,7 @@ impl Session {
     async fn on_request(&self, request: Request) -> Response {
         match request {
             Request::ListDevices => Response::Devices(self.server.visible_devices()),
-            Request::Attach { device, pin: _ } => {
+            Request::Attach { device, pin } => {
                 let Some(info) = self
                     .server
                     .source
@@ -329,6 +523,26 @@ impl Session {
                 else {
                     return Response::AttachRefused(AttachRefusal::Gone);
                 };
+                let wanted = self
+                    .server
+                    .policy
+                    .borrow()
+                    .pin_for(&info)
+                    .map(str::to_owned);
+                if let Some(wanted) = wanted {
+                    let refusal = match pin {
+                        None => Some(AttachRefusal::PinRequired),
+                        Some(p) if !same_pin(&p, &wanted) => Some(AttachRefusal::PinWrong),
+                        Some(_) => None,
+                    };
+                    if let Some(refusal) = refusal {
+                        info!(target: "audit", peer = %self.peer, ?device, ?refusal, "attach refused");
+                        if refusal == AttachRefusal::PinWrong {
+                            tokio::time::sleep(self.server.config.pin_penalty).await;
+                        }
+                        return Response::AttachRefused(refusal);
+                    }
+                }
                 // Claiming unbinds kernel drivers, which can take a while: off the runtime.
                 let server = self.server.clone();
                 let peer = self.peer;
@@ -341,6 +555,7 @@ impl Session {
                             AttachHandle(self.server.next_handle.fetch_add(1, Ordering::Relaxed));
                         let attachment = Arc::new(Attachment {
                             device,
+                            traffic: self.server.traffic(device),
                             opened: Mutex::new(Some(opened)),
                             ended: watch::channel(false).0,
                         });
@@ -461,6 +676,9 @@ impl Session {
             tokio::select! {
                 msg = rx.next(), if !client_finished && !gone && tracker.can_accept() => match msg? {
                     Some(msg) => {
+                        if let UrbClientMessage::Submit(urb) = &msg {
+                            attachment.traffic.to_device.fetch_add(urb.data.len() as u64, Ordering::Relaxed);
+                        }
                         tracker.on_client(msg, now_us())?;
                         while let Some(action) = tracker.poll_action() {
                             run_action(&attachment, action, &open, &done_tx);
@@ -469,8 +687,15 @@ impl Session {
                     None => client_finished = true,
                 },
                 Some(done) = done_rx.recv() => {
+                    let count = |done: &protocol::wire::UrbComplete| {
+                        let t = &attachment.traffic;
+                        t.from_device.fetch_add(done.data.len() as u64, Ordering::Relaxed);
+                        t.urbs.fetch_add(1, Ordering::Relaxed);
+                    };
+                    count(&done);
                     tracker.on_complete(done, now_us());
                     while let Ok(done) = done_rx.try_recv() {
+                        count(&done);
                         tracker.on_complete(done, now_us());
                     }
                 },

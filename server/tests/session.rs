@@ -12,8 +12,9 @@ use protocol::wire::{
     ALPN, AttachRefusal, Capabilities, ClassTriple, DeviceId, DeviceInfo, Event, UrbClientMessage,
     UrbComplete, UrbId, UrbServerMessage, UrbSubmit,
 };
+use server::config::{DeviceMatch, ShareRule};
 use server::device::{CompletionSender, DeviceEvent, DeviceSource, OpenError, OpenedDevice};
-use server::session::{Allowlist, Server, ServerConfig};
+use server::session::{Allowlist, Policy, Server, ServerConfig};
 use tokio::sync::broadcast;
 use transport::{ClientError, NetConfig, ServerConnection, bind_endpoint};
 
@@ -140,6 +141,7 @@ struct Lab {
     server_addr: EndpointAddr,
     source: Arc<Source>,
     releases: Arc<AtomicUsize>,
+    server: Arc<Server>,
     _server: Endpoint,
 }
 
@@ -151,28 +153,40 @@ async fn endpoint(alpns: Vec<Vec<u8>>) -> Endpoint {
 
 /// A server allowing `allowed` client keys (or anyone when `None`).
 async fn lab(allowed: Option<&[&SecretKey]>) -> Lab {
+    lab_with(allowed, vec![]).await
+}
+
+fn allowlist(allowed: Option<&[&SecretKey]>) -> Allowlist {
+    match allowed {
+        None => Allowlist::Anyone,
+        Some(keys) => Allowlist::Only(keys.iter().map(|k| k.public()).collect::<HashSet<_>>()),
+    }
+}
+
+/// A server with share rules that may carry PINs.
+async fn lab_with(allowed: Option<&[&SecretKey]>, pins: Vec<ShareRule>) -> Lab {
     let releases = Arc::new(AtomicUsize::new(0));
     let source = Arc::new(Source {
         info: info(),
         events: broadcast::channel(8).0,
         releases: releases.clone(),
     });
-    let allow = match allowed {
-        None => Allowlist::Anyone,
-        Some(keys) => Allowlist::Only(keys.iter().map(|k| k.public()).collect::<HashSet<_>>()),
-    };
     let config = ServerConfig {
-        allow,
+        allow: allowlist(allowed),
         queue_depth: 8,
+        pins,
+        pin_penalty: Duration::from_millis(10),
         ..ServerConfig::default()
     };
     let ep = endpoint(vec![ALPN.to_vec()]).await;
     let addr = EndpointAddr::new(ep.id()).with_ip_addr(ep.bound_sockets()[0]);
-    tokio::spawn(Server::new(source.clone(), config).run(ep.clone()));
+    let server = Server::new(source.clone(), config);
+    tokio::spawn(server.clone().run(ep.clone()));
     Lab {
         server_addr: addr,
         source,
         releases,
+        server,
         _server: ep,
     }
 }
@@ -429,4 +443,100 @@ async fn of_clients_racing_for_one_device_exactly_one_wins() {
         })
         .await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_behind_a_pin_needs_the_right_one() {
+    let rule = ShareRule {
+        matcher: DeviceMatch::from_spec("1209:0001").unwrap(),
+        pin: Some("2468".into()),
+    };
+    let lab = lab_with(None, vec![rule]).await;
+    let c = client(&lab, &SecretKey::generate()).await.unwrap();
+    assert!(matches!(
+        c.attach(DeviceId(7), None).await,
+        Err(ClientError::Refused(AttachRefusal::PinRequired))
+    ));
+    assert!(matches!(
+        c.attach(DeviceId(7), Some("2469".into())).await,
+        Err(ClientError::Refused(AttachRefusal::PinWrong))
+    ));
+    assert!(matches!(
+        c.attach(DeviceId(7), Some("24680".into())).await,
+        Err(ClientError::Refused(AttachRefusal::PinWrong))
+    ));
+    let (handle, _) = c.attach(DeviceId(7), Some("2468".into())).await.unwrap();
+    let snap = lab.server.snapshot();
+    assert!(snap.devices[0].pin);
+    assert!(snap.devices[0].attached_to.is_some());
+    c.detach(handle).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_connected_client_disconnects_it_and_frees_its_device() {
+    let keep = SecretKey::generate();
+    let drop = SecretKey::generate();
+    let lab = lab(Some(&[&keep, &drop])).await;
+    let dropped = client(&lab, &drop).await.unwrap();
+    let kept = client(&lab, &keep).await.unwrap();
+    dropped.attach(DeviceId(7), None).await.unwrap();
+    eventually("both clients in the snapshot", || {
+        lab.server.snapshot().clients.len() == 2
+    })
+    .await;
+
+    lab.server.set_policy(Policy {
+        allow: allowlist(Some(&[&keep])),
+        pins: vec![],
+    });
+    eventually("the revoked client's device released", || {
+        lab.releases.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(
+        dropped.list_devices().await.is_err(),
+        "revoked: no more requests"
+    );
+    kept.attach(DeviceId(7), None)
+        .await
+        .expect("the device is free for an allowed client");
+    let snap = lab.server.snapshot();
+    assert_eq!(snap.clients.len(), 1);
+    assert_eq!(snap.clients[0].id, keep.public().to_string());
+    assert_eq!(snap.clients[0].agent, "test");
+    assert_eq!(snap.devices[0].attached_to, Some(keep.public().to_string()));
+    assert!(matches!(
+        client(&lab, &drop).await,
+        Err(ClientError::NotAllowed)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_snapshot_counts_bytes_each_way() {
+    let lab = lab(None).await;
+    let c = client(&lab, &SecretKey::generate()).await.unwrap();
+    let (handle, _) = c.attach(DeviceId(7), None).await.unwrap();
+    let (mut out_tx, mut out_rx) = c
+        .open_urb_stream(handle, EndpointNumber::new(2).unwrap(), Direction::Out)
+        .await
+        .unwrap();
+    let (mut in_tx, mut in_rx) = c
+        .open_urb_stream(handle, EndpointNumber::new(1).unwrap(), Direction::In)
+        .await
+        .unwrap();
+    out_tx
+        .send(&submit(1, 2, Direction::Out, 3000, vec![1; 3000]))
+        .await
+        .unwrap();
+    out_rx.next().await.unwrap().unwrap();
+    in_tx
+        .send(&submit(2, 1, Direction::In, 1000, vec![]))
+        .await
+        .unwrap();
+    in_rx.next().await.unwrap().unwrap();
+    let d = &lab.server.snapshot().devices[0];
+    assert_eq!(
+        (d.bytes_to_device, d.bytes_from_device, d.urbs),
+        (3000, 1000, 2)
+    );
 }

@@ -29,20 +29,17 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::{CompletionSender, DeviceEvent, DeviceSource, OpenError, OpenedDevice};
+use crate::config::{DeviceFacts, SharePolicy, VidPid};
 use crate::tracker::completion;
 
 /// A safety net for control transfers: class drivers on the client time out and unlink long
 /// before this; it only stops a wedged device from holding a task forever.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Which devices a server offers.
+/// Which devices a server offers: the config's share and deny rules, never hubs, never
+/// devices imported from another machine.
 #[derive(Debug, Clone, Default)]
-pub struct DeviceFilter {
-    /// Offer every device that is not a hub.
-    pub all: bool,
-    /// Offer devices matching any of these: `vid:pid` (hex) or a bus id such as `1-1.2`.
-    pub rules: Vec<String>,
-}
+pub struct DeviceFilter(pub SharePolicy);
 
 impl DeviceFilter {
     fn matches(&self, info: &nusb::DeviceInfo) -> bool {
@@ -52,12 +49,22 @@ impl DeviceFilter {
         if is_imported(info) {
             return false; // a remote device attached here: exporting it again would loop
         }
-        let vid_pid = format!("{:04x}:{:04x}", info.vendor_id(), info.product_id());
-        self.all
-            || self
-                .rules
-                .iter()
-                .any(|r| r.eq_ignore_ascii_case(&vid_pid) || *r == bus_id(info))
+        self.0.offers(&facts(info))
+    }
+}
+
+/// What share rules are checked against, from the listing alone: no need to open the device.
+fn facts(info: &nusb::DeviceInfo) -> DeviceFacts {
+    DeviceFacts {
+        vid_pid: VidPid {
+            vendor: info.vendor_id(),
+            product: info.product_id(),
+        },
+        port: bus_id(info),
+        serial: info.serial_number().map(str::to_owned),
+        classes: std::iter::once(info.class())
+            .chain(info.interfaces().map(|i| i.class()))
+            .collect(),
     }
 }
 
@@ -77,7 +84,8 @@ pub struct UsbSource {
     known: Mutex<Vec<Known>>,
     next_id: Mutex<u32>,
     events: broadcast::Sender<DeviceEvent>,
-    filter: DeviceFilter,
+    /// Replaced on a config reload; devices it no longer offers go away at once.
+    filter: Mutex<DeviceFilter>,
     /// Wakes the rescan at once, e.g. when a transfer reports the device disconnected.
     rescan: Arc<tokio::sync::Notify>,
 }
@@ -106,7 +114,7 @@ impl UsbSource {
             known: Mutex::new(Vec::new()),
             next_id: Mutex::new(1),
             events,
-            filter,
+            filter: Mutex::new(filter),
             rescan: Arc::new(tokio::sync::Notify::new()),
         });
         // Describing a device opens it, which can block while the kernel is still probing it.
@@ -152,6 +160,21 @@ impl UsbSource {
         Ok(source)
     }
 
+    /// Offers what `filter` names from now on: devices it drops are removed (a client attached
+    /// to one is detached), devices it adds arrive with the next rescan, which starts at once.
+    pub fn set_filter(&self, filter: DeviceFilter) {
+        let dropped: Vec<nusb::DeviceId> = lock(&self.known)
+            .iter()
+            .filter(|k| !filter.matches(&k.nusb_info))
+            .map(|k| k.nusb_id)
+            .collect();
+        *lock(&self.filter) = filter;
+        for id in dropped {
+            self.remove(id);
+        }
+        self.rescan.notify_one();
+    }
+
     /// Brings the known set in line with what sysfs lists now.
     fn reconcile(&self, listed: Vec<nusb::DeviceInfo>) {
         let gone: Vec<nusb::DeviceId> = lock(&self.known)
@@ -168,7 +191,7 @@ impl UsbSource {
     }
 
     fn add(&self, nusb_info: nusb::DeviceInfo) {
-        if !self.filter.matches(&nusb_info)
+        if !lock(&self.filter).matches(&nusb_info)
             || lock(&self.known)
                 .iter()
                 .any(|k| k.nusb_id == nusb_info.id())

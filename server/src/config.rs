@@ -1,0 +1,787 @@
+//! The server's TOML config file: what to share, with whom, behind which PIN, and how the
+//! endpoint binds.
+//!
+//! An operator edits this file by hand (see `server/examples/server.toml`) or through
+//! `p2p-usb-server share/unshare/allow/revoke`, which edit it in place and keep its comments.
+//! A mistake must point at the exact spot: every error names the file, line and column and
+//! says what was expected, because the person reading it is often on a headless Pi over SSH.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use iroh::EndpointId;
+use protocol::wire::DeviceInfo;
+use serde::{Deserialize, Deserializer};
+
+/// The whole file. Every field is optional; an empty file is a valid config that shares
+/// nothing and allows no one.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The server's secret key (its identity).
+    pub key_file: Option<PathBuf>,
+    /// Local addresses to listen on; empty means every interface, a random port.
+    pub bind: Vec<SocketAddr>,
+    /// Use n0's public relays so clients behind NAT can reach us.
+    pub relay: bool,
+    /// Ask the router for a port mapping (UPnP, PCP, NAT-PMP).
+    pub port_mapping: bool,
+    /// Release a silent client's devices after this long.
+    pub idle_timeout_ms: Option<u64>,
+    /// URBs in flight per endpoint.
+    pub queue_depth: Option<QueueDepth>,
+    /// Let any client that knows the ticket connect.
+    pub allow_any: bool,
+    /// Client endpoint ids allowed to connect.
+    pub allow: Vec<ClientId>,
+    /// Devices to share: a device is shared if any rule matches and no deny rule does.
+    pub share: Vec<ShareRule>,
+    /// Devices never to share, whatever `share` says.
+    pub deny: Vec<DeviceMatch>,
+}
+
+/// A config file that could not be used, pointing at the spot.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a value is not what the key expects.
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the offending key or value.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What was expected.
+        message: String,
+    },
+    /// An edit (`share`, `allow`, ...) could not be written back.
+    #[error("{path}: could not write: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Config {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Reads `path`, or an empty config if it does not exist: a first run needs no file.
+    pub fn load_or_default(path: &Path) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Parses `text`; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| located(text, path, &e))
+    }
+
+    /// The PIN a device needs, if a matching share rule sets one. The first matching rule
+    /// with a PIN wins, so a specific rule listed first can guard one device of a class.
+    pub fn pin_for(&self, device: &DeviceInfo) -> Option<&str> {
+        let facts = DeviceFacts::from_wire(device);
+        self.share
+            .iter()
+            .filter(|r| r.matcher.matches(&facts))
+            .find_map(|r| r.pin.as_deref())
+    }
+}
+
+/// Turns toml's byte span into the file:line:column an editor jumps to.
+fn located(text: &str, path: &Path, e: &toml::de::Error) -> ConfigError {
+    let at = e.span().map_or(0, |s| s.start).min(text.len());
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    ConfigError::Invalid {
+        path: path.to_owned(),
+        line,
+        column,
+        message: e.message().trim().to_owned(),
+    }
+}
+
+/// URBs in flight per endpoint, 1 to 1024.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueDepth(pub u16);
+
+impl<'de> Deserialize<'de> for QueueDepth {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Depth;
+        impl serde::de::Visitor<'_> for Depth {
+            type Value = QueueDepth;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a whole number of URBs in flight per endpoint, 1 to 1024")
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<QueueDepth, E> {
+                match u16::try_from(n) {
+                    Ok(n @ 1..=1024) => Ok(QueueDepth(n)),
+                    _ => Err(E::custom(format!(
+                        "queue_depth is {n}; expected 1 to 1024 URBs in flight per endpoint"
+                    ))),
+                }
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<QueueDepth, E> {
+                self.visit_i64(i64::try_from(n).unwrap_or(i64::MAX))
+            }
+        }
+        d.deserialize_i64(Depth)
+    }
+}
+
+/// A client's endpoint id, as `p2p-usb-client id` prints it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientId(pub EndpointId);
+
+impl<'de> Deserialize<'de> for ClientId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        EndpointId::from_str(s.trim()).map(ClientId).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "`{s}` is not an endpoint id; expected the 64 hex characters `p2p-usb-client id` prints"
+            ))
+        })
+    }
+}
+
+/// `vid:pid` in hex, e.g. `0781:5581`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VidPid {
+    /// idVendor.
+    pub vendor: u16,
+    /// idProduct.
+    pub product: u16,
+}
+
+impl FromStr for VidPid {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "`{s}` is not a vid:pid; expected four hex digits, a colon, four hex digits (e.g. 0781:5581)"
+            )
+        };
+        let (v, p) = s.split_once(':').ok_or_else(bad)?;
+        let hex = |x: &str| {
+            (x.len() == 4)
+                .then(|| u16::from_str_radix(x, 16).ok())
+                .flatten()
+        };
+        Ok(VidPid {
+            vendor: hex(v).ok_or_else(bad)?,
+            product: hex(p).ok_or_else(bad)?,
+        })
+    }
+}
+
+impl fmt::Display for VidPid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04x}:{:04x}", self.vendor, self.product)
+    }
+}
+
+impl<'de> Deserialize<'de> for VidPid {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Which devices a rule names. Every criterion given must hold; `all` names every device
+/// (hubs and imported devices are never shared, whatever the rules say).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, try_from = "RawMatch")]
+pub struct DeviceMatch {
+    /// `vid:pid`.
+    pub vid_pid: Option<VidPid>,
+    /// `iSerialNumber`, exactly.
+    pub serial: Option<String>,
+    /// The port path (sysfs bus id), e.g. `1-1.2`: whatever is plugged into that port.
+    pub port: Option<String>,
+    /// A USB class code, of the device or of any of its interfaces (8 = mass storage, 3 = HID,
+    /// 2 = CDC).
+    pub class: Option<u8>,
+    /// Every device.
+    pub all: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    vid_pid: Option<VidPid>,
+    serial: Option<String>,
+    port: Option<String>,
+    class: Option<u8>,
+    #[serde(default)]
+    all: bool,
+}
+
+impl TryFrom<RawMatch> for DeviceMatch {
+    type Error = String;
+
+    fn try_from(r: RawMatch) -> Result<Self, String> {
+        let m = DeviceMatch {
+            vid_pid: r.vid_pid,
+            serial: r.serial,
+            port: r.port,
+            class: r.class,
+            all: r.all,
+        };
+        let criteria = m.criteria();
+        if criteria == 0 && !m.all {
+            return Err("a rule names no device; expected at least one of vid_pid, serial, port, class, or `all = true`".into());
+        }
+        if criteria > 0 && m.all {
+            return Err("`all = true` names every device; drop it or the other criteria".into());
+        }
+        Ok(m)
+    }
+}
+
+/// What a rule can be checked against, from either nusb's listing or the wire's description.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceFacts {
+    /// idVendor, idProduct.
+    pub vid_pid: VidPid,
+    /// sysfs bus id.
+    pub port: String,
+    /// iSerialNumber.
+    pub serial: Option<String>,
+    /// The device class and every interface class.
+    pub classes: Vec<u8>,
+}
+
+impl DeviceFacts {
+    /// Facts from a device as the server describes it to clients.
+    pub fn from_wire(d: &DeviceInfo) -> DeviceFacts {
+        let mut classes = vec![d.class.class];
+        // Interface descriptors (type 4) carry bInterfaceClass at offset 5.
+        let mut rest = d.active_configuration_bytes().unwrap_or_default();
+        while let [len, kind, ..] = *rest {
+            let len = usize::from(len);
+            if len < 2 || len > rest.len() {
+                break;
+            }
+            if kind == 4 && len >= 9 {
+                classes.push(rest[5]);
+            }
+            rest = &rest[len..];
+        }
+        DeviceFacts {
+            vid_pid: VidPid {
+                vendor: d.vendor_id,
+                product: d.product_id,
+            },
+            port: d.bus_id.clone(),
+            serial: d.serial.clone(),
+            classes,
+        }
+    }
+}
+
+impl DeviceMatch {
+    fn criteria(&self) -> usize {
+        usize::from(self.vid_pid.is_some())
+            + usize::from(self.serial.is_some())
+            + usize::from(self.port.is_some())
+            + usize::from(self.class.is_some())
+    }
+
+    /// Whether the device is one this rule names.
+    pub fn matches(&self, d: &DeviceFacts) -> bool {
+        if self.all {
+            return true;
+        }
+        self.vid_pid.is_none_or(|v| v == d.vid_pid)
+            && self
+                .serial
+                .as_ref()
+                .is_none_or(|s| d.serial.as_ref() == Some(s))
+            && self.port.as_ref().is_none_or(|p| *p == d.port)
+            && self.class.is_none_or(|c| d.classes.contains(&c))
+    }
+
+    /// The rule a `--share`/`share` spec means: `all`, `vid:pid`, `serial=S`, `class=N`, or a
+    /// port path such as `1-1.2`.
+    pub fn from_spec(spec: &str) -> Result<DeviceMatch, String> {
+        let mut m = DeviceMatch::default();
+        if spec == "all" {
+            m.all = true;
+        } else if let Some(serial) = spec.strip_prefix("serial=") {
+            m.serial = Some(serial.to_owned());
+        } else if let Some(class) = spec.strip_prefix("class=") {
+            let parsed = match class.strip_prefix("0x") {
+                Some(hex) => u8::from_str_radix(hex, 16),
+                None => class.parse(),
+            };
+            m.class = Some(parsed.map_err(|_| {
+                format!("`{class}` is not a USB class code; expected 0 to 255 (e.g. class=8)")
+            })?);
+        } else if spec.contains(':') {
+            m.vid_pid = Some(spec.parse()?);
+        } else if !spec.is_empty()
+            && spec
+                .chars()
+                .all(|c| c.is_ascii_digit() || c == '-' || c == '.')
+        {
+            m.port = Some(spec.to_owned());
+        } else {
+            return Err(format!(
+                "`{spec}` names no device; expected all, vid:pid, serial=S, class=N or a port like 1-1.2"
+            ));
+        }
+        Ok(m)
+    }
+}
+
+impl fmt::Display for DeviceMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.all {
+            return f.write_str("all");
+        }
+        let mut parts = Vec::new();
+        if let Some(v) = self.vid_pid {
+            parts.push(format!("vid_pid {v}"));
+        }
+        if let Some(s) = &self.serial {
+            parts.push(format!("serial {s}"));
+        }
+        if let Some(p) = &self.port {
+            parts.push(format!("port {p}"));
+        }
+        if let Some(c) = self.class {
+            parts.push(format!("class {c:#04x}"));
+        }
+        f.write_str(&parts.join(", "))
+    }
+}
+
+/// One `[[share]]` rule: the devices it names, and the PIN a client must give to attach them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "RawShare")]
+pub struct ShareRule {
+    /// Which devices.
+    pub matcher: DeviceMatch,
+    /// Required PIN, if any.
+    pub pin: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShare {
+    vid_pid: Option<VidPid>,
+    serial: Option<String>,
+    port: Option<String>,
+    class: Option<u8>,
+    #[serde(default)]
+    all: bool,
+    pin: Option<String>,
+}
+
+impl TryFrom<RawShare> for ShareRule {
+    type Error = String;
+
+    fn try_from(r: RawShare) -> Result<Self, String> {
+        let matcher = DeviceMatch::try_from(RawMatch {
+            vid_pid: r.vid_pid,
+            serial: r.serial,
+            port: r.port,
+            class: r.class,
+            all: r.all,
+        })?;
+        if r.pin.as_deref().is_some_and(|p| p.trim().is_empty()) {
+            return Err("pin is empty; expected a non-empty string, or no pin key".into());
+        }
+        Ok(ShareRule {
+            matcher,
+            pin: r.pin,
+        })
+    }
+}
+
+/// Devices to offer: shared by some rule, denied by none.
+#[derive(Debug, Clone, Default)]
+pub struct SharePolicy {
+    /// Rules that offer devices.
+    pub share: Vec<DeviceMatch>,
+    /// Rules that veto.
+    pub deny: Vec<DeviceMatch>,
+}
+
+impl SharePolicy {
+    /// Whether a device with these facts is offered.
+    pub fn offers(&self, d: &DeviceFacts) -> bool {
+        self.share.iter().any(|r| r.matches(d)) && !self.deny.iter().any(|r| r.matches(d))
+    }
+}
+
+/// The commented header a new config file starts with.
+pub const NEW_FILE_HEADER: &str = "\
+# p2p-usb-server config. Edited by `p2p-usb-server share/unshare/allow/revoke`;
+# a running server picks changes up on SIGHUP (`systemctl reload p2p-usb-server`).
+# Every key is documented in server/examples/server.toml.
+";
+
+/// In-place edits that keep the operator's comments and layout.
+pub mod edit {
+    use std::path::Path;
+
+    use toml_edit::{Array, ArrayOfTables, DocumentMut, Item, Table, value};
+
+    use super::{Config, ConfigError, DeviceMatch, NEW_FILE_HEADER};
+
+    /// The document; a new file starts with the commented header above an `allow` list, so
+    /// the header stays on top whatever is added later.
+    fn open(path: &Path) -> Result<DocumentMut, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                format!("{NEW_FILE_HEADER}\nallow = []\n")
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        // Refuse to edit a file that does not load: the edit would hide the real mistake.
+        Config::parse(&text, path)?;
+        Ok(text
+            .parse()
+            .expect("a config that parsed is a TOML document"))
+    }
+
+    fn save(path: &Path, doc: &DocumentMut) -> Result<(), ConfigError> {
+        let text = doc.to_string();
+        Config::parse(&text, path)?;
+        let write = |source| ConfigError::Write {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(write)?;
+        }
+        // Write then rename, so a running server never reads half a file.
+        let tmp = path.with_extension("toml.tmp");
+        std::fs::write(&tmp, text).map_err(write)?;
+        std::fs::rename(&tmp, path).map_err(write)
+    }
+
+    /// Adds a `[[share]]` rule; returns false if an identical rule is there already.
+    pub fn share(path: &Path, rule: &DeviceMatch, pin: Option<&str>) -> Result<bool, ConfigError> {
+        let config = Config::load_or_default(path)?;
+        if config
+            .share
+            .iter()
+            .any(|r| r.matcher == *rule && r.pin.as_deref() == pin)
+        {
+            return Ok(false);
+        }
+        let mut doc = open(path)?;
+        let mut t = Table::new();
+        if rule.all {
+            t["all"] = value(true);
+        }
+        if let Some(v) = rule.vid_pid {
+            t["vid_pid"] = value(v.to_string());
+        }
+        if let Some(s) = &rule.serial {
+            t["serial"] = value(s.as_str());
+        }
+        if let Some(p) = &rule.port {
+            t["port"] = value(p.as_str());
+        }
+        if let Some(c) = rule.class {
+            t["class"] = value(i64::from(c));
+        }
+        if let Some(p) = pin {
+            t["pin"] = value(p);
+        }
+        match doc.get_mut("share") {
+            Some(Item::ArrayOfTables(a)) => a.push(t),
+            Some(_) => unreachable!("a config that parsed has [[share]] tables"),
+            None => {
+                let mut a = ArrayOfTables::new();
+                a.push(t);
+                doc.insert("share", Item::ArrayOfTables(a));
+            }
+        }
+        save(path, &doc)?;
+        Ok(true)
+    }
+
+    /// Removes every `[[share]]` rule naming exactly `rule`; returns how many.
+    pub fn unshare(path: &Path, rule: &DeviceMatch) -> Result<usize, ConfigError> {
+        let config = Config::load_or_default(path)?;
+        let mut doc = open(path)?;
+        let Some(Item::ArrayOfTables(a)) = doc.get_mut("share") else {
+            return Ok(0);
+        };
+        let mut removed = 0;
+        for (i, r) in config.share.iter().enumerate().rev() {
+            if r.matcher == *rule {
+                a.remove(i);
+                removed += 1;
+            }
+        }
+        if a.is_empty() {
+            doc.remove("share");
+        }
+        if removed > 0 {
+            save(path, &doc)?;
+        }
+        Ok(removed)
+    }
+
+    /// Adds `id` to `allow`; returns false if it is there already.
+    pub fn allow(path: &Path, id: &str) -> Result<bool, ConfigError> {
+        let mut doc = open(path)?;
+        let list = doc
+            .entry("allow")
+            .or_insert_with(|| value(Array::new()))
+            .as_array_mut()
+            .expect("a config that parsed has an allow array");
+        if list.iter().any(|v| v.as_str() == Some(id)) {
+            return Ok(false);
+        }
+        list.push(id);
+        save(path, &doc)?;
+        Ok(true)
+    }
+
+    /// Removes `id` from `allow`; returns false if it was not there.
+    pub fn revoke(path: &Path, id: &str) -> Result<bool, ConfigError> {
+        let mut doc = open(path)?;
+        let Some(list) = doc.get_mut("allow").and_then(Item::as_array_mut) else {
+            return Ok(false);
+        };
+        let before = list.len();
+        list.retain(|v| v.as_str() != Some(id));
+        if list.len() == before {
+            return Ok(false);
+        }
+        save(path, &doc)?;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "ae58ff8833241ac82d6ff7611046ed67b5072d142c588d0063e942d9a75502b6";
+
+    fn err(text: &str) -> String {
+        Config::parse(text, Path::new("server.toml"))
+            .expect_err(text)
+            .to_string()
+    }
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/server.toml");
+        let c = Config::load(&path).unwrap();
+        assert!(!c.share.is_empty());
+        assert!(!c.deny.is_empty());
+        assert!(c.share.iter().any(|r| r.pin.is_some()));
+    }
+
+    #[test]
+    fn an_empty_file_shares_nothing_and_allows_no_one() {
+        let c = Config::parse("", Path::new("x")).unwrap();
+        assert!(c.share.is_empty() && c.allow.is_empty() && !c.allow_any);
+    }
+
+    /// Every mistake names file, line and column, and says what was expected.
+    #[test]
+    fn every_error_points_at_its_line() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "relay = true\nbogus = 1\n",
+                "server.toml:2:1:",
+                "unknown field `bogus`",
+            ),
+            (
+                "queue_depth = 0\n",
+                "server.toml:1:15:",
+                "expected 1 to 1024",
+            ),
+            (
+                "queue_depth = 5000\n",
+                "server.toml:1:15:",
+                "expected 1 to 1024",
+            ),
+            ("queue_depth = \"deep\"\n", "server.toml:1:15:", "1 to 1024"),
+            (
+                "allow = [\"nope\"]\n",
+                "server.toml:1:9:",
+                "64 hex characters",
+            ),
+            ("relay = \"yes\"\n", "server.toml:1:9:", "boolean"),
+            (
+                "bind = [\"localhost\"]\n",
+                "server.toml:1:9:",
+                "socket address",
+            ),
+            (
+                "\n[[share]]\nvid_pid = \"0781\"\n",
+                "server.toml:3:11:",
+                "four hex digits",
+            ),
+            (
+                "[[share]]\nvid_pid = \"zzzz:0001\"\n",
+                "server.toml:2:11:",
+                "four hex digits",
+            ),
+            (
+                "[[share]]\ncolour = 1\n",
+                "server.toml:2:1:",
+                "unknown field `colour`",
+            ),
+            (
+                "[[share]]\npin = \"1\"\n",
+                "server.toml:1:1:",
+                "names no device",
+            ),
+            (
+                "[[share]]\nall = true\nclass = 8\n",
+                "server.toml:1:1:",
+                "drop it",
+            ),
+            ("[[share]]\nclass = 300\n", "server.toml:2:9:", "u8"),
+            (
+                "[[share]]\nall = true\npin = \" \"\n",
+                "server.toml:1:1:",
+                "pin is empty",
+            ),
+            (
+                "[[deny]]\nclass = 3\npin = \"1\"\n",
+                "server.toml:3:1:",
+                "unknown field `pin`",
+            ),
+            ("share = 3\n", "server.toml:1:9:", "sequence"),
+            ("relay = \n", "server.toml:1:9:", "expected"),
+        ];
+        for (text, at, what) in cases {
+            let e = err(text);
+            assert!(e.starts_with(at), "{text:?}: {e}");
+            assert!(e.contains(what), "{text:?}: {e}");
+        }
+    }
+
+    fn facts(vid: u16, pid: u16, port: &str, serial: Option<&str>, classes: &[u8]) -> DeviceFacts {
+        DeviceFacts {
+            vid_pid: VidPid {
+                vendor: vid,
+                product: pid,
+            },
+            port: port.into(),
+            serial: serial.map(Into::into),
+            classes: classes.to_vec(),
+        }
+    }
+
+    #[test]
+    fn rules_need_every_criterion_and_deny_wins() {
+        let c = Config::parse(
+            "[[share]]\nclass = 8\n[[share]]\nvid_pid = \"1234:5678\"\nserial = \"A1\"\npin = \"42\"\n\
+             [[deny]]\nport = \"1-1.4\"\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        let policy = SharePolicy {
+            share: c.share.iter().map(|r| r.matcher.clone()).collect(),
+            deny: c.deny.clone(),
+        };
+        assert!(policy.offers(&facts(1, 1, "1-1", None, &[0, 8])));
+        assert!(!policy.offers(&facts(1, 1, "1-1.4", None, &[0, 8])));
+        assert!(!policy.offers(&facts(0x1234, 0x5678, "1-2", Some("B2"), &[3])));
+        assert!(policy.offers(&facts(0x1234, 0x5678, "1-2", Some("A1"), &[3])));
+    }
+
+    #[test]
+    fn specs_from_the_command_line() {
+        let spec = |s| DeviceMatch::from_spec(s).unwrap();
+        assert!(spec("all").all);
+        assert_eq!(
+            spec("0781:5581").vid_pid,
+            Some(VidPid {
+                vendor: 0x0781,
+                product: 0x5581
+            })
+        );
+        assert_eq!(spec("1-1.2").port.as_deref(), Some("1-1.2"));
+        assert_eq!(spec("serial=A1").serial.as_deref(), Some("A1"));
+        assert_eq!(spec("class=0x08").class, Some(8));
+        assert_eq!(spec("class=3").class, Some(3));
+        assert!(DeviceMatch::from_spec("class=x").is_err());
+        assert!(DeviceMatch::from_spec("07:1").is_err());
+        assert!(DeviceMatch::from_spec("sandisk").is_err());
+    }
+
+    #[test]
+    fn edits_keep_comments_and_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/server.toml");
+        let rule = DeviceMatch::from_spec("0781:5581").unwrap();
+        assert!(edit::share(&path, &rule, Some("1234")).unwrap());
+        assert!(!edit::share(&path, &rule, Some("1234")).unwrap());
+        assert!(edit::allow(&path, ID).unwrap());
+        assert!(!edit::allow(&path, ID).unwrap());
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("# p2p-usb-server config"), "{text}");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.share.len(), 1);
+        assert_eq!(c.share[0].pin.as_deref(), Some("1234"));
+        assert_eq!(c.allow.len(), 1);
+
+        std::fs::write(&path, format!("# mine\n{text}")).unwrap();
+        assert_eq!(edit::unshare(&path, &rule).unwrap(), 1);
+        assert!(edit::revoke(&path, ID).unwrap());
+        assert!(!edit::revoke(&path, ID).unwrap());
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("# mine\n"), "{text}");
+        let c = Config::load(&path).unwrap();
+        assert!(c.share.is_empty() && c.allow.is_empty());
+    }
+
+    #[test]
+    fn edits_refuse_a_broken_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        std::fs::write(&path, "queue_depth = 0\n").unwrap();
+        let e = edit::allow(&path, ID).unwrap_err().to_string();
+        assert!(e.contains("server.toml:1:15"), "{e}");
+    }
+}
