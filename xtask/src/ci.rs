@@ -48,6 +48,8 @@ pub fn test(args: &TestArgs) -> Result<()> {
         }
         Ok(())
     };
+    // The client embeds the eBPF probes; tests and the lab need the real object.
+    crate::ebpf::ensure_toolchain()?;
     step("format", &["fmt", "--all", "--check"], false)?;
     step(
         "clippy",

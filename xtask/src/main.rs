@@ -5,6 +5,7 @@
 
 mod bench;
 mod ci;
+mod ebpf;
 mod fuzz;
 mod lab;
 
@@ -46,6 +47,8 @@ enum Cmd {
         #[command(subcommand)]
         target: Option<bench::Target>,
     },
+    /// Build the client's eBPF probes (installs clang and libbpf-dev with apt if missing).
+    BuildEbpf,
     /// Fuzz the protocol decoders (every target, or those named) for a bounded time each.
     Fuzz {
         /// Targets to run (default: all).
@@ -100,6 +103,7 @@ fn main() -> ExitCode {
         Cmd::Test(args) => ci::test(&args),
         Cmd::Demo => lab::demo(),
         Cmd::Bench { target } => bench::bench(target),
+        Cmd::BuildEbpf => ebpf::build(),
         Cmd::Fuzz { targets, secs } => fuzz::fuzz(&targets, secs),
     };
     match outcome {

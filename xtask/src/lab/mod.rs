@@ -92,6 +92,8 @@ pub fn build() -> Result<Manifest> {
         .map(|p| apt.fetch(p))
         .collect::<Result<Vec<_>>>()?;
 
+    // The client embeds the eBPF probes: the lab's build must carry the real ones.
+    crate::ebpf::ensure_toolchain()?;
     let bins = build_binaries(&ws)?;
     let plan = initramfs::plan(&apt, &kernel, &guest_pkgs, &bins)?;
     let mut key = Key::new();
@@ -175,6 +177,7 @@ fn build_binaries(ws: &Path) -> Result<initramfs::Binaries> {
     );
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut build = Command::new(&cargo);
+    build.env(crate::ebpf::REQUIRE_ENV, "1");
     build.current_dir(ws).args([
         "build",
         "--release",

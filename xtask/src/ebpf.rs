@@ -1,0 +1,115 @@
+//! `cargo xtask build-ebpf`: the toolchain for the client's eBPF probes, and the probes.
+//!
+//! The probes are C compiled by Debian's clang against libbpf's headers (LAB-NOTES: Rust eBPF
+//! needs a nightly toolchain here). `client-ebpf/build.rs` does the compiling; this makes sure
+//! clang and libbpf-dev are installed and that the object really got built.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::lab;
+
+/// Tells `client-ebpf/build.rs` to fail rather than embed an empty object.
+pub const REQUIRE_ENV: &str = "P2P_USB_REQUIRE_EBPF";
+
+/// (file that proves it is installed, Debian package).
+const TOOLCHAIN: &[(&str, &str)] = &[
+    ("/usr/bin/clang", "clang"),
+    ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
+];
+
+/// Installs clang and libbpf-dev with apt if they are missing.
+pub fn ensure_toolchain() -> Result<()> {
+    let missing: Vec<&str> = TOOLCHAIN
+        .iter()
+        .filter(|(file, _)| !Path::new(file).exists())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let fix = format!(
+        "apt-get install -y --no-install-recommends {}",
+        missing.join(" ")
+    );
+    if !is_root() {
+        bail!(
+            "building the eBPF probes needs {}; run: sudo {fix}",
+            missing.join(", ")
+        );
+    }
+    eprintln!("ebpf: installing {}", missing.join(" "));
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if !install() {
+        // A fresh machine may never have fetched its package lists.
+        let _ = Command::new("apt-get").args(["update", "-q"]).status();
+        if !install() {
+            bail!("could not install the eBPF toolchain; try: {fix}");
+        }
+    }
+    for (file, pkg) in TOOLCHAIN {
+        if !Path::new(file).exists() {
+            bail!("{file} is still missing after installing {pkg}");
+        }
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// `build-ebpf`: toolchain, then `client-ebpf` with the object required.
+pub fn build() -> Result<()> {
+    ensure_toolchain()?;
+    let ws = lab::workspace();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let st = Command::new(&cargo)
+        .current_dir(&ws)
+        .args(["build", "-p", "client-ebpf"])
+        .env(REQUIRE_ENV, "1")
+        .status()
+        .context("running cargo")?;
+    if !st.success() {
+        bail!("building client-ebpf failed");
+    }
+    let out = ws.join("target/debug/build");
+    let object = std::fs::read_dir(&out)
+        .with_context(|| format!("reading {}", out.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("client-ebpf-"))
+        .map(|e| e.path().join("out/urb.bpf.o"))
+        .filter(|p| p.is_file())
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok());
+    match object {
+        Some(p) if p.metadata().map(|m| m.len()).unwrap_or(0) > 0 => {
+            eprintln!(
+                "ebpf: built {} ({} bytes); the client embeds it",
+                p.display(),
+                p.metadata().map(|m| m.len()).unwrap_or(0)
+            );
+            Ok(())
+        }
+        _ => bail!(
+            "cargo built client-ebpf but no eBPF object is in {}",
+            out.display()
+        ),
+    }
+}
