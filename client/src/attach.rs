@@ -17,6 +17,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{debug, info, warn};
 use transport::{FramedRecv, FramedSend, ServerConnection};
 
+use crate::telemetry::{PortRecorder, Recording};
 use crate::vhci::{Action, KernelLink, PortSession, RealSys, Vhci};
 
 /// Why an attachment ended.
@@ -67,7 +68,8 @@ enum FromServer {
 }
 
 /// Attaches `device` (already claimed as `handle` on `conn`) to a free vhci port and runs it
-/// until it ends. `events` carries the connection's server events; `stop` asks for shutdown.
+/// until it ends. `events` carries the connection's server events; `stop` asks for shutdown;
+/// `recording`, if any, gets every URB's timestamps.
 pub async fn attach(
     conn: Arc<ServerConnection>,
     handle: AttachHandle,
@@ -75,6 +77,7 @@ pub async fn attach(
     vhci: Arc<Vhci<RealSys>>,
     events: broadcast::Receiver<Event>,
     stop: watch::Receiver<bool>,
+    recording: Option<&Recording>,
 ) -> Result<Attached, AttachError> {
     let (ours, kernels) = UnixStream::pair()?;
     let port = vhci.attach_any(kernels.as_fd(), device.usbip_devid(), device.speed)?;
@@ -95,8 +98,9 @@ pub async fn attach(
         "device attached to vhci"
     );
     let info = device.clone();
+    let recorder = recording.map(|r| r.port(port, device.usbip_devid(), &device.bus_id));
     let task = tokio::spawn(async move {
-        let end = run_port(
+        let end = run_port_recorded(
             conn.clone(),
             handle,
             &device,
@@ -104,6 +108,7 @@ pub async fn attach(
             Vec::new(),
             events,
             stop,
+            recorder,
         )
         .await;
         info!(port, ?end, "attachment ending");
@@ -142,6 +147,21 @@ pub async fn run_port(
     events: broadcast::Receiver<Event>,
     stop: watch::Receiver<bool>,
 ) -> AttachEnd {
+    run_port_recorded(conn, handle, device, link, initial, events, stop, None).await
+}
+
+/// [`run_port`] with a telemetry recorder for the port.
+#[allow(clippy::too_many_arguments)]
+async fn run_port_recorded(
+    conn: Arc<ServerConnection>,
+    handle: AttachHandle,
+    device: &DeviceInfo,
+    link: KernelLink,
+    initial: Vec<u8>,
+    events: broadcast::Receiver<Event>,
+    stop: watch::Receiver<bool>,
+    recorder: Option<PortRecorder>,
+) -> AttachEnd {
     let mut port_run = PortRun {
         conn,
         handle,
@@ -149,14 +169,22 @@ pub async fn run_port(
         link,
         streams: HashMap::new(),
         from_server: mpsc::unbounded_channel(),
+        recorder,
     };
-    if !initial.is_empty() {
+    let end = if initial.is_empty() {
+        None
+    } else {
         port_run.session.on_kernel_bytes(&initial);
-        if let Some(end) = port_run.drive().await {
-            return end;
-        }
+        port_run.drive().await
+    };
+    let end = match end {
+        Some(end) => end,
+        None => port_run.run(events, stop).await,
+    };
+    if let Some(r) = &mut port_run.recorder {
+        r.ended(port_run.session.stats(), port_run.session.in_flight());
     }
-    port_run.run(events, stop).await
+    end
 }
 
 struct PortRun {
@@ -169,6 +197,8 @@ struct PortRun {
         mpsc::UnboundedSender<FromServer>,
         mpsc::UnboundedReceiver<FromServer>,
     ),
+    /// Per-URB timestamps, when `--telemetry` asked for them.
+    recorder: Option<PortRecorder>,
 }
 
 impl PortRun {
@@ -180,7 +210,12 @@ impl PortRun {
         loop {
             tokio::select! {
                 bytes = self.link.rx.recv() => match bytes {
-                    Some(bytes) => self.session.on_kernel_bytes(&bytes),
+                    Some(bytes) => {
+                        if let Some(r) = &mut self.recorder {
+                            r.kernel_bytes();
+                        }
+                        self.session.on_kernel_bytes(&bytes);
+                    }
                     None => return AttachEnd::KernelDetached,
                 },
                 Some(msg) = self.from_server.1.recv() => {
@@ -215,7 +250,12 @@ impl PortRun {
 
     fn on_server(&mut self, msg: FromServer) -> Option<AttachEnd> {
         match msg {
-            FromServer::Message(UrbServerMessage::Complete(c)) => self.session.on_completion(c),
+            FromServer::Message(UrbServerMessage::Complete(c)) => {
+                if let Some(r) = &mut self.recorder {
+                    r.completion(&c);
+                }
+                self.session.on_completion(c);
+            }
             FromServer::Message(UrbServerMessage::UnlinkDone { id, cancelled }) => {
                 self.session.on_unlink_done(id, cancelled)
             }
@@ -234,6 +274,9 @@ impl PortRun {
                     urb,
                 } => {
                     let id = urb.id;
+                    if let Some(r) = &mut self.recorder {
+                        r.forwarded(&urb);
+                    }
                     if let Err(end) = self
                         .send((endpoint, direction), UrbClientMessage::Submit(urb))
                         .await
@@ -257,6 +300,9 @@ impl PortRun {
                 Action::ToKernel(bytes) => {
                     if self.link.tx.send(bytes).await.is_err() {
                         return Some(AttachEnd::KernelDetached);
+                    }
+                    if let Some(r) = &mut self.recorder {
+                        r.to_kernel();
                     }
                 }
                 Action::Close(reason) => {

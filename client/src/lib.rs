@@ -8,5 +8,7 @@
 
 pub mod attach;
 pub mod bridge;
+pub mod latency;
 pub mod probe;
+pub mod telemetry;
 pub mod vhci;

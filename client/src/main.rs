@@ -59,6 +59,8 @@ enum Command {
         /// through our tunnel.
         #[arg(long, value_name = "ADDR")]
         usbip_listen: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        telemetry: client::telemetry::TelemetryArgs,
     },
     /// Measure round trips to a server on the control stream.
     Ping {
@@ -160,7 +162,8 @@ async fn main() -> anyhow::Result<()> {
             devices,
             pin,
             usbip_listen: None,
-        } => attach(&cli, ticket, devices, pin.clone()).await,
+            telemetry,
+        } => attach(&cli, ticket, devices, pin.clone(), telemetry).await,
         Command::Ping { ticket, count } => {
             let conn = connect(&cli, ticket).await?;
             let mut rtts = Vec::new();
@@ -291,10 +294,13 @@ async fn attach(
     ticket: &Ticket,
     specs: &[String],
     pin: Option<String>,
+    telemetry: &client::telemetry::TelemetryArgs,
 ) -> anyhow::Result<()> {
     let vhci = Arc::new(Vhci::new(RealSys::default()));
     // Fail before touching the network if this machine cannot attach anything.
     vhci.nports()?;
+    // Before the attach, so the probes see the device's first URB.
+    let recording = telemetry.start()?;
     let conn = connect(cli, ticket).await?;
     let listed = conn.list_devices().await?;
     let chosen: Vec<DeviceInfo> = if specs.is_empty() {
@@ -320,6 +326,7 @@ async fn attach(
             vhci.clone(),
             events_tx.subscribe(),
             stop_rx.clone(),
+            recording.as_ref(),
         )
         .await;
         let a = match a {
@@ -371,6 +378,9 @@ async fn attach(
     }
     stop.abort();
     conn.close().await;
+    if let Some(recording) = recording {
+        recording.finish()?;
+    }
     if failed {
         bail!("an attachment ended abnormally");
     }

@@ -325,7 +325,7 @@ fn many_urbs_complete_in_any_order() {
         (1..=n)
             .filter(|s| s % 2 == 1)
             .map(|s| u64::from(s) * 3)
-            .sum()
+            .sum::<u64>()
     );
 }
 
