@@ -8,7 +8,10 @@
 
 pub mod attach;
 pub mod bridge;
+pub mod config;
 pub mod latency;
 pub mod probe;
+pub mod supervisor;
 pub mod telemetry;
+pub mod tui;
 pub mod vhci;

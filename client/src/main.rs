@@ -8,20 +8,38 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use client::config::Config;
 use client::probe::Probe;
+use client::supervisor::{Backoff, Rule};
 use client::vhci::{RealSys, Vhci};
 use protocol::wire::{Capabilities, DeviceInfo, Event};
 use transport::{NetConfig, ServerConnection, Ticket, bind_endpoint, load_or_create_secret_key};
 
 /// Attach USB devices shared by a `p2p-usb-server` to this machine's kernel, peer to peer over
-/// iroh. The server's operator allows this client's id (`p2p-usb-client id`) and gives you a
-/// ticket; `p2p-usb-client list <ticket>` shows what it shares.
+/// iroh.
+///
+/// First time:
+///   p2p-usb-client id                        give this id to the server's operator
+///                                            (they run `p2p-usb-server allow <id>`)
+///   p2p-usb-client pair <ticket> --name pi   remember the server's ticket as `pi`
+///   p2p-usb-client list pi                   what it shares
+///   sudo p2p-usb-client attach pi --device 0781:5581
+///                                            attach it; `lsusb` shows it here
+///   p2p-usb-client tui                       servers, latency, devices, ports at a glance
+///
+/// For devices that should always be attached, add [[auto_attach]] rules to the config and
+/// run `p2p-usb-client run` (the p2p-usb-client systemd service does). Settings live in
+/// /etc/p2p-usb/client.toml as root, else ~/.config/p2p-usb/client.toml (`--config`).
 #[derive(Parser)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, verbatim_doc_comment)]
 struct Cli {
-    /// Secret key file (created with mode 0600 on first run): this client's identity.
-    #[arg(long, global = true, env = "P2P_USB_CLIENT_KEY", default_value_os_t = default_key_path())]
-    key_file: PathBuf,
+    /// Secret key file (created with mode 0600 on first run): this client's identity
+    /// [default: the config's key_file, else ~/.local/state/p2p-usb/client.key].
+    #[arg(long, global = true, env = "P2P_USB_CLIENT_KEY")]
+    key_file: Option<PathBuf>,
+    /// The config file.
+    #[arg(long, global = true, env = "P2P_USB_CLIENT_CONFIG", default_value_os_t = default_config_path())]
+    config: PathBuf,
     /// Use n0's public relays to reach servers behind NAT.
     #[arg(long, global = true)]
     relay: bool,
@@ -38,15 +56,15 @@ enum Command {
     Id,
     /// List the devices a server shares with us.
     List {
-        /// The server's ticket (`p2pusb1:...`).
-        ticket: Ticket,
+        /// The server: its ticket (`p2pusb1:...`) or a name given to `pair`.
+        ticket: String,
     },
     /// Attach remote devices to this machine's kernel through vhci-hcd and keep them attached
     /// until Ctrl-C, `p2p-usb-client detach`, or the server removes them. Needs root (or
     /// CAP_SYS_ADMIN) and the vhci-hcd module.
     Attach {
-        /// The server's ticket.
-        ticket: Ticket,
+        /// The server: its ticket or a name given to `pair`.
+        ticket: String,
         /// Which devices: bus id, `vid:pid`, serial or product name (repeatable; default: the
         /// first one the server lists).
         #[arg(long = "device")]
@@ -64,11 +82,33 @@ enum Command {
     },
     /// Measure round trips to a server on the control stream.
     Ping {
-        /// The server's ticket.
-        ticket: Ticket,
+        /// The server: its ticket or a name given to `pair`.
+        ticket: String,
         /// How many pings.
         #[arg(long, default_value_t = 20)]
         count: u32,
+    },
+    /// Remember a server's ticket under a name, for every command that takes a server.
+    Pair {
+        /// The ticket `p2p-usb-server` printed.
+        ticket: Ticket,
+        /// The name to use for it [default: the start of its id].
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Keep the devices the config's [[auto_attach]] rules name attached: when they appear,
+    /// and again after a drop (reconnecting with back-off). What the systemd service runs.
+    Run,
+    /// A live view: servers with their round-trip percentiles, remote devices, vhci ports.
+    Tui {
+        /// Servers to watch (tickets or paired names) [default: every paired server].
+        servers: Vec<String>,
+    },
+    /// Print a shell completion script, e.g. `p2p-usb-client completions bash >
+    /// /etc/bash_completion.d/p2p-usb-client`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
     /// Detach the device on a vhci port (see `status`).
     Detach {
@@ -80,8 +120,8 @@ enum Command {
     /// Check a remote mass-storage device end to end without the kernel: descriptors, INQUIRY,
     /// READ CAPACITY and a timed read.
     Probe {
-        /// The server's ticket.
-        ticket: Ticket,
+        /// The server: its ticket or a name given to `pair`.
+        ticket: String,
         /// Which device: bus id, `vid:pid`, serial, or product name (default: the first one).
         #[arg(long)]
         device: Option<String>,
@@ -105,6 +145,30 @@ fn default_key_path() -> PathBuf {
     state.join("p2p-usb/client.key")
 }
 
+fn default_config_path() -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self belongs to the process's effective user.
+    if std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
+        return PathBuf::from("/etc/p2p-usb/client.toml");
+    }
+    std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .unwrap_or_else(|| PathBuf::from("/etc"))
+        .join("p2p-usb/client.toml")
+}
+
+fn config(cli: &Cli) -> anyhow::Result<Config> {
+    Ok(Config::load_or_default(&cli.config)?)
+}
+
+fn key_path(cli: &Cli) -> anyhow::Result<PathBuf> {
+    Ok(match &cli.key_file {
+        Some(k) => k.clone(),
+        None => config(cli)?.key_file.unwrap_or_else(default_key_path),
+    })
+}
+
 // One thread: a URB crosses several tasks per round trip, and hops between runtime threads
 // cost more than they give for one client (measured in the lab: probe reads 9.4 -> 12.4 MiB/s).
 // The vhci byte pump has its own thread either way.
@@ -122,8 +186,33 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match &cli.command {
         Command::Id => {
-            let key = load_or_create_secret_key(&cli.key_file).await?;
+            let key = load_or_create_secret_key(&key_path(&cli)?).await?;
             println!("{}", key.public());
+            Ok(())
+        }
+        Command::Pair { ticket, name } => {
+            let name = name
+                .clone()
+                .unwrap_or_else(|| ticket.id.to_string().chars().take(8).collect());
+            client::config::pair(&cli.config, &name, ticket)?;
+            let key = load_or_create_secret_key(&key_path(&cli)?).await?;
+            println!("{}: paired `{name}`", cli.config.display());
+            println!(
+                "ask the server's operator to run: p2p-usb-server allow {}",
+                key.public()
+            );
+            println!("then: p2p-usb-client list {name}");
+            Ok(())
+        }
+        Command::Run => run(&cli).await,
+        Command::Tui { servers } => tui(&cli, servers).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "p2p-usb-client",
+                &mut std::io::stdout(),
+            );
             Ok(())
         }
         Command::List { ticket } => {
@@ -291,7 +380,7 @@ async fn main() -> anyhow::Result<()> {
 
 async fn attach(
     cli: &Cli,
-    ticket: &Ticket,
+    ticket: &str,
     specs: &[String],
     pin: Option<String>,
     telemetry: &client::telemetry::TelemetryArgs,
@@ -387,7 +476,7 @@ async fn attach(
     Ok(())
 }
 
-async fn bridge(cli: &Cli, ticket: &Ticket, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+async fn bridge(cli: &Cli, ticket: &str, addr: std::net::SocketAddr) -> anyhow::Result<()> {
     let conn = connect(cli, ticket).await?;
     let events_tx = forward_events(&conn);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -447,15 +536,10 @@ async fn shutdown_signal() -> std::io::Result<()> {
     }
 }
 
-async fn connect(cli: &Cli, ticket: &Ticket) -> anyhow::Result<Arc<ServerConnection>> {
-    let key = load_or_create_secret_key(&cli.key_file).await?;
-    let net = NetConfig {
-        bind: vec![],
-        relays: cli.relay,
-        port_mapping: false,
-        idle_timeout: Duration::from_millis(1500),
-    };
-    let endpoint = bind_endpoint(key, vec![], &net).await?;
+async fn connect(cli: &Cli, server: &str) -> anyhow::Result<Arc<ServerConnection>> {
+    let config = config(cli)?;
+    let ticket = &config.resolve(server).map_err(anyhow::Error::msg)?;
+    let endpoint = client_endpoint(cli).await?;
     let agent = format!("p2p-usb-client/{}", env!("CARGO_PKG_VERSION"));
     ServerConnection::connect(
         &endpoint,
@@ -465,6 +549,199 @@ async fn connect(cli: &Cli, ticket: &Ticket) -> anyhow::Result<Arc<ServerConnect
     )
     .await
     .with_context(|| format!("connecting to {}", ticket.id))
+}
+
+async fn client_endpoint(cli: &Cli) -> anyhow::Result<iroh::Endpoint> {
+    let key = load_or_create_secret_key(&key_path(cli)?).await?;
+    let net = NetConfig {
+        bind: vec![],
+        relays: cli.relay || config(cli)?.relay,
+        port_mapping: false,
+        idle_timeout: Duration::from_millis(1500),
+    };
+    Ok(bind_endpoint(key, vec![], &net).await?)
+}
+
+/// `run`: one supervisor per server that an auto-attach rule names, until Ctrl-C/SIGTERM.
+async fn run(cli: &Cli) -> anyhow::Result<()> {
+    let config = config(cli)?;
+    if config.auto_attach.is_empty() {
+        bail!(
+            "{} has no [[auto_attach]] rules: nothing to keep attached (see client/examples/client.toml)",
+            cli.config.display()
+        );
+    }
+    let vhci = Arc::new(Vhci::new(RealSys::default()));
+    vhci.nports()?;
+    let endpoint = client_endpoint(cli).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut supervisors = tokio::task::JoinSet::new();
+    for (name, server) in &config.servers {
+        let rules: Vec<Rule> = config
+            .auto_attach
+            .iter()
+            .filter(|r| &r.server == name)
+            .map(|r| Rule {
+                device: r.device.clone(),
+                pin: r.pin.clone(),
+            })
+            .collect();
+        if rules.is_empty() {
+            continue;
+        }
+        let (endpoint, addr) = (endpoint.clone(), server.ticket.endpoint_addr());
+        let connect = move || {
+            let (endpoint, addr) = (endpoint.clone(), addr.clone());
+            async move {
+                let agent = format!("p2p-usb-client/{}", env!("CARGO_PKG_VERSION"));
+                ServerConnection::connect(&endpoint, addr, Capabilities::TIMING, &agent).await
+            }
+        };
+        let backoff = Backoff::new(config.reconnect.initial(), config.reconnect.max());
+        supervisors.spawn(client::supervisor::supervise(
+            name.clone(),
+            connect,
+            rules,
+            vhci.clone(),
+            backoff,
+            stop_rx.clone(),
+        ));
+    }
+    tracing::info!(servers = supervisors.len(), "keeping devices attached");
+    let _ = shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    while supervisors.join_next().await.is_some() {}
+    endpoint.close().await;
+    Ok(())
+}
+
+/// `tui`: one task per server pings it every second and refreshes its device list; the screen
+/// redraws four times a second.
+async fn tui(cli: &Cli, servers: &[String]) -> anyhow::Result<()> {
+    use client::tui::{App, Link, PortView, ServerView};
+    use crossterm::event::{self, Event as Key, KeyCode, KeyEventKind};
+    let config = config(cli)?;
+    let named: Vec<(String, Ticket)> = if servers.is_empty() {
+        config
+            .servers
+            .iter()
+            .map(|(n, s)| (n.clone(), s.ticket.clone()))
+            .collect()
+    } else {
+        servers
+            .iter()
+            .map(|s| {
+                let t = config.resolve(s).map_err(anyhow::Error::msg)?;
+                let name = if config.servers.contains_key(s) {
+                    s.clone()
+                } else {
+                    t.id.to_string().chars().take(8).collect()
+                };
+                Ok((name, t))
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    if named.is_empty() {
+        bail!(
+            "no servers to show: pair one (`p2p-usb-client pair <ticket> --name NAME`) or name a ticket"
+        );
+    }
+    let endpoint = client_endpoint(cli).await?;
+    let app = Arc::new(std::sync::Mutex::new(App {
+        servers: named
+            .iter()
+            .map(|(name, t)| ServerView {
+                name: name.clone(),
+                id: t.id.to_string(),
+                ..ServerView::default()
+            })
+            .collect(),
+        ports: Ok(vec![]),
+    }));
+    let mut watchers = tokio::task::JoinSet::new();
+    for (i, (_, ticket)) in named.into_iter().enumerate() {
+        let (endpoint, app) = (endpoint.clone(), app.clone());
+        watchers.spawn(async move {
+            let agent = format!("p2p-usb-client/{} tui", env!("CARGO_PKG_VERSION"));
+            loop {
+                let set = |link: Link| lock(&app).servers[i].link = link;
+                let conn = match ServerConnection::connect(
+                    &endpoint,
+                    ticket.endpoint_addr(),
+                    Capabilities::TIMING,
+                    &agent,
+                )
+                .await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        set(Link::Down(e.to_string()));
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                        continue;
+                    }
+                };
+                set(Link::Connected);
+                let mut tick = 0u32;
+                let why = loop {
+                    if tick.is_multiple_of(5) {
+                        match conn.list_devices().await {
+                            Ok(d) => lock(&app).servers[i].devices = d,
+                            Err(e) => break e.to_string(),
+                        }
+                    }
+                    match conn.ping().await {
+                        Ok(rtt) => lock(&app).servers[i].push_rtt(rtt),
+                        Err(e) => break e.to_string(),
+                    }
+                    tick += 1;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                };
+                set(Link::Down(why));
+                conn.close().await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+    let vhci = Vhci::new(RealSys::default());
+    let mut terminal = ratatui::init();
+    let result = async {
+        loop {
+            lock(&app).ports = vhci
+                .ports()
+                .map(|ports| {
+                    ports
+                        .iter()
+                        .filter(|p| !p.is_free())
+                        .map(|p| PortView {
+                            port: p.port,
+                            devid: p.devid,
+                            local_busid: p.local_busid.clone(),
+                        })
+                        .collect()
+                })
+                .map_err(|e| e.to_string());
+            terminal.draw(|f| client::tui::draw(f, &lock(&app)))?;
+            // Never block the one runtime thread on the terminal: the pings run on it.
+            while event::poll(Duration::ZERO)? {
+                if let Key::Key(key) = event::read()?
+                    && key.kind == KeyEventKind::Press
+                    && matches!(key.code, KeyCode::Char('q') | KeyCode::Esc)
+                {
+                    return anyhow::Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    .await;
+    ratatui::restore();
+    watchers.abort_all();
+    endpoint.close().await;
+    result
+}
+
+fn lock(app: &std::sync::Mutex<client::tui::App>) -> std::sync::MutexGuard<'_, client::tui::App> {
+    app.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The device `spec` names: bus id, `vid:pid`, serial or product; the first device if none.

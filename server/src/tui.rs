@@ -189,7 +189,7 @@ fn draw_devices(frame: &mut Frame, app: &App, status: &Status, area: Rect) {
             Cell::from(d.product.clone().unwrap_or_else(|| "-".into())),
             Cell::from(if d.pin { "yes" } else { "-" }),
             attached,
-            // "in" is what the client reads: data from the device.
+            // Read and write as the client sees them: read is data from the device.
             Cell::from(format!("{from:.1}")),
             Cell::from(format!("{to:.1}")),
             Cell::from(mib(d.bytes_from_device + d.bytes_to_device)),
@@ -200,9 +200,9 @@ fn draw_devices(frame: &mut Frame, app: &App, status: &Status, area: Rect) {
         Constraint::Length(10),
         Constraint::Min(12),
         Constraint::Length(4),
+        Constraint::Length(11),
+        Constraint::Length(11),
         Constraint::Length(12),
-        Constraint::Length(9),
-        Constraint::Length(9),
         Constraint::Length(10),
     ];
     let title = if status.snapshot.devices.is_empty() {

@@ -1,0 +1,383 @@
+//! The client's TOML config file: named servers (their tickets), which of their devices to
+//! attach by themselves, and how hard to retry.
+//!
+//! `p2p-usb-client pair <ticket> --name pi` writes a server into it; `p2p-usb-client run` (the
+//! systemd service) attaches what its `[[auto_attach]]` rules name. Errors name the file, line
+//! and column and say what was expected.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use transport::Ticket;
+
+/// The whole file; every key is optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The client's secret key (its identity).
+    pub key_file: Option<PathBuf>,
+    /// Use n0's public relays to reach servers behind NAT.
+    pub relay: bool,
+    /// Record per-URB latency telemetry (see `attach --telemetry`); off unless set.
+    pub telemetry: Telemetry,
+    /// Servers by name.
+    pub servers: BTreeMap<String, Server>,
+    /// Devices to attach whenever they are shared, and again after a drop.
+    pub auto_attach: Vec<AutoAttach>,
+    /// Back-off between reconnection attempts.
+    pub reconnect: Reconnect,
+}
+
+/// Telemetry on or off, and where it goes.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Telemetry {
+    /// Record it.
+    pub enabled: bool,
+    /// Where, when enabled.
+    pub file: Option<PathBuf>,
+}
+
+/// A paired server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    /// Its ticket.
+    #[serde(deserialize_with = "ticket")]
+    pub ticket: Ticket,
+}
+
+/// One auto-attach rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoAttach {
+    /// A server name from `[servers]`.
+    pub server: String,
+    /// Which device: bus id, `vid:pid`, serial or product name.
+    pub device: String,
+    /// Its PIN, if the server asks for one.
+    pub pin: Option<String>,
+}
+
+/// Reconnection back-off: doubles from `initial_ms` up to `max_ms`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Reconnect {
+    /// First wait after a drop.
+    pub initial_ms: u64,
+    /// Longest wait.
+    pub max_ms: u64,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Reconnect {
+            initial_ms: 500,
+            max_ms: 30_000,
+        }
+    }
+}
+
+impl Reconnect {
+    /// The first wait.
+    pub fn initial(&self) -> Duration {
+        Duration::from_millis(self.initial_ms.max(1))
+    }
+
+    /// The longest wait.
+    pub fn max(&self) -> Duration {
+        Duration::from_millis(self.max_ms.max(self.initial_ms).max(1))
+    }
+}
+
+fn ticket<'de, D: Deserializer<'de>>(d: D) -> Result<Ticket, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(|e| {
+        serde::de::Error::custom(format!(
+            "{e}; expected the `p2pusb1:...` string `p2p-usb-server ticket` prints"
+        ))
+    })
+}
+
+/// A config file that could not be used, pointing at the spot.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not valid TOML, a value that is not what its key expects, or rules that do not fit.
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What was expected.
+        message: String,
+    },
+    /// `pair` could not write the file.
+    #[error("{path}: could not write: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Config {
+    /// Reads `path`, or an empty config if it does not exist.
+    pub fn load_or_default(path: &Path) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Parses `text` and checks that rules name known servers; `path` only names the file.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let at = e.span().map_or(0, |s| s.start);
+            invalid(text, path, at, e.message().trim())
+        })?;
+        for rule in &config.auto_attach {
+            if !config.servers.contains_key(&rule.server) {
+                // Point at the rule's `server = ...` line.
+                let at = find_value(text, "server", &rule.server).unwrap_or(0);
+                let known: Vec<&str> = config.servers.keys().map(String::as_str).collect();
+                return Err(invalid(
+                    text,
+                    path,
+                    at,
+                    &format!(
+                        "auto_attach names server `{}`; expected one of the [servers.NAME] tables ({})",
+                        rule.server,
+                        if known.is_empty() {
+                            "there are none: `p2p-usb-client pair <ticket> --name NAME` adds one"
+                                .to_owned()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                ));
+            }
+        }
+        if config.telemetry.enabled && config.telemetry.file.is_none() {
+            let at = text.find("[telemetry]").unwrap_or(0);
+            return Err(invalid(
+                text,
+                path,
+                at,
+                "telemetry is enabled but has no file; expected `file = \"/path/telemetry.jsonl\"`",
+            ));
+        }
+        Ok(config)
+    }
+
+    /// The ticket for a server argument: a ticket itself, or a name from `[servers]`.
+    pub fn resolve(&self, server: &str) -> Result<Ticket, String> {
+        if server.starts_with("p2pusb1:") {
+            return server.parse().map_err(|e| format!("{e}"));
+        }
+        self.servers
+            .get(server)
+            .map(|s| s.ticket.clone())
+            .ok_or_else(|| {
+                let known: Vec<&str> = self.servers.keys().map(String::as_str).collect();
+                format!(
+                    "`{server}` is neither a ticket (`p2pusb1:...`) nor a paired server name{}",
+                    if known.is_empty() {
+                        " (none are paired: `p2p-usb-client pair <ticket> --name NAME`)".to_owned()
+                    } else {
+                        format!(" (paired: {})", known.join(", "))
+                    }
+                )
+            })
+    }
+}
+
+/// Byte offset of `key = "value"` in `text`, for errors found after parsing.
+fn find_value(text: &str, key: &str, value: &str) -> Option<usize> {
+    text.match_indices(key).find_map(|(i, _)| {
+        let rest = text[i + key.len()..]
+            .trim_start()
+            .strip_prefix('=')?
+            .trim_start();
+        let quoted = rest.strip_prefix('"').or_else(|| rest.strip_prefix('\''))?;
+        quoted.starts_with(value).then_some(i)
+    })
+}
+
+fn invalid(text: &str, path: &Path, at: usize, message: &str) -> ConfigError {
+    let before = &text[..at.min(text.len())];
+    ConfigError::Invalid {
+        path: path.to_owned(),
+        line: before.matches('\n').count() + 1,
+        column: before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1,
+        message: message.to_owned(),
+    }
+}
+
+/// The commented header a new config file starts with.
+const NEW_FILE_HEADER: &str = "\
+# p2p-usb-client config. `p2p-usb-client pair` adds servers here; every key is documented
+# in client/examples/client.toml.
+";
+
+/// Adds (or replaces) `[servers.NAME]`, keeping the file's comments.
+pub fn pair(path: &Path, name: &str, ticket: &Ticket) -> Result<(), ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => format!("{NEW_FILE_HEADER}\n"),
+        Err(source) => {
+            return Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    Config::parse(&text, path)?;
+    let mut doc: toml_edit::DocumentMut = text.parse().expect("a config that parsed is TOML");
+    let servers = doc
+        .entry("servers")
+        .or_insert_with(|| {
+            let mut t = toml_edit::Table::new();
+            t.set_implicit(true);
+            toml_edit::Item::Table(t)
+        })
+        .as_table_mut()
+        .expect("a config that parsed has a servers table");
+    let mut entry = toml_edit::Table::new();
+    entry["ticket"] = toml_edit::value(ticket.to_string());
+    servers.insert(name, toml_edit::Item::Table(entry));
+    let text = doc.to_string();
+    Config::parse(&text, path)?;
+    let write = |source| ConfigError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(write)?;
+    }
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, text).map_err(write)?;
+    std::fs::rename(&tmp, path).map_err(write)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TICKET: &str =
+        "p2pusb1:ae58ff8833241ac82d6ff7611046ed67b5072d142c588d0063e942d9a75502b6@10.0.0.2:7788";
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/client.toml");
+        let c = Config::load_or_default(&path).unwrap();
+        assert!(!c.servers.is_empty());
+        assert!(!c.auto_attach.is_empty());
+        assert_eq!(c.reconnect.max(), Duration::from_secs(30));
+    }
+
+    /// Every mistake names file, line and column, and says what was expected.
+    #[test]
+    fn every_error_points_at_its_line() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("relay = 1\n", "client.toml:1:9:", "boolean"),
+            (
+                "colour = true\n",
+                "client.toml:1:1:",
+                "unknown field `colour`",
+            ),
+            (
+                "[servers.pi]\nticket = \"nope\"\n",
+                "client.toml:2:10:",
+                "p2pusb1:",
+            ),
+            (
+                "[servers.pi]\nticket = \"p2pusb1:zz\"\n",
+                "client.toml:2:10:",
+                "endpoint id",
+            ),
+            (
+                "[servers.pi]\naddr = \"x\"\n",
+                "client.toml:2:1:",
+                "unknown field `addr`",
+            ),
+            (
+                "[servers.pi]\n",
+                "client.toml:1:1:",
+                "missing field `ticket`",
+            ),
+            (
+                &format!(
+                    "[servers.pi]\nticket = \"{TICKET}\"\n[[auto_attach]]\nserver = \"pie\"\ndevice = \"x\"\n"
+                ),
+                "client.toml:4:1:",
+                "expected one of the [servers.NAME] tables (pi)",
+            ),
+            (
+                "[[auto_attach]]\nserver = \"a\"\n",
+                "client.toml:1:1:",
+                "missing field `device`",
+            ),
+            ("[reconnect]\nmax_ms = -1\n", "client.toml:2:10:", "u64"),
+            (
+                "[telemetry]\nenabled = true\n",
+                "client.toml:1:1:",
+                "has no file",
+            ),
+        ];
+        for (text, at, what) in cases {
+            let e = Config::parse(text, Path::new("client.toml"))
+                .expect_err(text)
+                .to_string();
+            assert!(e.starts_with(at), "{text:?}: {e}");
+            assert!(e.contains(what), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_server_argument_is_a_ticket_or_a_name() {
+        let c = Config::parse(
+            &format!("[servers.pi]\nticket = \"{TICKET}\"\n"),
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(c.resolve("pi").unwrap().to_string(), TICKET);
+        assert_eq!(c.resolve(TICKET).unwrap().to_string(), TICKET);
+        assert!(c.resolve("laptop").unwrap_err().contains("paired: pi"));
+    }
+
+    #[test]
+    fn pairing_adds_a_server_and_keeps_comments() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p2p-usb/client.toml");
+        let t: Ticket = TICKET.parse().unwrap();
+        pair(&path, "pi", &t).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("# mine\nrelay = true\n{text}")).unwrap();
+        pair(&path, "desk", &t).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("# mine\n"), "{text}");
+        let c = Config::load_or_default(&path).unwrap();
+        assert!(c.relay);
+        assert_eq!(c.servers.len(), 2);
+    }
+}
