@@ -243,7 +243,10 @@ const NEW_FILE_HEADER: &str = "\
 pub fn pair(path: &Path, name: &str, ticket: &Ticket) -> Result<(), ConfigError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => format!("{NEW_FILE_HEADER}\n"),
+        // The header sits above a root key, so tables added later go below it.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            format!("{NEW_FILE_HEADER}\nrelay = false\n")
+        }
         Err(source) => {
             return Err(ConfigError::Read {
                 path: path.to_owned(),
@@ -372,6 +375,8 @@ mod tests {
         let t: Ticket = TICKET.parse().unwrap();
         pair(&path, "pi", &t).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("# p2p-usb-client config"), "{text}");
+        let text = text.replace("relay = false\n", "");
         std::fs::write(&path, format!("# mine\nrelay = true\n{text}")).unwrap();
         pair(&path, "desk", &t).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
