@@ -53,10 +53,16 @@ pub struct Gadget {
 impl Gadget {
     /// A USB mass-storage device whose single LUN is `backing` (a file, e.g. on /tmp).
     pub fn mass_storage(backing: &Path) -> Result<Gadget> {
+        Gadget::mass_storage_as("lab-msc", PID_MASS_STORAGE, backing)
+    }
+
+    /// A second (third...) disk beside the first: its own configfs name and product id, so
+    /// the host side can tell them apart. Needs a free UDC (dummy_hcd is loaded with two).
+    pub fn mass_storage_as(name: &str, pid: u16, backing: &Path) -> Result<Gadget> {
         let file = backing.to_string_lossy().into_owned();
         Gadget::with_function(
-            "lab-msc",
-            PID_MASS_STORAGE,
+            name,
+            pid,
             "usb_f_mass_storage",
             "mass_storage.0",
             &[("lun.0/removable", b"0"), ("lun.0/file", file.as_bytes())],
@@ -133,16 +139,24 @@ impl Gadget {
         Ok(g)
     }
 
-    /// Binds the gadget to the dummy UDC: the host side sees a device plugged in.
+    /// Binds the gadget to the first free dummy UDC: the host side sees a device plugged in.
     pub fn plug(&mut self) -> Result<()> {
-        let udc = sys::wait_for("a UDC in /sys/class/udc", Duration::from_secs(5), || {
-            let mut names: Vec<String> = fs::read_dir("/sys/class/udc")
-                .ok()?
-                .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
-                .collect();
-            names.sort();
-            names.into_iter().next()
-        })?;
+        let udc = sys::wait_for(
+            "a free UDC in /sys/class/udc",
+            Duration::from_secs(5),
+            || {
+                let mut names: Vec<String> = fs::read_dir("/sys/class/udc")
+                    .ok()?
+                    .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                    .collect();
+                names.sort();
+                // A bound UDC names its gadget's driver in `function`; a free one has none.
+                names.into_iter().find(|n| {
+                    sys::read(Path::new("/sys/class/udc").join(n).join("function"))
+                        .map_or(true, |f| f.is_empty())
+                })
+            },
+        )?;
         log!("gadget {}: plug into {udc}", self.name());
         sys::write(self.dir.join("UDC"), &udc)?;
         self.plugged = true;

@@ -49,8 +49,13 @@ pub fn load(names: &[&str]) -> Result<()> {
                 }
             }
         }
-        sys::run(sys::bb("modprobe").arg(name))
-            .with_context(|| format!("loading module {name}"))?;
+        let mut modprobe = sys::bb("modprobe");
+        modprobe.arg(name);
+        if norm(name) == "dummy_hcd" {
+            // Two UDCs, so a scenario can plug two gadgets at once (several devices).
+            modprobe.arg("num=2");
+        }
+        sys::run(&mut modprobe).with_context(|| format!("loading module {name}"))?;
     }
     Ok(())
 }

@@ -14,10 +14,12 @@ mod cycles;
 mod export;
 mod faults;
 mod hid;
+mod multi;
 mod project;
 mod selftest;
 mod smoke;
 mod sourcesink;
+mod telemetry;
 mod tunnel;
 
 /// One runnable scenario.
@@ -105,6 +107,18 @@ pub const ALL: &[Scenario] = &[
         about: "attach/detach repeatedly: no growth in the server's fds or RSS, no vhci port left in use",
         default: true,
         run: cycles::run,
+    },
+    Scenario {
+        name: "multi",
+        about: "two disks through one server and one client connection, read at once, both byte-exact",
+        default: true,
+        run: multi::run,
+    },
+    Scenario {
+        name: "telemetry",
+        about: "eBPF probes time every URB in vhci: probe/client URB counts agree, latency-report split + SVG, budgets exit 2/0, netem 5 ms shows as network, probe cost",
+        default: true,
+        run: telemetry::run,
     },
     Scenario {
         name: "selftest-fail",
