@@ -23,7 +23,11 @@ use crate::RunArgs;
 use cache::{Cache, Key};
 
 /// The project binaries every later scenario runs inside the guest.
-const PROJECT_BINS: &[(&str, &str)] = &[("server", "p2p-usb-server"), ("client", "p2p-usb-client")];
+const PROJECT_BINS: &[(&str, &str)] = &[
+    ("server", "p2p-usb-server"),
+    ("client", "p2p-usb-client"),
+    ("client", "latency-report"),
+];
 
 /// A finished lab build, as recorded in `builds/<key>/manifest.json`.
 pub struct Manifest {
