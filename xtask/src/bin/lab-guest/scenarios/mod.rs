@@ -121,12 +121,6 @@ pub const ALL: &[Scenario] = &[
         run: telemetry::run,
     },
     Scenario {
-        name: "telemetry",
-        about: "eBPF probes time every URB in vhci: probe/client URB counts agree, latency-report split + SVG, budgets exit 2/0, netem 5 ms shows as network, probe cost",
-        default: true,
-        run: telemetry::run,
-    },
-    Scenario {
         name: "selftest-fail",
         about: "fails on purpose, to prove a failing scenario fails the run with its log tail",
         default: false,
