@@ -38,7 +38,8 @@ enum Cmd {
     },
     /// Run everything CI runs: fmt, clippy, cargo test, then the lab scenarios.
     Test(ci::TestArgs),
-    /// Build and boot the lab and show a USB device shared over USB/IP, with its figures.
+    /// The whole product in one command: boot the lab, share a USB disk with p2p-usb-server,
+    /// attach it with p2p-usb-client, read and write it, detach, and print a summary.
     Demo,
     /// Measure: our tunnel against the kernel's USB/IP in the lab (default), or our userspace
     /// path on host loopback (`bench tunnel`). Prints a table; writes JSON and SVG under
