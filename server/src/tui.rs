@@ -171,9 +171,9 @@ fn draw_devices(frame: &mut Frame, app: &App, status: &Status, area: Rect) {
         "vid:pid",
         "product",
         "pin",
-        "attached to",
-        "in MiB/s",
-        "out MiB/s",
+        "held by",
+        "read MiB/s",
+        "write MiB/s",
         "total MiB",
     ])
     .style(Style::new().add_modifier(Modifier::BOLD));
@@ -323,6 +323,7 @@ mod tests {
         assert!(s.contains("1-1.2"), "{s}");
         assert!(s.contains("Ultra"), "{s}");
         assert!(s.contains("c1ient0000"), "{s}");
+        assert!(s.contains("read MiB/s"), "{s}");
         assert!(s.contains("10.0"), "10 MiB in one second: {s}");
         assert!(s.contains("free"), "{s}");
         assert!(s.contains("yes"), "the PIN column: {s}");
