@@ -22,11 +22,16 @@ fn the_client_unit_verifies() {
     }
     let dir = tempfile::tempdir().unwrap();
     let unit = dir.path().join("p2p-usb-client.service");
-    // verify checks that ExecStart's program exists: point it at the one cargo built.
-    let text = text.replace(
+    // verify checks that every Exec* program exists: point ExecStart at the one cargo built,
+    // and ExecStartPre's modprobe at a stand-in where this machine has no kmod (a build
+    // container); the unit's own text is what is being checked, not this machine.
+    let mut text = text.replace(
         "/usr/local/bin/p2p-usb-client",
         env!("CARGO_BIN_EXE_p2p-usb-client"),
     );
+    if !Path::new("/sbin/modprobe").exists() {
+        text = text.replace("/sbin/modprobe", "/bin/true");
+    }
     std::fs::write(&unit, text).unwrap();
     let out = Command::new("systemd-analyze")
         .arg("verify")

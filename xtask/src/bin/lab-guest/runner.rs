@@ -155,6 +155,7 @@ pub fn run(name: &str, timeout: Duration) -> Value {
     // Whatever the scenario left running in its group (a usbipd, a stuck dd) goes now, so
     // the next scenario starts clean.
     kill_group(child.id());
+    clear_scratch();
 
     let tail: Vec<String> = tail.into_iter().collect();
     let secs = round2(started.elapsed().as_secs_f64());
@@ -192,6 +193,23 @@ pub fn run(name: &str, timeout: Duration) -> Value {
         "reason": reason,
         "log_tail": log_tail,
     })
+}
+
+/// Empties `/tmp`, the guest's RAM-backed scratch space: each scenario leaves backing files
+/// and read-back copies of tens of MiB there, and a dozen scenarios in one boot would fill
+/// the VM's memory. Scenarios create what they need (keys, logs) anew.
+fn clear_scratch() {
+    let Ok(entries) = std::fs::read_dir("/tmp") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let _ = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+    }
 }
 
 fn fail(name: &str, started: Instant, reason: String, tail: &[String]) -> Value {
