@@ -152,8 +152,23 @@ impl Apt {
             .with_context(|| format!("apt-cache show {name} printed no Version"))
     }
 
-    /// Downloads (if not already here) and unpacks the candidate version of `name`.
+    /// Downloads (if not already here) and unpacks the candidate version of `name`. A
+    /// download that fails on lists apt has not refreshed in this build (a machine image's
+    /// lists name versions the mirror has since replaced: 404) refreshes them and tries the
+    /// new candidate once.
     pub fn fetch(&self, name: &str) -> Result<Pkg> {
+        match self.fetch_candidate(name) {
+            Err(e) if !self.updated.get() => {
+                eprintln!("lab: {e:#}");
+                eprintln!("lab: refreshing apt's package lists and trying {name} again");
+                self.update()?;
+                self.fetch_candidate(name)
+            }
+            done => done,
+        }
+    }
+
+    fn fetch_candidate(&self, name: &str) -> Result<Pkg> {
         let version = self.candidate(name)?;
         let deb = match self.find_deb(name, &version)? {
             Some(deb) => deb,
