@@ -69,7 +69,9 @@ enum FromServer {
 
 /// Attaches `device` (already claimed as `handle` on `conn`) to a free vhci port and runs it
 /// until it ends. `events` carries the connection's server events; `stop` asks for shutdown;
-/// `recording`, if any, gets every URB's timestamps.
+/// `recording`, if any, gets every URB's timestamps; `read_ahead` turns on mass-storage
+/// read-ahead (off while recording, which times each URB's own trip to the server).
+#[allow(clippy::too_many_arguments)]
 pub async fn attach(
     conn: Arc<ServerConnection>,
     handle: AttachHandle,
@@ -78,6 +80,7 @@ pub async fn attach(
     events: broadcast::Receiver<Event>,
     stop: watch::Receiver<bool>,
     recording: Option<&Recording>,
+    read_ahead: bool,
 ) -> Result<Attached, AttachError> {
     let (ours, kernels) = UnixStream::pair()?;
     let port = vhci.attach_any(kernels.as_fd(), device.usbip_devid(), device.speed)?;
@@ -109,6 +112,7 @@ pub async fn attach(
             events,
             stop,
             recorder,
+            read_ahead,
         )
         .await;
         info!(port, ?end, "attachment ending");
@@ -138,6 +142,7 @@ pub async fn attach(
 /// Runs one claimed device over a USB/IP byte link (vhci's socketpair, or a TCP connection
 /// from a `usbip attach` client) until either side ends it. `initial` holds URB-phase bytes
 /// that were read before the link started (the tail of an OP_REQ_IMPORT).
+#[allow(clippy::too_many_arguments)]
 pub async fn run_port(
     conn: Arc<ServerConnection>,
     handle: AttachHandle,
@@ -146,8 +151,12 @@ pub async fn run_port(
     initial: Vec<u8>,
     events: broadcast::Receiver<Event>,
     stop: watch::Receiver<bool>,
+    read_ahead: bool,
 ) -> AttachEnd {
-    run_port_recorded(conn, handle, device, link, initial, events, stop, None).await
+    run_port_recorded(
+        conn, handle, device, link, initial, events, stop, None, read_ahead,
+    )
+    .await
 }
 
 /// [`run_port`] with a telemetry recorder for the port.
@@ -161,11 +170,15 @@ async fn run_port_recorded(
     events: broadcast::Receiver<Event>,
     stop: watch::Receiver<bool>,
     recorder: Option<PortRecorder>,
+    read_ahead: bool,
 ) -> AttachEnd {
+    if read_ahead && recorder.is_some() {
+        info!("telemetry times every URB's own trip to the server: read-ahead is off");
+    }
     let mut port_run = PortRun {
         conn,
         handle,
-        session: PortSession::new(device),
+        session: PortSession::new(device).with_read_ahead(read_ahead && recorder.is_none()),
         link,
         streams: HashMap::new(),
         from_server: mpsc::unbounded_channel(),
@@ -181,8 +194,19 @@ async fn run_port_recorded(
         Some(end) => end,
         None => port_run.run(events, stop).await,
     };
+    let stats = port_run.session.stats();
     if let Some(r) = &mut port_run.recorder {
-        r.ended(port_run.session.stats(), port_run.session.in_flight());
+        r.ended(stats, port_run.session.in_flight());
+    }
+    let ra = stats.read_ahead;
+    if ra.speculated > 0 {
+        info!(
+            speculated = ra.speculated,
+            hits = ra.hits,
+            mismatches = ra.mismatches,
+            discarded = ra.discarded,
+            "read-ahead"
+        );
     }
     end
 }

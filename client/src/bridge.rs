@@ -42,12 +42,14 @@ pub enum BridgeError {
     },
 }
 
-/// Serves USB/IP on `addr` for the devices `conn` shares, until `stop` turns true.
+/// Serves USB/IP on `addr` for the devices `conn` shares, until `stop` turns true; each
+/// imported port reads ahead if `read_ahead`.
 pub async fn serve(
     conn: Arc<ServerConnection>,
     addr: SocketAddr,
     events: broadcast::Sender<Event>,
     mut stop: watch::Receiver<bool>,
+    read_ahead: bool,
 ) -> Result<(), BridgeError> {
     let listener = TcpListener::bind(addr)
         .await
@@ -61,7 +63,7 @@ pub async fn serve(
                     let events = events.subscribe();
                     let stop = stop.clone();
                     tokio::spawn(async move {
-                        match handle(conn, tcp, events, stop).await {
+                        match handle(conn, tcp, events, stop, read_ahead).await {
                             Ok(Some(end)) => info!(%peer, ?end, "USB/IP client done"),
                             Ok(None) => {}
                             Err(e) => warn!(%peer, "USB/IP client: {e}"),
@@ -93,6 +95,7 @@ async fn handle(
     mut tcp: TcpStream,
     events: broadcast::Receiver<Event>,
     stop: watch::Receiver<bool>,
+    read_ahead: bool,
 ) -> Result<Option<AttachEnd>, ClientConnError> {
     let _ = tcp.set_nodelay(true);
     let mut decoder = OpDecoder::requests();
@@ -159,7 +162,17 @@ async fn handle(
             std_tcp.set_nonblocking(false)?;
             let initial = decoder.into_remaining();
             let (link, link_handle) = KernelLink::start(OwnedFd::from(std_tcp))?;
-            let end = run_port(conn.clone(), handle, &device, link, initial, events, stop).await;
+            let end = run_port(
+                conn.clone(),
+                handle,
+                &device,
+                link,
+                initial,
+                events,
+                stop,
+                read_ahead,
+            )
+            .await;
             link_handle.shutdown();
             let _ = link_handle.finished().await;
             if !matches!(

@@ -46,6 +46,10 @@ struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Forward every mass-storage URB one by one. By default a disk's READ costs one round
+    /// trip, not three: its data and status are read as soon as the command is sent.
+    #[arg(long, global = true, env = "P2P_USB_NO_READ_AHEAD")]
+    no_read_ahead: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -416,6 +420,7 @@ async fn attach(
             events_tx.subscribe(),
             stop_rx.clone(),
             recording.as_ref(),
+            !cli.no_read_ahead,
         )
         .await;
         let a = match a {
@@ -490,7 +495,7 @@ async fn bridge(cli: &Cli, ticket: &str, addr: std::net::SocketAddr) -> anyhow::
         addr.ip()
     );
     std::io::stdout().flush()?;
-    client::bridge::serve(conn.clone(), addr, events_tx, stop_rx).await?;
+    client::bridge::serve(conn.clone(), addr, events_tx, stop_rx, !cli.no_read_ahead).await?;
     conn.close().await;
     Ok(())
 }
@@ -584,6 +589,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             .map(|r| Rule {
                 device: r.device.clone(),
                 pin: r.pin.clone(),
+                read_ahead: r.read_ahead && !cli.no_read_ahead,
             })
             .collect();
         if rules.is_empty() {

@@ -68,6 +68,8 @@ pub struct Rule {
     pub device: String,
     /// Its PIN, if it has one.
     pub pin: Option<String>,
+    /// Whether its port reads ahead (`PortSession::with_read_ahead`).
+    pub read_ahead: bool,
 }
 
 /// Why a connection's supervision ended.
@@ -221,6 +223,7 @@ async fn start(
         events.subscribe(),
         stop.clone(),
         None,
+        rule.read_ahead,
     )
     .await
     {

@@ -1010,3 +1010,170 @@ proptest! {
         run_interleaving(&ops);
     }
 }
+
+/// A CBW for `length` bytes in `direction`, as usb-storage sends it on the bulk OUT endpoint.
+fn cbw_pdu(seqnum: u32, length: u32, direction: Direction) -> Vec<u8> {
+    let mut cbw = vec![0u8; 31];
+    cbw[..4].copy_from_slice(b"USBC");
+    cbw[4..8].copy_from_slice(&seqnum.to_le_bytes());
+    cbw[8..12].copy_from_slice(&length.to_le_bytes());
+    cbw[12] = if direction == Direction::In { 0x80 } else { 0 };
+    cbw[14] = 10;
+    cbw[15] = 0x28; // READ(10)
+    submit_pdu(seqnum, 2, SubmitBuffer::Out(cbw), [0; 8], None)
+}
+
+/// A bulk IN URB on 0x81 with the flags usb-storage gives it (`URB_SHORT_NOT_OK` on data).
+fn storage_in(seqnum: u32, len: u32, short_not_ok: bool) -> Vec<u8> {
+    Pdu::CmdSubmit(CmdSubmit {
+        seqnum,
+        devid: DEVID,
+        ep: ep(1),
+        transfer_flags: 0x200 | 0x0004 | u32::from(short_not_ok),
+        start_frame: 0,
+        interval: 0,
+        setup: SetupPacket([0x55; 8]),
+        buffer: SubmitBuffer::In(len),
+        iso: None,
+    })
+    .to_bytes()
+}
+
+fn out_done(id: u32, actual: u32) -> UrbComplete {
+    UrbComplete {
+        actual_length: actual,
+        ..completed_with(id, UrbStatus::Ok)
+    }
+}
+
+/// The ids and lengths of the URBs sent to the server on 0x81 IN.
+fn read_ahead_ids(actions: &[Action]) -> Vec<(u32, u32)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Submit {
+                endpoint,
+                direction: Direction::In,
+                urb,
+            } if *endpoint == ep(1) => Some((urb.id.0, urb.length)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_read_costs_one_round_trip_its_data_and_status_come_from_read_ahead() {
+    let mut session = PortSession::new(&device());
+    session.on_kernel_bytes(&cbw_pdu(10, 4096, Direction::In));
+    let actions = drain(&mut session);
+    assert!(matches!(&actions[0], Action::Submit { urb, .. } if urb.id == UrbId(10)));
+    let ahead = read_ahead_ids(&actions);
+    assert_eq!(
+        ahead.len(),
+        2,
+        "data and CSW are queued with the CBW: {actions:?}"
+    );
+    assert_eq!((ahead[0].1, ahead[1].1), (4096, 13));
+    let data: Vec<u8> = (0..4096).map(|i| (i % 251) as u8).collect();
+    session.on_completion(out_done(10, 31));
+    session.on_completion(completed_in(ahead[0].0, data.clone()));
+    session.on_completion(completed_in(ahead[1].0, vec![0x53; 13]));
+    let pdus = returns(
+        &kernel_bytes(&drain(&mut session)),
+        &[(10, Direction::Out, 31)],
+    );
+    assert_eq!(
+        pdus.len(),
+        1,
+        "only the CBW's own RET_SUBMIT goes to the kernel yet"
+    );
+    // The kernel's data and CSW URBs are answered at once, without the server.
+    session.on_kernel_bytes(&storage_in(11, 4096, true));
+    session.on_kernel_bytes(&storage_in(12, 13, false));
+    let actions = drain(&mut session);
+    assert!(
+        actions.iter().all(|a| matches!(a, Action::ToKernel(_))),
+        "{actions:?}"
+    );
+    let pdus = returns(
+        &kernel_bytes(&actions),
+        &[(11, Direction::In, 4096), (12, Direction::In, 13)],
+    );
+    assert_eq!(
+        ret_submit_of(&pdus[0]),
+        (11, UrbStatus::Ok, &Transferred::In(data))
+    );
+    assert_eq!(
+        ret_submit_of(&pdus[1]),
+        (12, UrbStatus::Ok, &Transferred::In(vec![0x53; 13]))
+    );
+    assert_eq!(session.stats().read_ahead.hits, 2);
+    assert_eq!(session.in_flight(), 0);
+}
+
+#[test]
+fn a_kernel_urb_that_took_over_a_read_ahead_can_be_unlinked() {
+    let mut session = PortSession::new(&device());
+    session.on_kernel_bytes(&cbw_pdu(10, 512, Direction::In));
+    let ahead = read_ahead_ids(&drain(&mut session));
+    session.on_completion(out_done(10, 31));
+    drain(&mut session);
+    // The kernel's data URB arrives while the read-ahead one still runs: it takes it over.
+    session.on_kernel_bytes(&storage_in(11, 512, true));
+    assert!(drain(&mut session).is_empty());
+    assert_eq!(session.in_flight(), 1);
+    session.on_kernel_bytes(&unlink_pdu(20, 11));
+    assert_eq!(
+        drain(&mut session),
+        vec![Action::Unlink {
+            endpoint: ep(1),
+            direction: Direction::In,
+            id: UrbId(ahead[0].0),
+        }]
+    );
+    session.on_completion(completed_with(ahead[0].0, UrbStatus::Unlinked));
+    let actions = drain(&mut session);
+    let pdus = returns(&kernel_bytes(&actions), &[]);
+    assert_eq!(pdus.len(), 1);
+    assert_eq!(ret_unlink_of(&pdus[0]), (20, ECONNRESET));
+    assert_eq!(session.in_flight(), 0);
+}
+
+#[test]
+fn a_stalled_data_phase_cancels_the_status_read_and_the_kernel_reads_it_itself() {
+    let mut session = PortSession::new(&device());
+    session.on_kernel_bytes(&cbw_pdu(10, 512, Direction::In));
+    let ahead = read_ahead_ids(&drain(&mut session));
+    session.on_completion(out_done(10, 31));
+    session.on_completion(completed_with(ahead[0].0, UrbStatus::Stall));
+    let actions = drain(&mut session);
+    assert!(actions.contains(&Action::Unlink {
+        endpoint: ep(1),
+        direction: Direction::In,
+        id: UrbId(ahead[1].0),
+    }));
+    session.on_kernel_bytes(&storage_in(11, 512, true));
+    let pdus = returns(
+        &kernel_bytes(&drain(&mut session)),
+        &[(11, Direction::In, 512)],
+    );
+    assert_eq!(ret_submit_of(&pdus[0]).1, UrbStatus::Stall);
+    // The kernel's CSW read waits for the cancel; once it took effect the URB goes out.
+    session.on_kernel_bytes(&storage_in(12, 13, false));
+    assert!(drain(&mut session).is_empty());
+    session.on_completion(completed_with(ahead[1].0, UrbStatus::Unlinked));
+    let actions = drain(&mut session);
+    assert!(
+        matches!(&actions[..], [Action::Submit { urb, .. }] if urb.id == UrbId(12)),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn no_read_ahead_forwards_every_urb() {
+    let mut session = PortSession::new(&device()).with_read_ahead(false);
+    session.on_kernel_bytes(&cbw_pdu(10, 4096, Direction::In));
+    let actions = drain(&mut session);
+    assert_eq!(actions.len(), 1);
+    assert!(read_ahead_ids(&actions).is_empty());
+}

@@ -1,12 +1,14 @@
 //! The client's kernel-facing half: presenting a remote device through vhci-hcd.
 //!
 //! - [`session`]: the USB/IP conversation of one port, sans-IO.
+//! - [`readahead`]: Bulk-Only Transport read-ahead, so a READ costs one round trip, not three.
 //! - [`sysfs`]: finding a free vhci port, attaching and detaching through sysfs.
 //! - [`link`]: moving bytes between our end of the socketpair and the async side, with
 //!   io_uring on a dedicated thread or plain threads where io_uring is unavailable.
 //! - `sys`: the only module with `unsafe` (the ring's submissions, eventfd, raw fds).
 
 pub mod link;
+pub mod readahead;
 pub mod session;
 mod sys;
 pub mod sysfs;

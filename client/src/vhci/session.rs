@@ -24,6 +24,8 @@ use protocol::usbip::{
 };
 use protocol::wire::{DeviceInfo, IsoSubmit, UrbComplete, UrbId, UrbSubmit};
 
+use super::readahead::{self, Claim, ReadAhead, ReadAheadStats, Settled};
+
 /// The most URBs one port forwards at once. vhci itself has no cap, but the drivers behind it
 /// keep a handful each (usb-storage 1-2, audio ~8, network adapters up to ~60); the bound keeps
 /// a runaway usbfs program from growing the table without limit. Past it, URBs fail locally
@@ -39,6 +41,8 @@ const REQ_SET_CONFIGURATION: u8 = 0x09;
 const REQ_SET_INTERFACE: u8 = 0x0b;
 const RT_STANDARD_DEVICE_OUT: u8 = 0x00;
 const RT_STANDARD_INTERFACE_OUT: u8 = 0x01;
+const CLASS_MASS_STORAGE: u8 = 0x08;
+const PROTOCOL_BULK_ONLY: u8 = 0x50;
 
 /// What the session asks its driver to do next.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,11 +177,15 @@ pub struct SessionStats {
     pub bytes_out: u64,
     /// IN data bytes handed to the kernel.
     pub bytes_in: u64,
+    /// Mass-storage read-ahead (see [`super::readahead`]).
+    pub read_ahead: ReadAheadStats,
 }
 
 /// What the session remembers about a URB the server is running.
 #[derive(Debug)]
 struct InFlight {
+    /// The id the server knows it by: the seqnum, or the read-ahead URB the kernel's took over.
+    wire_id: u32,
     devid: u32,
     endpoint: EndpointNumber,
     route: Direction,
@@ -274,6 +282,27 @@ impl EndpointTable {
         Some(other.transfer_type)
     }
 
+    /// The bulk IN endpoint that answers CBWs sent to `out`, if `out` is the bulk OUT endpoint
+    /// of a Bulk-Only mass-storage interface in the current setting.
+    fn bot_in_for(&self, out: EndpointNumber) -> Option<EndpointNumber> {
+        let config = &self.configurations[self.active?];
+        let interface = config.interfaces.iter().find(|i| {
+            i.class[0] == CLASS_MASS_STORAGE
+                && i.class[2] == PROTOCOL_BULK_ONLY
+                && i.alternate == self.alternates.get(&i.number).copied().unwrap_or(0)
+                && i.endpoints.iter().any(|e| {
+                    e.number == out
+                        && e.direction == Direction::Out
+                        && e.transfer_type == TransferType::Bulk
+                })
+        })?;
+        interface
+            .endpoints
+            .iter()
+            .find(|e| e.direction == Direction::In && e.transfer_type == TransferType::Bulk)
+            .map(|e| e.number)
+    }
+
     /// Follows a control request that the device accepted.
     fn follow(&mut self, setup: &SetupPacket) {
         match (setup.request_type(), setup.request()) {
@@ -294,6 +323,7 @@ pub struct PortSession {
     decoder: PduDecoder,
     endpoints: EndpointTable,
     in_flight: HashMap<u32, InFlight>,
+    read_ahead: ReadAhead,
     to_kernel: Vec<u8>,
     actions: VecDeque<Action>,
     /// Set once the session has failed; the reason is handed out once, after everything else.
@@ -303,18 +333,26 @@ pub struct PortSession {
 }
 
 impl PortSession {
-    /// A session for `device`, starting from its active configuration as the server reported it.
+    /// A session for `device`, starting from its active configuration as the server reported
+    /// it, with mass-storage read-ahead on.
     pub fn new(device: &DeviceInfo) -> Self {
         PortSession {
             decoder: PduDecoder::commands(),
             endpoints: EndpointTable::new(device),
             in_flight: HashMap::new(),
+            read_ahead: ReadAhead::new(true),
             to_kernel: Vec::new(),
             actions: VecDeque::new(),
             failed: false,
             close: None,
             stats: SessionStats::default(),
         }
+    }
+
+    /// Turns mass-storage read-ahead on or off (`attach --no-read-ahead`).
+    pub fn with_read_ahead(mut self, on: bool) -> Self {
+        self.read_ahead = ReadAhead::new(on);
+        self
     }
 
     /// Feeds bytes read from the kernel's end of the socketpair, split anywhere.
@@ -345,7 +383,15 @@ impl PortSession {
         if self.failed {
             return;
         }
-        let id = completion.id.0;
+        let settled = self.read_ahead.on_completion(completion);
+        self.push_cancels();
+        let (id, completion) = match settled {
+            Settled::NotOurs(c) => (c.id.0, c),
+            Settled::Kernel(seqnum, c) => (seqnum, c),
+            Settled::Answer(cmd, c) => return self.answer_with(cmd, c),
+            Settled::Forward(cmd) => return self.forward(cmd, TransferType::Bulk, Direction::In),
+            Settled::Absorbed => return,
+        };
         let Some(urb) = self.in_flight.remove(&id) else {
             // Already answered (an unlink cancelled it, or the server repeated itself): a
             // RET_SUBMIT now would name a seqnum vhci no longer holds and kill the port.
@@ -359,7 +405,12 @@ impl PortSession {
             self.cancelled(&urb);
             return;
         }
-        let ret = match ret_submit(id, &urb, completion) {
+        self.complete(id, &urb, completion);
+    }
+
+    /// Answers the kernel's URB `id` with the server's completion.
+    fn complete(&mut self, id: u32, urb: &InFlight, completion: UrbComplete) {
+        let ret = match ret_submit(id, urb, completion) {
             Ok(ret) => ret,
             Err(problem) => {
                 self.fail(CloseReason::BadCompletion { id, problem });
@@ -390,11 +441,17 @@ impl PortSession {
         if self.failed || !cancelled {
             return;
         }
+        let seqnum = match self.read_ahead.bound_seqnum(id.0) {
+            Some(seqnum) => seqnum,
+            // Our own cancel of a read-ahead URB: its completion settles it.
+            None if self.read_ahead.owns(id.0) => return,
+            None => id.0,
+        };
         let unlinking = self
             .in_flight
-            .get(&id.0)
+            .get(&seqnum)
             .is_some_and(|urb| !urb.unlinks.is_empty());
-        if unlinking && let Some(urb) = self.in_flight.remove(&id.0) {
+        if unlinking && let Some(urb) = self.in_flight.remove(&seqnum) {
             self.cancelled(&urb);
         }
     }
@@ -413,7 +470,10 @@ impl PortSession {
 
     /// The counters so far.
     pub fn stats(&self) -> SessionStats {
-        self.stats
+        SessionStats {
+            read_ahead: self.read_ahead.stats(),
+            ..self.stats
+        }
     }
 
     /// URBs the server is running for this port.
@@ -431,6 +491,7 @@ impl PortSession {
             self.fail(CloseReason::DuplicateSeqnum(cmd.seqnum));
             return;
         }
+        self.read_ahead.note_kernel_seqnum(cmd.seqnum);
         let direction = cmd.buffer.direction();
         let Some(transfer_type) = self.endpoints.transfer_type(cmd.ep, direction) else {
             tracing::debug!(
@@ -446,36 +507,77 @@ impl PortSession {
             self.answer_locally(&cmd, UrbStatus::Invalid);
             return;
         }
-        if self.in_flight.len() >= MAX_IN_FLIGHT {
+        // The in-flight bound, and (after four billion URBs) a seqnum that meets a read-ahead
+        // id still running: both fail the URB as a transient shortage.
+        if self.in_flight.len() >= MAX_IN_FLIGHT || self.read_ahead.owns(cmd.seqnum) {
             tracing::warn!(seqnum = cmd.seqnum, "too many URBs in flight: failing one");
             self.answer_locally(&cmd, UrbStatus::Other(ENOMEM));
             return;
         }
+        match (transfer_type, direction) {
+            (TransferType::Bulk, Direction::In) => {
+                let claim = self.read_ahead.claim(cmd.ep, cmd);
+                self.push_cancels();
+                match claim {
+                    Claim::Forward(cmd) => self.forward(cmd, transfer_type, direction),
+                    Claim::Answer(cmd, c) => self.answer_with(cmd, c),
+                    Claim::Bound(cmd, wire_id) => {
+                        let urb = in_flight_of(&cmd, wire_id, direction, None);
+                        self.in_flight.insert(cmd.seqnum, urb);
+                    }
+                    Claim::Parked => {}
+                }
+            }
+            (TransferType::Bulk, Direction::Out) => {
+                let cbw = match &cmd.buffer {
+                    SubmitBuffer::Out(data) => readahead::parse_cbw(data),
+                    SubmitBuffer::In(_) => None,
+                };
+                let endpoint_out = cmd.ep;
+                self.forward(cmd, transfer_type, direction);
+                if let Some(cbw) = cbw
+                    && let Some(endpoint_in) = self.endpoints.bot_in_for(endpoint_out)
+                {
+                    for spec in self.read_ahead.on_cbw(endpoint_in, cbw) {
+                        self.actions.push_back(Action::Submit {
+                            endpoint: spec.endpoint,
+                            direction: Direction::In,
+                            urb: UrbSubmit {
+                                id: UrbId(spec.id),
+                                endpoint: spec.endpoint,
+                                direction: Direction::In,
+                                transfer_type: TransferType::Bulk,
+                                flags: spec.flags,
+                                setup: None,
+                                length: spec.length,
+                                data: Vec::new(),
+                                interval: 0,
+                                iso: None,
+                            },
+                        });
+                    }
+                }
+            }
+            _ => self.forward(cmd, transfer_type, direction),
+        }
+    }
+
+    /// Sends the kernel's URB to the server as it is.
+    fn forward(&mut self, cmd: CmdSubmit, transfer_type: TransferType, direction: Direction) {
         let route = match transfer_type {
             TransferType::Control => Direction::Out,
             _ => direction,
         };
         let setup = (transfer_type == TransferType::Control).then_some(cmd.setup);
         let length = cmd.buffer.len();
+        self.in_flight
+            .insert(cmd.seqnum, in_flight_of(&cmd, cmd.seqnum, route, setup));
         let data = match cmd.buffer {
             SubmitBuffer::Out(data) => data,
             SubmitBuffer::In(_) => Vec::new(),
         };
         self.stats.submitted += 1;
         self.stats.bytes_out += data.len() as u64;
-        self.in_flight.insert(
-            cmd.seqnum,
-            InFlight {
-                devid: cmd.devid,
-                endpoint: cmd.ep,
-                route,
-                direction,
-                buffer_len: length,
-                setup,
-                iso: cmd.iso.clone(),
-                unlinks: Vec::new(),
-            },
-        );
         self.actions.push_back(Action::Submit {
             endpoint: cmd.ep,
             direction: route,
@@ -497,8 +599,30 @@ impl PortSession {
         });
     }
 
+    /// Answers a kernel URB with a read-ahead completion, as if the server had run it.
+    fn answer_with(&mut self, cmd: CmdSubmit, completion: UrbComplete) {
+        let urb = in_flight_of(&cmd, cmd.seqnum, Direction::In, None);
+        self.complete(cmd.seqnum, &urb, completion);
+    }
+
+    fn push_cancels(&mut self) {
+        for cancel in self.read_ahead.take_cancels() {
+            self.actions.push_back(Action::Unlink {
+                endpoint: cancel.endpoint,
+                direction: Direction::In,
+                id: UrbId(cancel.id),
+            });
+        }
+    }
+
     fn on_unlink(&mut self, cmd: CmdUnlink) {
         let Some(urb) = self.in_flight.get_mut(&cmd.unlink_seqnum) else {
+            if self.read_ahead.unpark(cmd.unlink_seqnum).is_some() {
+                // It was waiting here and never reached the server.
+                self.stats.unlinked += 1;
+                self.ret_unlink(cmd.seqnum, cmd.devid, UrbStatus::Unlinked);
+                return;
+            }
             // Its RET_SUBMIT is already queued or sent: vhci gives the URB back from that and
             // ignores this answer.
             self.ret_unlink(cmd.seqnum, cmd.devid, UrbStatus::Ok);
@@ -513,7 +637,7 @@ impl PortSession {
             self.actions.push_back(Action::Unlink {
                 endpoint: urb.endpoint,
                 direction: urb.route,
-                id: UrbId(cmd.unlink_seqnum),
+                id: UrbId(urb.wire_id),
             });
         }
     }
@@ -568,6 +692,26 @@ impl PortSession {
             self.failed = true;
             self.close = Some(reason);
         }
+    }
+}
+
+/// What the session keeps about `cmd` while the server runs it as `wire_id`.
+fn in_flight_of(
+    cmd: &CmdSubmit,
+    wire_id: u32,
+    route: Direction,
+    setup: Option<SetupPacket>,
+) -> InFlight {
+    InFlight {
+        wire_id,
+        devid: cmd.devid,
+        endpoint: cmd.ep,
+        route,
+        direction: cmd.buffer.direction(),
+        buffer_len: cmd.buffer.len(),
+        setup,
+        iso: cmd.iso.clone(),
+        unlinks: Vec::new(),
     }
 }
 

@@ -1,0 +1,641 @@
+//! Bulk read-ahead for USB mass storage, so a long round trip costs one RTT per SCSI command
+//! instead of three.
+//!
+//! Bulk-Only Transport runs every command in three phases, each waiting for the last: the
+//! kernel sends a CBW (bulk OUT), then reads the data (bulk IN), then reads the CSW (bulk IN).
+//! Forwarded one by one that is three round trips. But the CBW says what comes next: a READ's
+//! CBW names the data length, and a CSW is always 13 bytes. So the moment the kernel hands us
+//! a CBW, we also queue those IN transfers on the server, on the IN endpoint's own stream
+//! (where USB's order keeps them behind anything already there), and when the kernel's own
+//! IN URBs arrive they take the results, often already here, in the same order.
+//!
+//! Correctness is kept by construction: the speculative URBs are ordinary URBs the device
+//! runs in the order the kernel would have run them, so the data and statuses the kernel sees
+//! are the device's own. A kernel URB that does not match the next speculation (another
+//! length or flags) waits for it to settle: a speculation the device answered is the next
+//! thing the device sent, and is handed over as such (with `-EOVERFLOW` if it does not fit,
+//! as a host controller would report babble); one our unlink cancelled never reached the
+//! device, and the kernel's URB then goes to the server as usual. After a mismatch the port
+//! stops speculating. A failed phase cancels the speculations queued behind it.
+//!
+//! Speculative URBs take ids from the top of the `u32` range, counting down; the kernel's
+//! seqnums count up from 1 and would need four billion URBs to meet them. Before that
+//! happens ([`ReadAhead::note_kernel_seqnum`]) read-ahead turns itself off.
+
+use std::collections::{HashMap, VecDeque};
+
+use protocol::usb::{EndpointNumber, UrbStatus, transfer_flags};
+use protocol::usbip::CmdSubmit;
+use protocol::wire::UrbComplete;
+
+/// The length of a Command Block Wrapper.
+pub const CBW_LEN: usize = 31;
+/// The length of a Command Status Wrapper.
+pub const CSW_LEN: u32 = 13;
+const CBW_SIGNATURE: &[u8; 4] = b"USBC";
+const CBW_FLAG_IN: u8 = 0x80;
+/// The largest data phase read ahead: what usb-storage asks for at most on a SuperSpeed disk
+/// (2,048 sectors). Longer phases are left to the kernel's own URBs.
+pub const MAX_DATA_LEN: u32 = 1024 * 1024;
+/// Speculations kept per endpoint: one command's data and CSW, with room for one more
+/// command. Past it a CBW is forwarded without read-ahead.
+const MAX_QUEUED: usize = 4;
+const FIRST_ID: u32 = u32::MAX;
+/// Kernel seqnums at or past this turn read-ahead off for the port.
+pub const LOWEST_ID: u32 = 0xf000_0000;
+
+/// The flags usb-storage gives its IN URBs, as vhci forwards them: `usb_sg_init` sets
+/// `URB_SHORT_NOT_OK` on data phases; the CSW read has none. Both carry `URB_DIR_IN`.
+const DATA_FLAGS: u32 = transfer_flags::SHORT_NOT_OK | transfer_flags::DIR_IN;
+const CSW_FLAGS: u32 = transfer_flags::DIR_IN;
+
+/// What a CBW tells read-ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cbw {
+    /// Bytes of the data phase, if it is an IN phase the device will send.
+    pub data_in: Option<u32>,
+}
+
+/// Reads `data` as a CBW, if it is one.
+pub fn parse_cbw(data: &[u8]) -> Option<Cbw> {
+    if data.len() != CBW_LEN || &data[..4] != CBW_SIGNATURE {
+        return None;
+    }
+    let length = u32::from_le_bytes([data[8], data[9], data[10], data[11]]);
+    let data_in = (data[12] & CBW_FLAG_IN != 0 && length > 0).then_some(length);
+    Some(Cbw { data_in })
+}
+
+/// A speculative IN URB for the port to send to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Speculate {
+    /// Its wire id.
+    pub id: u32,
+    /// The IN endpoint.
+    pub endpoint: EndpointNumber,
+    /// Bytes to read.
+    pub length: u32,
+    /// `URB_*` flags, as the kernel's own URB for this phase will carry them.
+    pub flags: u32,
+}
+
+/// A speculative URB to cancel on the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cancel {
+    /// Its wire id.
+    pub id: u32,
+    /// The IN endpoint.
+    pub endpoint: EndpointNumber,
+}
+
+/// Where a kernel IN URB goes.
+#[derive(Debug)]
+pub enum Claim {
+    /// No speculation for it: forward it as usual.
+    Forward(CmdSubmit),
+    /// Answer it now with this completion.
+    Answer(CmdSubmit, UrbComplete),
+    /// It takes over the speculative URB `id`, still running on the server.
+    Bound(CmdSubmit, u32),
+    /// It waits for a speculation to settle; [`ReadAhead::on_completion`] returns it.
+    Parked,
+}
+
+/// What a server completion means.
+#[derive(Debug)]
+pub enum Settled {
+    /// Not a speculation's: the port handles it.
+    NotOurs(UrbComplete),
+    /// The speculation the kernel's URB `seqnum` took over completed; answer that URB.
+    Kernel(u32, UrbComplete),
+    /// A parked kernel URB gets this completion.
+    Answer(CmdSubmit, UrbComplete),
+    /// A parked kernel URB must go to the server after all.
+    Forward(CmdSubmit),
+    /// Kept for a kernel URB still to come, or dropped.
+    Absorbed,
+}
+
+#[derive(Debug)]
+enum State {
+    Running,
+    Done(UrbComplete),
+    Bound(u32),
+    Parked(CmdSubmit),
+}
+
+#[derive(Debug)]
+struct Speculation {
+    id: u32,
+    length: u32,
+    flags: u32,
+    /// We asked the server to cancel it.
+    cancelling: bool,
+    state: State,
+}
+
+impl Speculation {
+    fn unclaimed(&self) -> bool {
+        matches!(self.state, State::Running | State::Done(_))
+    }
+}
+
+/// Counters for the UI and the lab.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadAheadStats {
+    /// Speculative URBs sent.
+    pub speculated: u64,
+    /// Kernel URBs answered by a speculation (at once or when it completed).
+    pub hits: u64,
+    /// Kernel URBs that did not match the speculation in front of them.
+    pub mismatches: u64,
+    /// Speculations whose result no kernel URB took (flushed by a new command).
+    pub discarded: u64,
+}
+
+/// The read-ahead state of one port.
+#[derive(Debug)]
+pub struct ReadAhead {
+    enabled: bool,
+    queues: HashMap<EndpointNumber, VecDeque<Speculation>>,
+    next_id: u32,
+    cancels: Vec<Cancel>,
+    stats: ReadAheadStats,
+}
+
+impl ReadAhead {
+    /// Read-ahead that speculates if `enabled`.
+    pub fn new(enabled: bool) -> Self {
+        ReadAhead {
+            enabled,
+            queues: HashMap::new(),
+            next_id: FIRST_ID,
+            cancels: Vec::new(),
+            stats: ReadAheadStats::default(),
+        }
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> ReadAheadStats {
+        self.stats
+    }
+
+    /// Whether `id` is a speculation still known here.
+    pub fn owns(&self, id: u32) -> bool {
+        self.find(id).is_some()
+    }
+
+    /// Turns read-ahead off for good once the kernel's seqnums near the speculative ids.
+    pub fn note_kernel_seqnum(&mut self, seqnum: u32) {
+        if seqnum >= LOWEST_ID && self.enabled {
+            tracing::info!(
+                seqnum,
+                "kernel seqnums near the read-ahead ids: read-ahead off"
+            );
+            self.enabled = false;
+        }
+    }
+
+    /// The kernel sent `cbw` on a BOT OUT endpoint whose IN endpoint is `endpoint_in`:
+    /// the IN URBs to queue behind it.
+    pub fn on_cbw(&mut self, endpoint_in: EndpointNumber, cbw: Cbw) -> Vec<Speculate> {
+        if !self.enabled || self.next_id < LOWEST_ID + 2 {
+            return Vec::new();
+        }
+        self.flush(endpoint_in);
+        let queue = self.queues.entry(endpoint_in).or_default();
+        if queue.len() + 2 > MAX_QUEUED {
+            return Vec::new();
+        }
+        let mut phases = Vec::with_capacity(2);
+        if let Some(length) = cbw.data_in.filter(|&l| l <= MAX_DATA_LEN) {
+            phases.push((length, DATA_FLAGS));
+        } else if cbw.data_in.is_some() {
+            return Vec::new();
+        }
+        phases.push((CSW_LEN, CSW_FLAGS));
+        let mut out = Vec::with_capacity(phases.len());
+        for (length, flags) in phases {
+            let id = self.next_id;
+            self.next_id -= 1;
+            queue.push_back(Speculation {
+                id,
+                length,
+                flags,
+                cancelling: false,
+                state: State::Running,
+            });
+            out.push(Speculate {
+                id,
+                endpoint: endpoint_in,
+                length,
+                flags,
+            });
+        }
+        self.stats.speculated += out.len() as u64;
+        out
+    }
+
+    /// Routes a kernel bulk IN URB on `endpoint`.
+    pub fn claim(&mut self, endpoint: EndpointNumber, cmd: CmdSubmit) -> Claim {
+        let Some(queue) = self.queues.get_mut(&endpoint) else {
+            return Claim::Forward(cmd);
+        };
+        let flags = cmd.transfer_flags & transfer_flags::FORWARDED;
+        loop {
+            let Some(index) = queue.iter().position(Speculation::unclaimed) else {
+                return Claim::Forward(cmd);
+            };
+            let spec = &mut queue[index];
+            let matches = spec.length == cmd.buffer.len() && spec.flags == flags;
+            if !matches && !spec.cancelling {
+                self.stats.mismatches += 1;
+                tracing::info!(
+                    seqnum = cmd.seqnum,
+                    want = cmd.buffer.len(),
+                    have = spec.length,
+                    "a kernel URB does not match the read-ahead: read-ahead off for this port"
+                );
+                self.enabled = false;
+                cancel_from(queue, index, endpoint, &mut self.cancels);
+                continue;
+            }
+            let spec = &mut queue[index];
+            match std::mem::replace(&mut spec.state, State::Running) {
+                State::Running if matches && !spec.cancelling => {
+                    spec.state = State::Bound(cmd.seqnum);
+                    self.stats.hits += 1;
+                    return Claim::Bound(cmd, spec.id);
+                }
+                State::Running => {
+                    spec.state = State::Parked(cmd);
+                    return Claim::Parked;
+                }
+                State::Done(c) => {
+                    queue.remove(index);
+                    self.stats.hits += 1;
+                    let length = cmd.buffer.len();
+                    return Claim::Answer(cmd, fit(c, length));
+                }
+                State::Bound(_) | State::Parked(_) => unreachable!("only unclaimed are chosen"),
+            }
+        }
+    }
+
+    /// Takes back a parked kernel URB that the kernel unlinked; `None` if `seqnum` is not
+    /// parked here.
+    pub fn unpark(&mut self, seqnum: u32) -> Option<CmdSubmit> {
+        for queue in self.queues.values_mut() {
+            for spec in queue.iter_mut() {
+                if matches!(&spec.state, State::Parked(c) if c.seqnum == seqnum) {
+                    let State::Parked(cmd) = std::mem::replace(&mut spec.state, State::Running)
+                    else {
+                        unreachable!()
+                    };
+                    return Some(cmd);
+                }
+            }
+        }
+        None
+    }
+
+    /// The kernel seqnum that took over speculation `id`, if one did.
+    pub fn bound_seqnum(&self, id: u32) -> Option<u32> {
+        let (endpoint, index) = self.find(id)?;
+        match self.queues[&endpoint][index].state {
+            State::Bound(seqnum) => Some(seqnum),
+            _ => None,
+        }
+    }
+
+    /// Routes a completion from the server.
+    pub fn on_completion(&mut self, c: UrbComplete) -> Settled {
+        let Some((endpoint, index)) = self.find(c.id.0) else {
+            return Settled::NotOurs(c);
+        };
+        let queue = self.queues.get_mut(&endpoint).expect("found above");
+        let failed = c.status != UrbStatus::Ok;
+        if failed {
+            // The device's next transfers would not be the ones we guessed.
+            cancel_from(queue, index + 1, endpoint, &mut self.cancels);
+        }
+        let cancelled = c.status == UrbStatus::Unlinked && queue[index].cancelling;
+        let spec = &mut queue[index];
+        match std::mem::replace(&mut spec.state, State::Running) {
+            State::Running if cancelled => {
+                queue.remove(index);
+                Settled::Absorbed
+            }
+            State::Running => {
+                spec.state = State::Done(c);
+                Settled::Absorbed
+            }
+            State::Bound(seqnum) => {
+                queue.remove(index);
+                Settled::Kernel(seqnum, c)
+            }
+            State::Parked(cmd) => {
+                queue.remove(index);
+                if cancelled {
+                    Settled::Forward(cmd)
+                } else {
+                    self.stats.hits += 1;
+                    let length = cmd.buffer.len();
+                    Settled::Answer(cmd, fit(c, length))
+                }
+            }
+            State::Done(_) => {
+                // A second completion for one id: keep the first, as the port does.
+                tracing::debug!(id = c.id.0, "dropping a repeated read-ahead completion");
+                Settled::Absorbed
+            }
+        }
+    }
+
+    /// Speculations to cancel on the server, gathered since the last call.
+    pub fn take_cancels(&mut self) -> Vec<Cancel> {
+        std::mem::take(&mut self.cancels)
+    }
+
+    /// A new command starts on `endpoint`: what the last one left unclaimed is stale.
+    fn flush(&mut self, endpoint: EndpointNumber) {
+        let Some(queue) = self.queues.get_mut(&endpoint) else {
+            return;
+        };
+        let before = queue.len();
+        queue.retain(|s| !matches!(s.state, State::Done(_)));
+        self.stats.discarded += (before - queue.len()) as u64;
+        cancel_from(queue, 0, endpoint, &mut self.cancels);
+    }
+
+    fn find(&self, id: u32) -> Option<(EndpointNumber, usize)> {
+        if id < LOWEST_ID {
+            return None;
+        }
+        self.queues
+            .iter()
+            .find_map(|(&e, q)| q.iter().position(|s| s.id == id).map(|i| (e, i)))
+    }
+}
+
+/// Marks every speculation from `start` on that no kernel URB took over as cancelling, and
+/// asks the server to cancel those still running.
+fn cancel_from(
+    queue: &mut VecDeque<Speculation>,
+    start: usize,
+    endpoint: EndpointNumber,
+    cancels: &mut Vec<Cancel>,
+) {
+    for spec in queue.iter_mut().skip(start) {
+        if spec.cancelling || matches!(spec.state, State::Bound(_)) {
+            continue;
+        }
+        spec.cancelling = true;
+        if matches!(spec.state, State::Running | State::Parked(_)) {
+            cancels.push(Cancel {
+                id: spec.id,
+                endpoint,
+            });
+        }
+    }
+}
+
+/// A completion as the kernel URB of `buffer` bytes gets it: the device's data, or, if the
+/// device sent more than that URB holds, what fits with `-EOVERFLOW` (babble).
+fn fit(mut c: UrbComplete, buffer: u32) -> UrbComplete {
+    if c.data.len() > buffer as usize {
+        c.data.truncate(buffer as usize);
+        c.actual_length = buffer;
+        c.status = UrbStatus::Overflow;
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::usb::SetupPacket;
+    use protocol::usbip::SubmitBuffer;
+    use protocol::wire::UrbId;
+
+    fn ep(n: u8) -> EndpointNumber {
+        EndpointNumber::new(n).unwrap()
+    }
+
+    fn cbw(length: u32, dir_in: bool) -> Vec<u8> {
+        let mut b = vec![0u8; CBW_LEN];
+        b[..4].copy_from_slice(CBW_SIGNATURE);
+        b[8..12].copy_from_slice(&length.to_le_bytes());
+        b[12] = if dir_in { CBW_FLAG_IN } else { 0 };
+        b
+    }
+
+    fn kernel_in(seqnum: u32, len: u32, flags: u32) -> CmdSubmit {
+        CmdSubmit {
+            seqnum,
+            devid: 1,
+            ep: ep(1),
+            transfer_flags: flags | 0x0004,
+            start_frame: 0,
+            interval: 0,
+            setup: SetupPacket([0; 8]),
+            buffer: SubmitBuffer::In(len),
+            iso: None,
+        }
+    }
+
+    fn done(id: u32, status: UrbStatus, data: Vec<u8>) -> UrbComplete {
+        UrbComplete {
+            id: UrbId(id),
+            status,
+            actual_length: data.len() as u32,
+            data,
+            iso: None,
+            timing: None,
+        }
+    }
+
+    #[test]
+    fn parses_only_real_cbws() {
+        assert_eq!(
+            parse_cbw(&cbw(4096, true)),
+            Some(Cbw {
+                data_in: Some(4096)
+            })
+        );
+        assert_eq!(parse_cbw(&cbw(4096, false)), Some(Cbw { data_in: None }));
+        assert_eq!(parse_cbw(&cbw(0, true)), Some(Cbw { data_in: None }));
+        assert_eq!(parse_cbw(&cbw(4096, true)[..30]), None);
+        let mut bad = cbw(4096, true);
+        bad[0] = b'X';
+        assert_eq!(parse_cbw(&bad), None);
+    }
+
+    #[test]
+    fn a_read_queues_data_then_csw_and_the_kernel_takes_both_in_order() {
+        let mut ra = ReadAhead::new(true);
+        let specs = ra.on_cbw(ep(1), parse_cbw(&cbw(8192, true)).unwrap());
+        assert_eq!(specs.len(), 2);
+        assert_eq!((specs[0].length, specs[0].flags), (8192, DATA_FLAGS));
+        assert_eq!((specs[1].length, specs[1].flags), (CSW_LEN, CSW_FLAGS));
+        assert!(specs[0].id > specs[1].id && specs[1].id >= LOWEST_ID);
+        // Both complete before the kernel asks.
+        assert!(matches!(
+            ra.on_completion(done(specs[0].id, UrbStatus::Ok, vec![7; 8192])),
+            Settled::Absorbed
+        ));
+        assert!(matches!(
+            ra.on_completion(done(specs[1].id, UrbStatus::Ok, vec![1; 13])),
+            Settled::Absorbed
+        ));
+        match ra.claim(ep(1), kernel_in(5, 8192, DATA_FLAGS)) {
+            Claim::Answer(cmd, c) => {
+                assert_eq!(cmd.seqnum, 5);
+                assert_eq!(c.data, vec![7; 8192]);
+            }
+            other => panic!("{other:?}"),
+        }
+        match ra.claim(ep(1), kernel_in(6, 13, CSW_FLAGS)) {
+            Claim::Answer(_, c) => assert_eq!(c.data, vec![1; 13]),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(ra.stats().hits, 2);
+        assert!(matches!(
+            ra.claim(ep(1), kernel_in(7, 13, CSW_FLAGS)),
+            Claim::Forward(_)
+        ));
+        assert!(ra.take_cancels().is_empty());
+    }
+
+    #[test]
+    fn a_kernel_urb_that_comes_first_takes_over_the_running_speculation() {
+        let mut ra = ReadAhead::new(true);
+        let specs = ra.on_cbw(ep(1), Cbw { data_in: None });
+        assert_eq!(specs.len(), 1, "a write's CBW queues only the CSW");
+        let Claim::Bound(cmd, id) = ra.claim(ep(1), kernel_in(9, 13, CSW_FLAGS)) else {
+            panic!()
+        };
+        assert_eq!((cmd.seqnum, id), (9, specs[0].id));
+        assert_eq!(ra.bound_seqnum(id), Some(9));
+        match ra.on_completion(done(id, UrbStatus::Ok, vec![0; 13])) {
+            Settled::Kernel(9, c) => assert_eq!(c.actual_length, 13),
+            other => panic!("{other:?}"),
+        }
+        assert!(!ra.owns(id));
+    }
+
+    #[test]
+    fn a_failed_data_phase_cancels_the_csw_behind_it() {
+        let mut ra = ReadAhead::new(true);
+        let specs = ra.on_cbw(ep(1), Cbw { data_in: Some(512) });
+        ra.on_completion(done(specs[0].id, UrbStatus::Stall, vec![]));
+        assert_eq!(
+            ra.take_cancels(),
+            vec![Cancel {
+                id: specs[1].id,
+                endpoint: ep(1)
+            }]
+        );
+        // The kernel takes the stall; its CSW read waits for the cancel to settle.
+        assert!(matches!(
+            ra.claim(ep(1), kernel_in(1, 512, DATA_FLAGS)),
+            Claim::Answer(_, c) if c.status == UrbStatus::Stall
+        ));
+        assert!(matches!(
+            ra.claim(ep(1), kernel_in(2, 13, CSW_FLAGS)),
+            Claim::Parked
+        ));
+        // The cancel took effect: the device never saw it, so the kernel's URB goes out.
+        match ra.on_completion(done(specs[1].id, UrbStatus::Unlinked, vec![])) {
+            Settled::Forward(cmd) => assert_eq!(cmd.seqnum, 2),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_cancel_that_lost_the_race_still_delivers_the_devices_data() {
+        let mut ra = ReadAhead::new(true);
+        let specs = ra.on_cbw(ep(1), Cbw { data_in: Some(512) });
+        ra.on_completion(done(specs[0].id, UrbStatus::Stall, vec![]));
+        ra.take_cancels();
+        ra.claim(ep(1), kernel_in(1, 512, DATA_FLAGS));
+        assert!(matches!(
+            ra.claim(ep(1), kernel_in(2, 13, CSW_FLAGS)),
+            Claim::Parked
+        ));
+        match ra.on_completion(done(specs[1].id, UrbStatus::Ok, vec![3; 13])) {
+            Settled::Answer(cmd, c) => {
+                assert_eq!(cmd.seqnum, 2);
+                assert_eq!(c.data, vec![3; 13]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_mismatch_turns_read_ahead_off_and_overflows_what_does_not_fit() {
+        let mut ra = ReadAhead::new(true);
+        let specs = ra.on_cbw(
+            ep(1),
+            Cbw {
+                data_in: Some(1024),
+            },
+        );
+        ra.on_completion(done(specs[0].id, UrbStatus::Ok, vec![5; 1024]));
+        match ra.claim(ep(1), kernel_in(1, 512, DATA_FLAGS)) {
+            Claim::Answer(_, c) => {
+                assert_eq!(c.status, UrbStatus::Overflow);
+                assert_eq!(c.data.len(), 512);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(ra.stats().mismatches, 1);
+        assert_eq!(ra.take_cancels().len(), 1, "the CSW read was still running");
+        assert!(ra.on_cbw(ep(1), Cbw { data_in: None }).is_empty());
+    }
+
+    #[test]
+    fn a_parked_urb_can_be_unlinked_and_its_speculation_stays_known() {
+        let mut ra = ReadAhead::new(true);
+        let specs = ra.on_cbw(ep(1), Cbw { data_in: Some(512) });
+        // Flags the speculation did not guess: it waits for the cancelled read to settle.
+        assert!(matches!(
+            ra.claim(ep(1), kernel_in(1, 512, 0)),
+            Claim::Parked
+        ));
+        assert_eq!(ra.unpark(1).map(|c| c.seqnum), Some(1));
+        assert!(ra.unpark(1).is_none());
+        assert!(ra.owns(specs[0].id));
+        assert!(matches!(
+            ra.on_completion(done(specs[0].id, UrbStatus::Unlinked, vec![])),
+            Settled::Absorbed
+        ));
+        assert!(!ra.owns(specs[0].id));
+    }
+
+    #[test]
+    fn a_new_command_discards_what_the_last_left() {
+        let mut ra = ReadAhead::new(true);
+        let first = ra.on_cbw(ep(1), Cbw { data_in: Some(512) });
+        ra.on_completion(done(first[0].id, UrbStatus::Ok, vec![0; 512]));
+        let second = ra.on_cbw(ep(1), Cbw { data_in: None });
+        assert_eq!(second.len(), 1);
+        assert_eq!(ra.stats().discarded, 1);
+        assert_eq!(
+            ra.take_cancels().len(),
+            1,
+            "the running CSW read is cancelled"
+        );
+    }
+
+    #[test]
+    fn kernel_seqnums_near_the_speculative_ids_turn_it_off() {
+        let mut ra = ReadAhead::new(true);
+        ra.note_kernel_seqnum(LOWEST_ID);
+        assert!(ra.on_cbw(ep(1), Cbw { data_in: Some(512) }).is_empty());
+        assert!(matches!(
+            ra.on_completion(done(5, UrbStatus::Ok, vec![])),
+            Settled::NotOurs(_)
+        ));
+    }
+}
