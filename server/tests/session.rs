@@ -10,7 +10,7 @@ use iroh::{Endpoint, EndpointAddr, SecretKey};
 use protocol::usb::{Direction, EndpointNumber, Speed, TransferType, UrbStatus};
 use protocol::wire::{
     ALPN, AttachRefusal, Capabilities, ClassTriple, DeviceId, DeviceInfo, Event, UrbClientMessage,
-    UrbComplete, UrbId, UrbServerMessage, UrbSubmit,
+    UrbComplete, UrbId, UrbServerMessage, UrbStreamOpen, UrbSubmit,
 };
 use server::config::{DeviceMatch, ShareRule};
 use server::device::{CompletionSender, DeviceEvent, DeviceSource, OpenError, OpenedDevice};
@@ -359,6 +359,49 @@ async fn a_hostile_frame_closes_only_that_connection_and_frees_its_claim() {
     good.attach(DeviceId(7), None)
         .await
         .expect("the device is free for others");
+}
+
+/// A replayed submission (an id still in flight) and an out-of-order frame (a second `Open`)
+/// each close that peer's connection, free its claim, and leave the other session serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_or_out_of_order_urb_frame_closes_only_that_connection() {
+    let lab = lab(None).await;
+    let good = client(&lab, &SecretKey::generate()).await.unwrap();
+    let ep1 = EndpointNumber::new(1).unwrap();
+    for (round, replay) in [(1, true), (2, false)] {
+        let bad = client(&lab, &SecretKey::generate()).await.unwrap();
+        let (handle, _) = bad.attach(DeviceId(7), None).await.unwrap();
+        let (mut tx, _rx) = bad
+            .open_urb_stream(handle, ep1, Direction::In)
+            .await
+            .unwrap();
+        // A bulk IN read waits for data that never comes, so its id stays in flight.
+        let urb = submit(1, 1, Direction::In, 512, vec![]);
+        tx.queue(&urb).unwrap();
+        if replay {
+            tx.queue(&urb).unwrap();
+        } else {
+            tx.queue(&UrbClientMessage::Open(UrbStreamOpen {
+                handle,
+                endpoint: ep1,
+                direction: Direction::In,
+            }))
+            .unwrap();
+        }
+        tx.flush().await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(2), bad.connection().closed()).await;
+        assert!(closed.is_ok(), "round {round}: the connection is closed");
+        eventually("the claim is released", || {
+            lab.releases.load(Ordering::SeqCst) == round
+        })
+        .await;
+        assert!(good.ping().await.is_ok(), "other sessions are untouched");
+    }
+    let (handle, _) = good
+        .attach(DeviceId(7), None)
+        .await
+        .expect("the device is free for others");
+    good.detach(handle).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,13 @@ use anyhow::{Context, Result, bail};
 use crate::lab;
 
 /// The targets, named as in `protocol/fuzz/Cargo.toml`.
-pub const TARGETS: &[&str] = &["usbip_commands", "usbip_returns", "usbip_op", "wire_frames"];
+pub const TARGETS: &[&str] = &[
+    "usbip_commands",
+    "usbip_returns",
+    "usbip_op",
+    "wire_frames",
+    "config_files",
+];
 
 /// Fuzzes `targets` (all when empty) for `secs` seconds each.
 pub fn fuzz(targets: &[String], secs: u64) -> Result<()> {

@@ -48,6 +48,9 @@ enum Cmd {
         #[command(subcommand)]
         target: Option<bench::Target>,
     },
+    /// The long runs behind CI's short ones, in the lab: 1 GiB written and read back over a
+    /// 1 % loss, 20 ms link, and a thousand attach/detach cycles (hours under TCG).
+    Soak,
     /// Build the client's eBPF probes (installs clang and libbpf-dev with apt if missing).
     BuildEbpf,
     /// Fuzz the protocol decoders (every target, or those named) for a bounded time each.
@@ -104,6 +107,15 @@ fn main() -> ExitCode {
         Cmd::Test(args) => ci::test(&args),
         Cmd::Demo => lab::demo(),
         Cmd::Bench { target } => bench::bench(target),
+        Cmd::Soak => lab::run(&RunArgs {
+            scenarios: vec!["soak-integrity".into(), "soak-cycles".into()],
+            timeout_secs: 4 * 3600,
+            keep_going: true,
+            accel: lab::vm::Accel::Auto,
+            results: None,
+            build: true,
+        })
+        .map(|_| ()),
         Cmd::BuildEbpf => ebpf::build(),
         Cmd::Fuzz { targets, secs } => fuzz::fuzz(&targets, secs),
     };

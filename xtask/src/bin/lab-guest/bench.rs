@@ -112,6 +112,33 @@ pub fn write_mib_s(dev: &Path, total: usize) -> Result<f64> {
     Ok(mib_per_s(done, start))
 }
 
+/// Copies `src` onto `dev` with O_DIRECT in 1 MiB blocks (so nothing sits in a cache that a
+/// read-back could be served from); returns MiB/s.
+pub fn copy_to_device(src: &Path, dev: &Path) -> Result<f64> {
+    let mut from = File::open(src).with_context(|| format!("opening {}", src.display()))?;
+    let mut to = OpenOptions::new()
+        .write(true)
+        .custom_flags(O_DIRECT)
+        .open(dev)
+        .with_context(|| format!("opening {} with O_DIRECT", dev.display()))?;
+    let len = from.metadata()?.len() as usize;
+    if !len.is_multiple_of(MIB) {
+        bail!("{} is not a whole number of MiB", src.display());
+    }
+    let mut storage = Vec::new();
+    let buf = aligned(&mut storage, MIB);
+    let start = Instant::now();
+    let mut done = 0;
+    while done < len {
+        from.read_exact(buf)?;
+        to.write_all(buf)
+            .with_context(|| format!("writing {} at {done}", dev.display()))?;
+        done += MIB;
+    }
+    to.sync_all()?;
+    Ok(mib_per_s(done, start))
+}
+
 fn mib_per_s(bytes: usize, start: Instant) -> f64 {
     let mib = bytes as f64 / MIB as f64;
     let rate = mib / start.elapsed().as_secs_f64().max(1e-9);

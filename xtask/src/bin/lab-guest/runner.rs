@@ -184,6 +184,17 @@ pub fn run(name: &str, timeout: Duration) -> Value {
         });
         ("fail", Some(why))
     };
+    if status == "fail" {
+        // What the kernel said last (SCSI errors, resets, OOM) is often why.
+        for line in kernel_log_tail(30) {
+            println!("[{name}] dmesg: {line}");
+        }
+        if let Ok(meminfo) = std::fs::read_to_string("/proc/meminfo")
+            && let Some(available) = meminfo.lines().find(|l| l.starts_with("MemAvailable"))
+        {
+            println!("[{name}] {available}");
+        }
+    }
     let log_tail: &[String] = if status == "pass" { &[] } else { &tail };
     json!({
         "scenario": name,
@@ -193,6 +204,19 @@ pub fn run(name: &str, timeout: Duration) -> Value {
         "reason": reason,
         "log_tail": log_tail,
     })
+}
+
+/// The last `n` lines of the kernel log.
+fn kernel_log_tail(n: usize) -> Vec<String> {
+    let Ok(out) = Command::new("/bin/busybox").arg("dmesg").output() else {
+        return Vec::new();
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| (*l).to_owned())
+        .collect()
 }
 
 /// Empties `/tmp`, the guest's RAM-backed scratch space: each scenario leaves backing files

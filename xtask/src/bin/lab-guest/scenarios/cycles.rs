@@ -20,6 +20,15 @@ const WARM_UP: usize = 4;
 
 /// Attach, read a little, detach; `CYCLES` times; compare fds, RSS and ports.
 pub fn run() -> Result<()> {
+    cycles(CYCLES)
+}
+
+/// The soak's thousand cycles (`cargo xtask soak`).
+pub fn soak() -> Result<()> {
+    cycles(1000)
+}
+
+fn cycles(count: usize) -> Result<()> {
     modules::load(modules::STORAGE)?;
     modules::load(modules::USBIP)?;
     let backing = Path::new("/tmp/cycles.img");
@@ -33,7 +42,7 @@ pub fn run() -> Result<()> {
     let (mut server, ticket) = start_server(&["--share", &vid_pid, "--allow", &friend])?;
     let mut first = None;
     let mut first_fds = None;
-    for cycle in 1..=CYCLES {
+    for cycle in 1..=count {
         let (mut daemon, disk) = attach_disk("friend", &ticket, &vid_pid, gadget.vid, gadget.pid)?;
         bench::read_mib_s(&disk, MIB)?;
         let (ok, _, err) = client("friend", &["detach", &vhci_port_in_use()?])?;
@@ -60,7 +69,9 @@ pub fn run() -> Result<()> {
         if cycle == WARM_UP {
             first = Some(now);
         }
-        log!("cycle {cycle}: server fds {}, RSS {} KiB", now.0, now.1);
+        if cycle <= WARM_UP || cycle % 50 == 0 || cycle == count {
+            log!("cycle {cycle}: server fds {}, RSS {} KiB", now.0, now.1);
+        }
     }
     let last = (open_fds(server.pid()), rss_kib(server.pid()));
     let first = first.unwrap_or(last);
@@ -70,7 +81,7 @@ pub fn run() -> Result<()> {
         .skip(1)
         .filter(|l| l.split_whitespace().nth(2) != Some("004"))
         .count();
-    metric("cycles", CYCLES as f64);
+    metric("cycles", count as f64);
     metric(
         "server_fd_growth",
         last.0 as f64 - first_fds.unwrap_or(last.0) as f64,
@@ -78,22 +89,22 @@ pub fn run() -> Result<()> {
     metric("server_rss_growth_kib", last.1 as f64 - first.1 as f64);
     ensure!(
         used == 0,
-        "{used} vhci ports still in use after {CYCLES} cycles"
+        "{used} vhci ports still in use after {count} cycles"
     );
     let first_fds = first_fds.unwrap_or(last.0);
     ensure!(
         last.0 <= first_fds,
-        "the server's open files grew from {first_fds} to {} over {CYCLES} cycles",
+        "the server's open files grew from {first_fds} to {} over {count} cycles",
         last.0
     );
     ensure!(
         last.1 <= first.1 + 1024,
-        "the server's RSS grew from {} to {} KiB between cycle {WARM_UP} and cycle {CYCLES}",
+        "the server's RSS grew from {} to {} KiB between cycle {WARM_UP} and cycle {count}",
         first.1,
         last.1
     );
     ensure!(server.alive(), "the server died");
-    log!("{CYCLES} cycles: no fd, memory or vhci port growth");
+    log!("{count} cycles: no fd, memory or vhci port growth");
     Ok(())
 }
 

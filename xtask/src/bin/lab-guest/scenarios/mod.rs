@@ -16,8 +16,10 @@ mod faults;
 mod hid;
 mod multi;
 mod project;
+mod reconnect;
 mod selftest;
 mod smoke;
+mod soak;
 mod sourcesink;
 mod telemetry;
 mod tunnel;
@@ -103,6 +105,12 @@ pub const ALL: &[Scenario] = &[
         run: faults::run,
     },
     Scenario {
+        name: "reconnect",
+        about: "p2p-usb-client run keeps the disk attached: a 10 s network cut and a server restart each end in a re-attach with the data byte-exact, one vhci port",
+        default: true,
+        run: reconnect::run,
+    },
+    Scenario {
         name: "cycles",
         about: "attach/detach repeatedly: no growth in the server's fds or RSS, no vhci port left in use",
         default: true,
@@ -119,6 +127,18 @@ pub const ALL: &[Scenario] = &[
         about: "eBPF probes time every URB in vhci: probe/client URB counts agree, latency-report split + SVG, budgets exit 2/0, netem 5 ms shows as network, probe cost",
         default: true,
         run: telemetry::run,
+    },
+    Scenario {
+        name: "soak-cycles",
+        about: "cycles, a thousand times (cargo xtask soak)",
+        default: false,
+        run: soak::cycles,
+    },
+    Scenario {
+        name: "soak-integrity",
+        about: "1 GiB written and read back byte-exact at 1% loss + 20 ms RTT, in 64 MiB passes of distinct data (cargo xtask soak)",
+        default: false,
+        run: soak::integrity,
     },
     Scenario {
         name: "selftest-fail",

@@ -41,13 +41,19 @@ impl Drop for Daemon {
 
 /// Starts `p2p-usb-server` with `args`, its log in /tmp, and waits for its ticket.
 pub fn start_server(args: &[&str]) -> Result<(Daemon, String)> {
+    start_server_on("127.0.0.1:0", args)
+}
+
+/// [`start_server`] on a fixed address, so a restarted server has the same ticket (its key
+/// stays in /tmp/keys).
+pub fn start_server_on(bind: &str, args: &[&str]) -> Result<(Daemon, String)> {
     std::fs::create_dir_all("/tmp/keys")?;
     let ticket_file = Path::new("/tmp/server.ticket");
     let _ = std::fs::remove_file(ticket_file);
     let log_file = std::fs::File::create("/tmp/server.log")?;
     let child = Command::new(SERVER)
         .args(args)
-        .args(["--bind", "127.0.0.1:0", "--ticket-file"])
+        .args(["--bind", bind, "--ticket-file"])
         .arg(ticket_file)
         .env("P2P_USB_SERVER_KEY", "/tmp/keys/server.key")
         .env("RUST_LOG", "info,iroh=warn,noq=warn")

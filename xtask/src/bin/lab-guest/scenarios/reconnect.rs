@@ -1,0 +1,161 @@
+//! The network drops and the server restarts: `p2p-usb-client run` (what the systemd service
+//! runs) must bring the device back by itself each time, with its data intact and no ghost
+//! vhci port.
+//!
+//! A 10 s cut (netem 100 % loss on the guest's loopback) outlasts the QUIC idle timeout, so
+//! both sides end the attachment; the server gives the device back to its kernel driver and
+//! the client detaches its port. When the path returns, the client's back-off reconnects and
+//! its auto-attach rule attaches the device again. A killed server restarted on the same
+//! address with the same key has the same ticket, and the client comes back the same way.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+
+use super::project::{
+    Daemon, client, client_id, show_client_log, show_server_log, spawn_client, start_server_on,
+    vhci_port_in_use,
+};
+use crate::bench::{self, MIB};
+use crate::gadget::Gadget;
+use crate::report::{log, metric};
+use crate::usbdev::{self, Via};
+use crate::{modules, netem, sys};
+
+const SIZE: usize = 16 * MIB;
+const CHECKED: usize = 4 * MIB;
+const BIND: &str = "127.0.0.1:47811";
+const CUT: Duration = Duration::from_secs(10);
+/// From the path's return (or the server's restart) to the device readable again: the
+/// back-off is capped at 2 s in this config, an attach takes ~3 s under TCG.
+const RECOVER: Duration = Duration::from_secs(30);
+
+/// Network cut, then server restart, with the client's supervisor keeping the disk attached.
+pub fn run() -> Result<()> {
+    modules::load(modules::STORAGE)?;
+    modules::load(modules::USBIP)?;
+    modules::load(modules::NETEM)?;
+    let backing = Path::new("/tmp/reconnect.img");
+    bench::pattern_file(backing, SIZE, 0x5e)?;
+    let want = bench::md5(backing, Some(CHECKED))?;
+    let mut gadget = Gadget::mass_storage(backing)?;
+    gadget.plug()?;
+    gadget.wait_enumerated(Duration::from_secs(10))?;
+    usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Dummy, Duration::from_secs(15))?;
+    let vid_pid = format!("{:04x}:{:04x}", gadget.vid, gadget.pid);
+    let friend = client_id("friend")?;
+    let share = ["--share", vid_pid.as_str(), "--allow", friend.as_str()];
+    let (server, ticket) = start_server_on(BIND, &share)?;
+    let config = Path::new("/tmp/client-run.toml");
+    std::fs::write(
+        config,
+        format!(
+            "[servers.lab]\nticket = \"{ticket}\"\n\n[[auto_attach]]\nserver = \"lab\"\n\
+             device = \"{vid_pid}\"\n\n[reconnect]\ninitial_ms = 200\nmax_ms = 2000\n"
+        ),
+    )?;
+    let supervisor = spawn_client("friend", &["--config", "/tmp/client-run.toml", "run"])?;
+    let remote = || usbdev::find_block_device_for(gadget.vid, gadget.pid, Via::Vhci);
+    let disk = wait_readable(&gadget, &want, Duration::from_secs(30))?;
+    log!("auto-attached as {}", disk.display());
+
+    // 1. The network is cut for 10 s.
+    netem::set(Duration::ZERO, 100.0)?;
+    let cut_at = Instant::now();
+    let went = sys::wait_for("the remote disk to go during the cut", CUT, || {
+        remote().is_none().then(|| cut_at.elapsed().as_secs_f64())
+    });
+    std::thread::sleep(CUT.saturating_sub(cut_at.elapsed()));
+    netem::clear()?;
+    let back_at = Instant::now();
+    let went = went.context("the attachment outlived a 10 s cut (the idle timeout is 1.5 s)")?;
+    log!("network cut: the remote disk went after {went:.2}s (the attachment timed out)");
+    let disk = wait_readable(&gadget, &want, RECOVER)
+        .context("the client did not re-attach after the network came back")?;
+    let recovered = back_at.elapsed().as_secs_f64();
+    log!(
+        "network back: re-attached as {} and read byte-exact {recovered:.2}s later",
+        disk.display()
+    );
+    metric("net_cut_gone_secs", went);
+    metric("net_cut_recover_secs", recovered);
+    one_port_in_use()?;
+
+    // 2. The server is killed and started again on the same address with the same key.
+    drop(server);
+    sys::wait_for("the remote disk to go with the server", RECOVER, || {
+        remote().is_none().then_some(())
+    })?;
+    usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Dummy, Duration::from_secs(15))
+        .context("the killed server did not give the device back to its kernel driver")?;
+    let (mut server, again) = start_server_on(BIND, &share)?;
+    ensure!(
+        again == ticket,
+        "the restarted server has another ticket: {again}"
+    );
+    let restarted_at = Instant::now();
+    let disk = wait_readable(&gadget, &want, RECOVER)
+        .context("the client did not re-attach to the restarted server")?;
+    let recovered = restarted_at.elapsed().as_secs_f64();
+    log!(
+        "server restarted: re-attached as {} and read byte-exact {recovered:.2}s later",
+        disk.display()
+    );
+    metric("server_restart_recover_secs", recovered);
+    one_port_in_use()?;
+
+    let (ok, _, err) = client("friend", &["detach", &vhci_port_in_use()?])?;
+    ensure!(ok, "detach failed: {err}");
+    sys::wait_for("the remote disk to go after detach", RECOVER, || {
+        remote().is_none().then_some(())
+    })?;
+    ensure!(server.alive(), "the restarted server died");
+    stop(supervisor);
+    Ok(())
+}
+
+/// Waits until the gadget is a disk under vhci whose first bytes match `want`.
+fn wait_readable(gadget: &Gadget, want: &str, timeout: Duration) -> Result<PathBuf> {
+    let started = Instant::now();
+    let outcome = sys::wait_for("the remote disk to be readable", timeout, || {
+        let disk = usbdev::find_block_device_for(gadget.vid, gadget.pid, Via::Vhci)?;
+        // A disk that is still being set up (or torn down) refuses opens for a moment.
+        let got = bench::md5(&disk, Some(CHECKED)).ok()?;
+        Some((disk, got))
+    });
+    match outcome {
+        Ok((disk, got)) => {
+            ensure!(
+                got == want,
+                "{} read back different data after {:.1}s",
+                disk.display(),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(disk)
+        }
+        Err(e) => {
+            show_client_log("friend");
+            show_server_log();
+            Err(e)
+        }
+    }
+}
+
+fn one_port_in_use() -> Result<()> {
+    let status = sys::read("/sys/devices/platform/vhci_hcd.0/status")?;
+    let used = status
+        .lines()
+        .skip(1)
+        .filter(|l| l.split_whitespace().nth(2) != Some("004"))
+        .count();
+    ensure!(used == 1, "{used} vhci ports in use, want 1:\n{status}");
+    Ok(())
+}
+
+/// Stops the supervisor as systemd would (SIGTERM), so it detaches what it holds.
+fn stop(mut supervisor: Daemon) {
+    let pid = supervisor.pid().to_string();
+    let _ = sys::run(std::process::Command::new("/bin/busybox").args(["kill", "-TERM", &pid]));
+    let _ = supervisor.wait_exit(Duration::from_secs(10));
+}
