@@ -703,7 +703,7 @@ async fn tui(cli: &Cli, servers: &[String]) -> anyhow::Result<()> {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 };
                 set(Link::Down(why));
-                conn.close().await;
+                conn.close_connection();
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });

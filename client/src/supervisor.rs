@@ -102,7 +102,8 @@ pub async fn supervise<C, F>(
                 info!(%server, "connected");
                 backoff.reset();
                 let ended = run_connection(&server, &conn, &rules, &vhci, stop.clone()).await;
-                conn.close().await;
+                // The endpoint stays: the next attempt dials from it.
+                conn.close_connection();
                 match ended {
                     Ended::Shutdown => return,
                     Ended::Lost(why) => why,

@@ -404,6 +404,28 @@ async fn a_replayed_or_out_of_order_urb_frame_closes_only_that_connection() {
     good.detach(handle).await.unwrap();
 }
 
+/// What `p2p-usb-client run` does after a drop: close the connection, dial again from the same
+/// endpoint, and claim the device anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reconnects_from_the_same_endpoint_after_closing_a_connection() {
+    let lab = lab(None).await;
+    let ep = bind_endpoint(SecretKey::generate(), vec![], &NetConfig::loopback())
+        .await
+        .unwrap();
+    for round in 1..=3 {
+        let conn =
+            ServerConnection::connect(&ep, lab.server_addr.clone(), Capabilities::TIMING, "test")
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        conn.attach(DeviceId(7), None).await.unwrap();
+        conn.close_connection();
+        eventually("the claim is released", || {
+            lab.releases.load(Ordering::SeqCst) == round
+        })
+        .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_whose_endpoint_closes_releases_its_claim_within_two_seconds() {
     let lab = lab(None).await;

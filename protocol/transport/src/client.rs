@@ -261,8 +261,15 @@ impl ServerConnection {
         Ok((tx, FramedRecv::new(recv)))
     }
 
-    /// Closes the connection and our endpoint gracefully; the server releases every claim of
-    /// ours at once instead of waiting for its idle timeout.
+    /// Closes this connection gracefully and leaves the endpoint open for the next one (what a
+    /// supervisor that reconnects needs); the server releases our claims at once.
+    pub fn close_connection(&self) {
+        self.conn.close(VarInt::from_u32(close::NORMAL), b"bye");
+    }
+
+    /// Closes the connection and our endpoint gracefully (the end of a one-shot command); the
+    /// server releases every claim of ours at once instead of waiting for its idle timeout.
+    /// The endpoint cannot connect again afterwards.
     pub async fn close(&self) {
         self.conn.close(VarInt::from_u32(close::NORMAL), b"bye");
         self._endpoint.close().await;
