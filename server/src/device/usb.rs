@@ -35,11 +35,6 @@ use crate::tracker::completion;
 /// A safety net for control transfers: class drivers on the client time out and unlink long
 /// before this; it only stops a wedged device from holding a task forever.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
-const CLASS_MASS_STORAGE: u8 = 0x08;
-const PROTOCOL_BULK_ONLY: u8 = 0x50;
-/// Bulk-Only Mass Storage Reset (USB MSC BOT 1.0, 3.1).
-const BOT_RESET: u8 = 0xff;
-const BOT_RESET_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Which devices a server offers: the config's share and deny rules, never hubs, never
 /// devices imported from another machine.
@@ -387,65 +382,7 @@ impl UsbDevice {
                 .map_err(|e| format!("interface {n}: {e}"))?;
             self.interfaces.push(iface);
         }
-        self.reset_bulk_only();
         Ok(())
-    }
-
-    /// Runs Bulk-Only Transport reset recovery (class request 0xFF, then CLEAR_FEATURE(HALT)
-    /// on both bulk pipes) on every mass-storage interface, so the client's kernel starts from
-    /// a known state: the driver we detached may have been mid-command (a partition scan just
-    /// after plug-in), leaving a CSW or data queued that the client's first command would read
-    /// as its own, after which its usb-storage gives up on the disk. Best effort: a device that
-    /// refuses is left as it is.
-    fn reset_bulk_only(&self) {
-        let Some(config) = &self.config else {
-            return;
-        };
-        let bot = config.interfaces.iter().filter(|i| {
-            i.alternate == 0 && i.class[0] == CLASS_MASS_STORAGE && i.class[2] == PROTOCOL_BULK_ONLY
-        });
-        for desc in bot {
-            let Some(iface) = self
-                .interfaces
-                .iter()
-                .find(|i| i.interface_number() == desc.number)
-            else {
-                continue;
-            };
-            let reset = ControlOut {
-                control_type: ControlType::Class,
-                recipient: Recipient::Interface,
-                request: BOT_RESET,
-                value: 0,
-                index: u16::from(desc.number),
-                data: &[],
-            };
-            if let Err(e) = iface.control_out(reset, BOT_RESET_TIMEOUT).wait() {
-                warn!(interface = desc.number, "Bulk-Only reset refused: {e}");
-                continue;
-            }
-            for ep in desc
-                .endpoints
-                .iter()
-                .filter(|e| e.transfer_type == TransferType::Bulk)
-            {
-                let cleared = match ep.direction {
-                    Direction::In => iface
-                        .endpoint::<Bulk, In>(ep.number.get() | 0x80)
-                        .map(|mut e| e.clear_halt().wait()),
-                    Direction::Out => iface
-                        .endpoint::<Bulk, Out>(ep.number.get())
-                        .map(|mut e| e.clear_halt().wait()),
-                };
-                if let Err(e) | Ok(Err(e)) = cleared {
-                    warn!(
-                        endpoint = ep.number.get(),
-                        "clearing a halt after the reset: {e}"
-                    );
-                }
-            }
-            debug!(interface = desc.number, "Bulk-Only reset recovery done");
-        }
     }
 
     fn transfer_type(&self, urb: &UrbSubmit) -> TransferType {
