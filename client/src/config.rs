@@ -59,13 +59,10 @@ pub struct AutoAttach {
     pub device: String,
     /// Its PIN, if the server asks for one.
     pub pin: Option<String>,
-    /// Mass-storage read-ahead (one round trip per SCSI command instead of three).
-    #[serde(default = "yes")]
+    /// Mass-storage read-ahead (one round trip per SCSI command instead of three); off unless
+    /// set.
+    #[serde(default)]
     pub read_ahead: bool,
-}
-
-fn yes() -> bool {
-    true
 }
 
 /// Reconnection back-off: doubles from `initial_ms` up to `max_ms`.

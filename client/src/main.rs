@@ -46,10 +46,12 @@ struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
-    /// Forward every mass-storage URB one by one. By default a disk's READ costs one round
-    /// trip, not three: its data and status are read as soon as the command is sent.
-    #[arg(long, global = true, env = "P2P_USB_NO_READ_AHEAD")]
-    no_read_ahead: bool,
+    /// Mass-storage read-ahead: a disk's READ costs one round trip instead of three (its data
+    /// and status are read as soon as the command is sent). Off by default while an unplug
+    /// under read-ahead still takes seconds to reach the kernel (see kernel-notes/LAB.md).
+    #[arg(long, global = true, env = "P2P_USB_READ_AHEAD",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    read_ahead: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -420,7 +422,7 @@ async fn attach(
             events_tx.subscribe(),
             stop_rx.clone(),
             recording.as_ref(),
-            !cli.no_read_ahead,
+            cli.read_ahead,
         )
         .await;
         let a = match a {
@@ -495,7 +497,7 @@ async fn bridge(cli: &Cli, ticket: &str, addr: std::net::SocketAddr) -> anyhow::
         addr.ip()
     );
     std::io::stdout().flush()?;
-    client::bridge::serve(conn.clone(), addr, events_tx, stop_rx, !cli.no_read_ahead).await?;
+    client::bridge::serve(conn.clone(), addr, events_tx, stop_rx, cli.read_ahead).await?;
     conn.close().await;
     Ok(())
 }
@@ -589,7 +591,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             .map(|r| Rule {
                 device: r.device.clone(),
                 pin: r.pin.clone(),
-                read_ahead: r.read_ahead && !cli.no_read_ahead,
+                read_ahead: r.read_ahead || cli.read_ahead,
             })
             .collect();
         if rules.is_empty() {

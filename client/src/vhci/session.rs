@@ -349,7 +349,7 @@ impl PortSession {
         }
     }
 
-    /// Turns mass-storage read-ahead on or off (`attach --no-read-ahead`).
+    /// Turns mass-storage read-ahead on or off (the client turns it on for `--read-ahead`).
     pub fn with_read_ahead(mut self, on: bool) -> Self {
         self.read_ahead = ReadAhead::new(on);
         self

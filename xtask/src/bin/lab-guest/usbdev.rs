@@ -59,12 +59,15 @@ pub fn find_input_event_for(vid: u16, pid: u16, via: Via) -> Option<PathBuf> {
         .map(|p| Path::new("/dev/input").join(p.file_name().unwrap_or_default()))
 }
 
-/// Waits up to `timeout` for [`find_block_device_for`].
+/// Waits up to `timeout` for [`find_block_device_for`], and for its node to open: sysfs lists
+/// a disk a moment before it is usable, and a name just freed by another disk (the server's
+/// side of the same gadget, removed when the server claimed it) can still open as the old,
+/// dying one (`ENXIO`).
 pub fn wait_block_device(vid: u16, pid: u16, via: Via, timeout: Duration) -> Result<PathBuf> {
     sys::wait_for(
         &format!("a block device for {vid:04x}:{pid:04x} via {via:?}"),
         timeout,
-        || find_block_device_for(vid, pid, via),
+        || find_block_device_for(vid, pid, via).filter(|dev| fs::File::open(dev).is_ok()),
     )
 }
 

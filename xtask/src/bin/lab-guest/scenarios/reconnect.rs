@@ -82,13 +82,13 @@ pub fn run() -> Result<()> {
     metric("net_cut_recover_secs", recovered);
     one_port_in_use()?;
 
-    // 2. The server is killed and started again on the same address with the same key.
+    // 2. The server is killed and started again on the same address with the same key. (A
+    //    killed server cannot hand the device back to its kernel driver; the new one claims it
+    //    as it finds it.)
     drop(server);
     sys::wait_for("the remote disk to go with the server", RECOVER, || {
         remote().is_none().then_some(())
     })?;
-    usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Dummy, Duration::from_secs(15))
-        .context("the killed server did not give the device back to its kernel driver")?;
     let (mut server, again) = start_server_on(BIND, &share)?;
     ensure!(
         again == ticket,
