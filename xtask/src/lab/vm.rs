@@ -282,7 +282,7 @@ impl<'a> Follow<'a> {
             });
         }
         if let (Some(reason), Some((name, since, lines))) = (&self.aborted, self.current.take()) {
-            let tail: Vec<&String> = lines.iter().rev().take(LOG_TAIL_LINES).rev().collect();
+            let tail = crash_tail(&lines);
             self.results.push(json!({
                 "scenario": name,
                 "status": "fail",
@@ -342,6 +342,20 @@ impl<'a> Follow<'a> {
             self.peak_rss_kib = Some(self.peak_rss_kib.unwrap_or(0).max(kib));
         }
     }
+}
+
+/// The log tail of a scenario the run was aborted in: when the guest kernel reported a fatal
+/// error, the lines leading up to it (what the scenario was doing) and the start of the
+/// kernel's report, not the end of a stack dump that can be longer than the whole tail.
+fn crash_tail(lines: &VecDeque<String>) -> Vec<&String> {
+    let fatal = lines
+        .iter()
+        .position(|l| FATAL_MARKERS.iter().any(|m| l.contains(m)));
+    let start = match fatal {
+        Some(at) => at.saturating_sub(LOG_TAIL_LINES / 2),
+        None => lines.len().saturating_sub(LOG_TAIL_LINES),
+    };
+    lines.iter().skip(start).take(LOG_TAIL_LINES).collect()
 }
 
 fn push_bounded(q: &mut VecDeque<String>, line: String, max: usize) {
@@ -497,7 +511,9 @@ mod tests {
     use std::path::Path;
     use std::time::Instant;
 
-    use super::{Accel, Boot, Follow, clean};
+    use std::collections::VecDeque;
+
+    use super::{Accel, Boot, Follow, LOG_TAIL_LINES, clean, crash_tail};
 
     #[test]
     fn console_messages_drive_the_run_state() {
@@ -532,6 +548,22 @@ mod tests {
         assert_eq!(f.results.len(), 1);
         f.line(r#"LAB-SUMMARY {"passed":1,"failed":0,"skipped":0}"#.to_owned());
         assert!(f.completed_at.is_some());
+    }
+
+    #[test]
+    fn a_crash_tail_keeps_what_led_up_to_the_panic() {
+        let mut lines: VecDeque<String> = (0..30).map(|i| format!("step {i}")).collect();
+        lines.push_back("Kernel panic - not syncing: sysrq triggered crash".into());
+        lines.extend((0..100).map(|i| format!(" trace {i}")));
+        let tail = crash_tail(&lines);
+        assert_eq!(tail.len(), LOG_TAIL_LINES);
+        assert!(tail.iter().any(|l| *l == "step 29"));
+        assert!(tail.iter().any(|l| l.starts_with("Kernel panic")));
+        let calm: VecDeque<String> = (0..100).map(|i| format!("line {i}")).collect();
+        assert_eq!(
+            crash_tail(&calm).last().map(|l| l.as_str()),
+            Some("line 99")
+        );
     }
 
     #[test]
