@@ -56,6 +56,21 @@ impl Gadget {
         Gadget::mass_storage_as("lab-msc", PID_MASS_STORAGE, backing)
     }
 
+    /// [`Gadget::mass_storage`], plugged in, enumerated, and a disk on this side (the server's)
+    /// that opens: where every scenario that shares a disk starts.
+    pub fn local_disk(backing: &Path) -> Result<Gadget> {
+        let mut gadget = Gadget::mass_storage(backing)?;
+        gadget.plug()?;
+        gadget.wait_enumerated(Duration::from_secs(10))?;
+        usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Dummy, Duration::from_secs(15))?;
+        Ok(gadget)
+    }
+
+    /// `vid:pid`, as `--share` and `--device` take it.
+    pub fn vid_pid(&self) -> String {
+        format!("{:04x}:{:04x}", self.vid, self.pid)
+    }
+
     /// A second (third...) disk beside the first: its own configfs name and product id, so
     /// the host side can tell them apart. Needs a free UDC (dummy_hcd is loaded with two).
     pub fn mass_storage_as(name: &str, pid: u16, backing: &Path) -> Result<Gadget> {

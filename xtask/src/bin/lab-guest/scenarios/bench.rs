@@ -34,12 +34,9 @@ pub fn run() -> Result<()> {
     modules::load(modules::NETEM)?;
     let backing = Path::new("/tmp/bench.img");
     bench::pattern_file(backing, SIZE, 0xbe)?;
-    let mut gadget = Gadget::mass_storage(backing)?;
-    gadget.plug()?;
-    gadget.wait_enumerated(Duration::from_secs(10))?;
-    usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Dummy, Duration::from_secs(15))?;
+    let gadget = Gadget::local_disk(backing)?;
     let busid = gadget.busid()?;
-    let vid_pid = format!("{:04x}:{:04x}", gadget.vid, gadget.pid);
+    let vid_pid = gadget.vid_pid();
 
     // The kernel's USB/IP.
     {
@@ -72,7 +69,11 @@ pub fn run() -> Result<()> {
     // Ours.
     let friend = client_id("friend")?;
     let (server, ticket) = start_server(&["--share", &vid_pid, "--allow", &friend])?;
-    let client_daemon = spawn_client("friend", &["attach", &ticket, "--device", &vid_pid])?;
+    // With read-ahead: the bench measures the best we do on a slow link (no unplug here).
+    let client_daemon = spawn_client(
+        "friend",
+        &["--read-ahead", "attach", &ticket, "--device", &vid_pid],
+    )?;
     let disk =
         match usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Vhci, Duration::from_secs(30))
         {

@@ -24,12 +24,9 @@ pub fn run() -> Result<()> {
     let backing = Path::new("/tmp/bridge.img");
     bench::pattern_file(backing, SIZE, 0xb1)?;
     let expected = bench::md5(backing, None)?;
-    let mut gadget = Gadget::mass_storage(backing)?;
-    gadget.plug()?;
-    gadget.wait_enumerated(Duration::from_secs(10))?;
-    usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Dummy, Duration::from_secs(15))?;
+    let gadget = Gadget::local_disk(backing)?;
     let busid = gadget.busid()?;
-    let vid_pid = format!("{:04x}:{:04x}", gadget.vid, gadget.pid);
+    let vid_pid = gadget.vid_pid();
 
     let friend = client_id("friend")?;
     let (mut server, ticket) = start_server(&["--share", &vid_pid, "--allow", &friend])?;

@@ -33,11 +33,8 @@ fn cycles(count: usize) -> Result<()> {
     modules::load(modules::USBIP)?;
     let backing = Path::new("/tmp/cycles.img");
     bench::pattern_file(backing, 16 * MIB, 0xc1)?;
-    let mut gadget = Gadget::mass_storage(backing)?;
-    gadget.plug()?;
-    gadget.wait_enumerated(Duration::from_secs(10))?;
-    usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Dummy, Duration::from_secs(15))?;
-    let vid_pid = format!("{:04x}:{:04x}", gadget.vid, gadget.pid);
+    let gadget = Gadget::local_disk(backing)?;
+    let vid_pid = gadget.vid_pid();
     let friend = client_id("friend")?;
     let (mut server, ticket) = start_server(&["--share", &vid_pid, "--allow", &friend])?;
     let mut first = None;

@@ -28,11 +28,8 @@ pub fn run() -> Result<()> {
     modules::load(modules::NETEM)?;
     let backing = Path::new("/tmp/faults.img");
     bench::pattern_file(backing, SIZE, 0xfa)?;
-    let mut gadget = Gadget::mass_storage(backing)?;
-    gadget.plug()?;
-    gadget.wait_enumerated(Duration::from_secs(10))?;
-    usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Dummy, Duration::from_secs(15))?;
-    let vid_pid = format!("{:04x}:{:04x}", gadget.vid, gadget.pid);
+    let mut gadget = Gadget::local_disk(backing)?;
+    let vid_pid = gadget.vid_pid();
     let (first, second) = (client_id("first")?, client_id("second")?);
     let (mut server, ticket) =
         start_server(&["--share", &vid_pid, "--allow", &first, "--allow", &second])?;

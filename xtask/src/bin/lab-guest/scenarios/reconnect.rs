@@ -39,11 +39,8 @@ pub fn run() -> Result<()> {
     let backing = Path::new("/tmp/reconnect.img");
     bench::pattern_file(backing, SIZE, 0x5e)?;
     let want = bench::md5(backing, Some(CHECKED))?;
-    let mut gadget = Gadget::mass_storage(backing)?;
-    gadget.plug()?;
-    gadget.wait_enumerated(Duration::from_secs(10))?;
-    usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Dummy, Duration::from_secs(15))?;
-    let vid_pid = format!("{:04x}:{:04x}", gadget.vid, gadget.pid);
+    let gadget = Gadget::local_disk(backing)?;
+    let vid_pid = gadget.vid_pid();
     let friend = client_id("friend")?;
     let share = ["--share", vid_pid.as_str(), "--allow", friend.as_str()];
     let (server, ticket) = start_server_on(BIND, &share)?;

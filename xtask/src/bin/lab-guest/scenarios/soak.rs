@@ -11,7 +11,7 @@ use super::project::{attach_disk, client, client_id, start_server, vhci_port_in_
 use crate::bench::{self, MIB};
 use crate::gadget::Gadget;
 use crate::report::{log, metric};
-use crate::usbdev::{self, Via};
+
 use crate::{modules, netem, sys};
 
 pub use super::cycles::soak as cycles;
@@ -27,11 +27,8 @@ pub fn integrity() -> Result<()> {
     modules::load(modules::NETEM)?;
     let backing = Path::new("/tmp/soak.img");
     bench::pattern_file(backing, DISK, 0x50a)?;
-    let mut gadget = Gadget::mass_storage(backing)?;
-    gadget.plug()?;
-    gadget.wait_enumerated(Duration::from_secs(10))?;
-    usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Dummy, Duration::from_secs(15))?;
-    let vid_pid = format!("{:04x}:{:04x}", gadget.vid, gadget.pid);
+    let gadget = Gadget::local_disk(backing)?;
+    let vid_pid = gadget.vid_pid();
     let friend = client_id("friend")?;
     let (mut server, ticket) = start_server(&["--share", &vid_pid, "--allow", &friend])?;
     let (attached, disk) = attach_disk("friend", &ticket, &vid_pid, gadget.vid, gadget.pid)?;

@@ -34,11 +34,8 @@ pub fn run() -> Result<()> {
     modules::load(modules::USBIP)?;
     let backing = Path::new("/tmp/telemetry.img");
     bench::pattern_file(backing, SIZE, 0x5e)?;
-    let mut gadget = Gadget::mass_storage(backing)?;
-    gadget.plug()?;
-    gadget.wait_enumerated(Duration::from_secs(10))?;
-    usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Dummy, Duration::from_secs(15))?;
-    let vid_pid = format!("{:04x}:{:04x}", gadget.vid, gadget.pid);
+    let gadget = Gadget::local_disk(backing)?;
+    let vid_pid = gadget.vid_pid();
     let friend = client_id("friend")?;
     let (mut server, ticket) = start_server(&["--share", &vid_pid, "--allow", &friend])?;
     let g = (gadget.vid, gadget.pid);
