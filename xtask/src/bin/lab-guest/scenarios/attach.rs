@@ -9,7 +9,7 @@ use anyhow::{Context, Result, ensure};
 
 use super::project::{
     attach_disk, client, client_id, show_client_log, show_server_log, start_server,
-    vhci_port_in_use,
+    vhci_port_in_use, vhci_ports_in_use,
 };
 use crate::bench::{self, MIB};
 use crate::gadget::Gadget;
@@ -96,12 +96,9 @@ pub fn run() -> Result<()> {
             .is_none()
             .then_some(())
     })?;
-    let status = sys::read("/sys/devices/platform/vhci_hcd.0/status")?;
+    let (used, status) = vhci_ports_in_use()?;
     ensure!(
-        status
-            .lines()
-            .skip(1)
-            .all(|l| l.split_whitespace().nth(2) == Some("004")),
+        used == 0,
         "a vhci port is still in use after detach:\n{status}"
     );
     let local =

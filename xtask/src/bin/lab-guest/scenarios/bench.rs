@@ -12,6 +12,7 @@ use anyhow::{Context, Result, ensure};
 
 use super::project::{
     Daemon, client, client_id, show_client_log, spawn_client, start_server, vhci_port_in_use,
+    vhci_ports_in_use,
 };
 use crate::bench::{self, MIB};
 use crate::gadget::Gadget;
@@ -196,13 +197,9 @@ fn detach_all_usbip() -> Result<()> {
         "the USB/IP disk to go away",
         Duration::from_secs(10),
         || {
-            fs::read_to_string("/sys/devices/platform/vhci_hcd.0/status")
+            vhci_ports_in_use()
                 .ok()
-                .filter(|s| {
-                    s.lines()
-                        .skip(1)
-                        .all(|l| l.split_whitespace().nth(2) == Some("004"))
-                })
+                .filter(|(used, _)| *used == 0)
                 .map(|_| ())
         },
     )?;

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 
-use super::project::{attach_disk, client, client_id, start_server, vhci_port_in_use};
+use super::project::{
+    attach_disk, client, client_id, start_server, vhci_port_in_use, vhci_ports_in_use,
+};
 use crate::bench::{self, MIB};
 use crate::gadget::Gadget;
 use crate::report::{log, metric};
@@ -72,12 +74,7 @@ fn cycles(count: usize) -> Result<()> {
     }
     let last = (open_fds(server.pid()), rss_kib(server.pid()));
     let first = first.unwrap_or(last);
-    let ports = sys::read("/sys/devices/platform/vhci_hcd.0/status")?;
-    let used = ports
-        .lines()
-        .skip(1)
-        .filter(|l| l.split_whitespace().nth(2) != Some("004"))
-        .count();
+    let (used, _) = vhci_ports_in_use()?;
     metric("cycles", count as f64);
     metric(
         "server_fd_growth",

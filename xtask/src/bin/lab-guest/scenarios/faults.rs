@@ -10,6 +10,7 @@ use anyhow::{Context, Result, ensure};
 
 use super::project::{
     attach_disk, client, client_id, show_server_log, start_server, vhci_port_in_use,
+    vhci_ports_in_use,
 };
 use crate::bench::{self, MIB};
 use crate::gadget::Gadget;
@@ -117,11 +118,9 @@ pub fn run() -> Result<()> {
         ended.is_some(),
         "the attach process kept running for a device that is gone"
     );
-    let vhci = sys::read("/sys/devices/platform/vhci_hcd.0/status")?;
+    let (used, vhci) = vhci_ports_in_use()?;
     ensure!(
-        vhci.lines()
-            .skip(1)
-            .all(|l| l.split_whitespace().nth(2) == Some("004")),
+        used == 0,
         "a ghost vhci port is left after the unplug:\n{vhci}"
     );
 

@@ -7,12 +7,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 
-use super::project::{client_id, show_client_log, show_server_log, spawn_client, start_server};
+use super::project::{
+    client_id, show_client_log, show_server_log, spawn_client, start_server, vhci_ports_in_use,
+};
 use crate::bench::{self, MIB};
 use crate::gadget::Gadget;
+use crate::modules;
 use crate::report::{log, metric};
 use crate::usbdev::{self, Via};
-use crate::{modules, sys};
 
 const SIZE: usize = 32 * MIB;
 const SECOND_PID: u16 = 0x0105;
@@ -75,12 +77,7 @@ pub fn run() -> Result<()> {
     log!("read both at once, byte-exact: A {ra} MiB/s, B {rb} MiB/s");
     metric("multi_read_a_mib_s", ra);
     metric("multi_read_b_mib_s", rb);
-    let ports = sys::read("/sys/devices/platform/vhci_hcd.0/status")?;
-    let used = ports
-        .lines()
-        .skip(1)
-        .filter(|l| l.split_whitespace().nth(2) != Some("004"))
-        .count();
+    let (used, _) = vhci_ports_in_use()?;
     ensure!(used == 2, "expected two vhci ports in use, found {used}");
     ensure!(server.alive(), "the server died");
     Ok(())

@@ -195,13 +195,27 @@ impl Daemon {
     }
 }
 
-/// The number of the first vhci port in use, as `detach` takes it.
-pub fn vhci_port_in_use() -> Result<String> {
-    let status = sys::read("/sys/devices/platform/vhci_hcd.0/status")?;
-    let port = status
+const VHCI_STATUS: &str = "/sys/devices/platform/vhci_hcd.0/status";
+
+/// vhci's status lines (after the header) of the ports in use; state 004 is a free port.
+fn used_lines(status: &str) -> impl Iterator<Item = &str> {
+    status
         .lines()
         .skip(1)
-        .find(|l| l.split_whitespace().nth(2) != Some("004"))
+        .filter(|l| l.split_whitespace().nth(2) != Some("004"))
+}
+
+/// How many vhci ports are in use, with vhci's status text for messages.
+pub fn vhci_ports_in_use() -> Result<(usize, String)> {
+    let status = sys::read(VHCI_STATUS)?;
+    Ok((used_lines(&status).count(), status))
+}
+
+/// The number of the first vhci port in use, as `detach` takes it.
+pub fn vhci_port_in_use() -> Result<String> {
+    let status = sys::read(VHCI_STATUS)?;
+    let port = used_lines(&status)
+        .next()
         .and_then(|l| l.split_whitespace().nth(1))
         .context("no vhci port in use")?
         .trim_start_matches('0')

@@ -15,7 +15,7 @@ use anyhow::{Context, Result, ensure};
 
 use super::project::{
     Daemon, client, client_id, show_client_log, show_server_log, spawn_client, start_server_on,
-    vhci_port_in_use,
+    vhci_port_in_use, vhci_ports_in_use,
 };
 use crate::bench::{self, MIB};
 use crate::gadget::Gadget;
@@ -140,12 +140,7 @@ fn wait_readable(gadget: &Gadget, want: &str, timeout: Duration) -> Result<PathB
 }
 
 fn one_port_in_use() -> Result<()> {
-    let status = sys::read("/sys/devices/platform/vhci_hcd.0/status")?;
-    let used = status
-        .lines()
-        .skip(1)
-        .filter(|l| l.split_whitespace().nth(2) != Some("004"))
-        .count();
+    let (used, status) = vhci_ports_in_use()?;
     ensure!(used == 1, "{used} vhci ports in use, want 1:\n{status}");
     Ok(())
 }
