@@ -135,7 +135,8 @@ struct RunArgs {
     /// Ask the router for a port mapping (UPnP, PCP, NAT-PMP).
     #[arg(global = true, long)]
     port_mapping: bool,
-    /// Release a silent client's devices after this many milliseconds [default: 1500].
+    /// Release a silent client's devices after this many milliseconds without a packet, plus
+    /// one keep-alive interval (a sixth of it) [default: 1500, so 1.75 s].
     #[arg(global = true, long)]
     idle_timeout_ms: Option<u64>,
     /// Also write the ticket to this file (for scripts).

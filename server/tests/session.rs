@@ -453,6 +453,52 @@ async fn a_client_whose_endpoint_closes_releases_its_claim_within_two_seconds() 
     );
 }
 
+/// A SIGKILLed or frozen client sends nothing more, not even a close: only the idle timeout can
+/// free its device. The client here runs on a runtime whose thread stops polling after the
+/// attach, with its socket left open, and the server must still release within 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_falls_silent_loses_its_claim_within_two_seconds() {
+    let lab = lab(None).await;
+    let addr = lab.server_addr.clone();
+    let (attached, silent) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let ep = bind_endpoint(SecretKey::generate(), vec![], &NetConfig::loopback())
+                .await
+                .unwrap();
+            let conn = ServerConnection::connect(&ep, addr, Capabilities::default(), "t")
+                .await
+                .unwrap();
+            conn.attach(DeviceId(7), None).await.unwrap();
+            // Let the acks and a keep-alive exchange settle, so the server's last word is not
+            // an unanswered packet: that is the case where its own keep-alive adds to the wait.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let _ = attached.send(std::time::Instant::now());
+            loop {
+                std::thread::park();
+            }
+        });
+    });
+    let silent_since = silent.await.unwrap();
+    let bound = NetConfig::loopback().dead_peer_bound();
+    while lab.releases.load(Ordering::SeqCst) == 0 {
+        assert!(
+            silent_since.elapsed() < Duration::from_secs(5),
+            "a silent client kept its claim"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = silent_since.elapsed();
+    assert!(
+        took < Duration::from_secs(2) && took <= bound + Duration::from_millis(100),
+        "released after {took:?}; the dead-peer bound is {bound:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removal_ends_the_attachment_and_is_announced() {
     let lab = lab(None).await;
