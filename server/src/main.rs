@@ -166,8 +166,11 @@ fn default_config_path() -> PathBuf {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // Multi-threaded: a Pi serving several devices and clients spreads their crypto over its
-    // cores.
+    // cores. At least two workers even on one core: a usbfs ioctl can wait on a device lock the
+    // kernel holds for seconds, and one worker stuck there must not stop every keep-alive.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
         .expect("a tokio runtime");

@@ -96,6 +96,9 @@ pub enum UsbError {
     /// Listing devices failed (no usbfs, no permission on /dev/bus/usb).
     #[error("could not list USB devices: {0}")]
     List(#[source] nusb::Error),
+    /// The thread listing devices panicked or the runtime is shutting down.
+    #[error("listing USB devices did not finish: {0}")]
+    Interrupted(String),
     /// The hot-plug watch could not start.
     #[error("could not watch for USB hot-plug: {0}")]
     Watch(#[source] nusb::Error),
@@ -103,12 +106,19 @@ pub enum UsbError {
 
 impl UsbSource {
     /// Lists the devices now and follows hot-plug from then on.
+    ///
+    /// Nothing here reads sysfs on a runtime thread: nusb's listing and its hot-plug stream read
+    /// each device's attributes synchronously, and the kernel holds a device's lock while a
+    /// driver probes it, so a read can wait seconds for a slow probe. When that device is one a
+    /// client of ours is enumerating (a vhci import on this machine, as in the lab), its probe
+    /// waits on our answer to SET_CONFIGURATION: a runtime blocked on the read would stall every
+    /// session until the kernel's 5 s control timeout.
     pub async fn start(filter: DeviceFilter) -> Result<Arc<Self>, UsbError> {
         let watch = nusb::watch_devices().map_err(UsbError::Watch)?;
-        let listed: Vec<nusb::DeviceInfo> = nusb::list_devices()
+        let listed = tokio::task::spawn_blocking(list_devices)
             .await
-            .map_err(UsbError::List)?
-            .collect();
+            .map_err(|e| UsbError::Interrupted(e.to_string()))?
+            .map_err(UsbError::List)?;
         let (events, _) = broadcast::channel(64);
         let source = Arc::new(UsbSource {
             known: Mutex::new(Vec::new()),
@@ -117,7 +127,6 @@ impl UsbSource {
             filter: Mutex::new(filter),
             rescan: Arc::new(tokio::sync::Notify::new()),
         });
-        // Describing a device opens it, which can block while the kernel is still probing it.
         let initial = source.clone();
         let _ = tokio::task::spawn_blocking(move || {
             for info in listed {
@@ -125,36 +134,32 @@ impl UsbSource {
             }
         })
         .await;
+        let mut hotplug = spawn_hotplug_thread(watch);
         let weak = Arc::downgrade(&source);
         let rescan = source.rescan.clone();
         tokio::spawn(async move {
-            let mut watch = watch;
             loop {
-                let hotplug = poll_fn(|cx| {
-                    futures_core::Stream::poll_next(std::pin::Pin::new(&mut watch), cx)
-                });
-                tokio::select! {
-                    event = hotplug => {
-                        let Some(source) = weak.upgrade() else { break };
-                        match event {
-                            Some(nusb::hotplug::HotplugEvent::Connected(info)) => {
-                                let _ = tokio::task::spawn_blocking(move || source.add(info)).await;
-                            }
-                            Some(nusb::hotplug::HotplugEvent::Disconnected(id)) => source.remove(id),
-                            None => break,
-                        }
-                    }
-                    _ = tokio::time::sleep(RESCAN_INTERVAL) => {}
-                    _ = rescan.notified() => {}
-                }
+                let event = tokio::select! {
+                    event = hotplug.recv() => match event {
+                        Some(event) => Some(event),
+                        None => break,
+                    },
+                    _ = tokio::time::sleep(RESCAN_INTERVAL) => None,
+                    _ = rescan.notified() => None,
+                };
                 let Some(source) = weak.upgrade() else { break };
-                match nusb::list_devices().await {
-                    Ok(listed) => {
-                        let listed: Vec<nusb::DeviceInfo> = listed.collect();
-                        let _ = tokio::task::spawn_blocking(move || source.reconcile(listed)).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    match event {
+                        Some(nusb::hotplug::HotplugEvent::Connected(info)) => source.add(info),
+                        Some(nusb::hotplug::HotplugEvent::Disconnected(id)) => source.remove(id),
+                        None => {}
                     }
-                    Err(e) => debug!("rescan failed: {e}"),
-                }
+                    match list_devices() {
+                        Ok(listed) => source.reconcile(listed),
+                        Err(e) => debug!("rescan failed: {e}"),
+                    }
+                })
+                .await;
             }
         });
         Ok(source)
@@ -262,6 +267,38 @@ impl DeviceSource for UsbSource {
     fn subscribe(&self) -> broadcast::Receiver<DeviceEvent> {
         self.events.subscribe()
     }
+}
+
+/// nusb's listing, which reads sysfs as it goes: call it on a blocking thread.
+fn list_devices() -> Result<Vec<nusb::DeviceInfo>, nusb::Error> {
+    Ok(nusb::list_devices().wait()?.collect())
+}
+
+/// Follows nusb's hot-plug stream on a thread of its own, since polling it reads a new
+/// device's sysfs attributes (see [`UsbSource::start`]). The thread ends at the first event
+/// after the receiver is gone, or with the process.
+fn spawn_hotplug_thread(
+    mut watch: nusb::hotplug::HotplugWatch,
+) -> mpsc::UnboundedReceiver<nusb::hotplug::HotplugEvent> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let spawned = std::thread::Builder::new()
+        .name("usb-hotplug".into())
+        .spawn(move || {
+            loop {
+                let next = futures_lite::future::block_on(poll_fn(|cx| {
+                    futures_core::Stream::poll_next(std::pin::Pin::new(&mut watch), cx)
+                }));
+                let Some(event) = next else { break };
+                if tx.send(event).is_err() {
+                    break;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        // Hot-plug is then noticed by the once-a-second rescan alone.
+        warn!("could not start the hot-plug thread: {e}");
+    }
+    rx
 }
 
 /// Whether the device sits on a vhci-hcd controller: a remote device imported to this machine
@@ -664,18 +701,23 @@ impl OpenedDevice for UsbDevice {
             for task in workers {
                 let _ = task.await;
             }
-            let numbers: Vec<u8> = self
-                .interfaces
-                .iter()
-                .map(|i| i.interface_number())
-                .collect();
-            self.interfaces.clear();
-            for n in numbers {
-                if let Err(e) = self.device.attach_kernel_driver(n) {
-                    debug!(interface = n, "kernel driver not re-attached: {e}");
+            // Releasing an interface and binding its driver run the driver's probe inside the
+            // ioctl: a blocking thread's work, not a runtime thread's.
+            let _ = tokio::task::spawn_blocking(move || {
+                let numbers: Vec<u8> = self
+                    .interfaces
+                    .iter()
+                    .map(|i| i.interface_number())
+                    .collect();
+                self.interfaces.clear();
+                for n in numbers {
+                    if let Err(e) = self.device.attach_kernel_driver(n) {
+                        debug!(interface = n, "kernel driver not re-attached: {e}");
+                    }
                 }
-            }
-            info!(target: "audit", device = ?self.info.id, "device released to its kernel driver");
+                info!(target: "audit", device = ?self.info.id, "device released to its kernel driver");
+            })
+            .await;
         });
     }
 }
