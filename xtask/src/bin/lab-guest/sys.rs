@@ -103,3 +103,59 @@ pub fn uptime() -> f64 {
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// Logs where every thread of the processes named `names` is: state, wait channel and kernel
+/// stack, then asks the kernel for its blocked (state D) tasks (`sysrq w`, into dmesg). What a
+/// stalled daemon was waiting on is gone by the time a scenario's wait times out, so scenarios
+/// call this while the stall lasts.
+pub fn log_threads(names: &[&str]) {
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return;
+    };
+    for proc in procs.flatten() {
+        let dir = proc.path();
+        let comm = fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !names.contains(&comm.trim()) {
+            continue;
+        }
+        let Ok(tasks) = fs::read_dir(dir.join("task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let t = task.path();
+            let field = |f: &str| fs::read_to_string(t.join(f)).unwrap_or_default();
+            let stat = field("stat");
+            // The state follows the parenthesised name, which may itself hold spaces.
+            let state = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .next();
+            log!(
+                "thread {}/{} {} state {} wchan {}: {}",
+                comm.trim(),
+                task.file_name().to_string_lossy(),
+                field("comm").trim(),
+                state.unwrap_or("?"),
+                field("wchan").trim(),
+                field("stack").trim().replace('\n', " | ")
+            );
+        }
+    }
+    if write("/proc/sysrq-trigger", "w").is_err() {
+        return;
+    }
+    thread::sleep(Duration::from_millis(200));
+    let Ok(kmsg) = run(&mut bb("dmesg")) else {
+        return;
+    };
+    let lines: Vec<&str> = kmsg.lines().collect();
+    let from = lines
+        .iter()
+        .rposition(|l| l.contains("Show Blocked State"))
+        .unwrap_or(lines.len());
+    for line in lines[from..].iter().take(200) {
+        log!("blocked: {line}");
+    }
+}

@@ -154,12 +154,22 @@ pub fn attach_disk(
     pid: u16,
 ) -> Result<(Daemon, std::path::PathBuf)> {
     let daemon = spawn_client(who, &["--json", "attach", ticket, "--device", device])?;
-    match crate::usbdev::wait_block_device(
-        vid,
-        pid,
-        crate::usbdev::Via::Vhci,
-        Duration::from_secs(30),
-    ) {
+    let wait = |secs| {
+        crate::usbdev::wait_block_device(
+            vid,
+            pid,
+            crate::usbdev::Via::Vhci,
+            Duration::from_secs(secs),
+        )
+    };
+    // A disk normally shows within 3-6 s here; past 12, record where our daemons are stuck
+    // while they still are.
+    let found = wait(12).or_else(|_| {
+        log!("no disk after 12 s; where the daemons are:");
+        sys::log_threads(&["p2p-usb-server", "p2p-usb-client"]);
+        wait(18)
+    });
+    match found {
         Ok(disk) => Ok((daemon, disk)),
         Err(e) => {
             show_client_log(who);
