@@ -715,7 +715,9 @@ impl OpenedDevice for UsbDevice {
                         debug!(interface = n, "kernel driver not re-attached: {e}");
                     }
                 }
-                info!(target: "audit", device = ?self.info.id, "device released to its kernel driver");
+                let id = self.info.id;
+                drop(self); // closes the usbfs node before we say it is released
+                info!(target: "audit", device = ?id, "device released to its kernel driver");
             })
             .await;
         });
