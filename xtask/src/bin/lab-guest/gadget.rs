@@ -119,7 +119,19 @@ impl Gadget {
         modules::load(&[module])?;
         let dir = Path::new(GADGETS).join(name);
         if dir.exists() {
-            bail!("gadget {name} already exists; an earlier scenario did not clean up");
+            // A scenario stopped by its timeout never ran its gadget's Drop; tear the leftover
+            // down here so one failure does not fail every scenario after it.
+            log!("gadget {name} left by an earlier scenario; removing it");
+            drop(Gadget {
+                dir: dir.clone(),
+                function: instance.to_owned(),
+                vid: VID,
+                pid,
+                plugged: true,
+            });
+            if dir.exists() {
+                bail!("gadget {name} left by an earlier scenario could not be removed");
+            }
         }
         // Created before the configfs entries so a half-built gadget is still torn down.
         let g = Gadget {
