@@ -119,19 +119,7 @@ impl Gadget {
         modules::load(&[module])?;
         let dir = Path::new(GADGETS).join(name);
         if dir.exists() {
-            // A scenario stopped by its timeout never ran its gadget's Drop; tear the leftover
-            // down here so one failure does not fail every scenario after it.
-            log!("gadget {name} left by an earlier scenario; removing it");
-            drop(Gadget {
-                dir: dir.clone(),
-                function: instance.to_owned(),
-                vid: VID,
-                pid,
-                plugged: true,
-            });
-            if dir.exists() {
-                bail!("gadget {name} left by an earlier scenario could not be removed");
-            }
+            bail!("gadget {name} already exists; an earlier scenario did not clean up");
         }
         // Created before the configfs entries so a half-built gadget is still torn down.
         let g = Gadget {
@@ -254,6 +242,33 @@ impl Drop for Gadget {
                 log!("gadget cleanup: rmdir {}: {e}", dir.display());
             }
         }
+    }
+}
+
+/// Tears down every gadget still in configfs. A scenario its timeout killed never ran its
+/// gadget's `Drop`, and the next one to build a gadget of that name would fail on it.
+pub fn remove_leftovers() {
+    let Ok(gadgets) = fs::read_dir(GADGETS) else {
+        return;
+    };
+    for dir in gadgets.flatten().map(|e| e.path()) {
+        let function = fs::read_dir(dir.join("functions"))
+            .ok()
+            .and_then(|mut f| f.next())
+            .and_then(|f| f.ok())
+            .map(|f| f.file_name().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        log!(
+            "removing gadget {} left by the scenario before",
+            dir.display()
+        );
+        drop(Gadget {
+            dir,
+            function,
+            vid: 0,
+            pid: 0,
+            plugged: true,
+        });
     }
 }
 

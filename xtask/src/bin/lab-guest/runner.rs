@@ -16,7 +16,7 @@ use serde_json::{Map, Value, json};
 use xtask::LOG_TAIL_LINES;
 
 use crate::report::{self, METRIC, SKIP, SKIP_EXIT, Skip};
-use crate::{scenarios, sys};
+use crate::{gadget, scenarios, sys};
 
 /// Set by PID 1 for its children: `--scenario` refuses to run anywhere else, because
 /// scenarios load modules and rewrite sysfs.
@@ -155,6 +155,7 @@ pub fn run(name: &str, timeout: Duration) -> Value {
     // Whatever the scenario left running in its group (a usbipd, a stuck dd) goes now, so
     // the next scenario starts clean.
     kill_group(child.id());
+    gadget::remove_leftovers();
     clear_scratch();
 
     let tail: Vec<String> = tail.into_iter().collect();
