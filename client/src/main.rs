@@ -15,6 +15,9 @@ use client::vhci::{RealSys, Vhci};
 use protocol::wire::{Capabilities, DeviceInfo, Event};
 use transport::{NetConfig, ServerConnection, Ticket, bind_endpoint, load_or_create_secret_key};
 
+/// Bytes between `probe`'s progress lines.
+const PROGRESS_STEP: u64 = 4 * 1024 * 1024;
+
 /// Attach USB devices shared by a `p2p-usb-server` to this machine's kernel, peer to peer over
 /// iroh.
 ///
@@ -331,10 +334,21 @@ async fn main() -> anyhow::Result<()> {
                 ),
                 None => None,
             };
+            // A progress line per 4 MiB on stderr (stdout stays the report): long reads on a
+            // slow link show they are moving, and the lab waits for the first one before it
+            // unplugs the device mid-read.
+            let mut read = 0u64;
             let report = probe
-                .run(read_mib * 1024 * 1024, |chunk| match &mut file {
-                    Some(f) => f.write_all(chunk),
-                    None => Ok(()),
+                .run(read_mib * 1024 * 1024, |chunk| {
+                    let before = read / PROGRESS_STEP;
+                    read += chunk.len() as u64;
+                    if read / PROGRESS_STEP > before {
+                        eprintln!("probe: read {} of {read_mib} MiB", read / (1024 * 1024));
+                    }
+                    match &mut file {
+                        Some(f) => f.write_all(chunk),
+                        None => Ok(()),
+                    }
                 })
                 .await;
             let report = match report {

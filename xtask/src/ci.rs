@@ -16,7 +16,8 @@ pub struct TestArgs {
     /// Skip the lab (fmt, clippy and cargo test only), e.g. on a machine without QEMU.
     #[arg(long)]
     pub no_lab: bool,
-    /// Per-scenario timeout inside the guest.
+    /// Per-scenario timeout inside the guest, on a guest of the reference pace; a slower one
+    /// stretches it up to 4x (kernel-notes/LAB.md).
     #[arg(long, default_value_t = 180)]
     pub timeout_secs: u64,
     /// Seconds of fuzzing per decoder target.

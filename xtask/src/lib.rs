@@ -11,7 +11,8 @@
 pub mod cmdline {
     /// Comma-separated scenario names, run in this order.
     pub const SCENARIOS: &str = "lab.scenarios";
-    /// Per-scenario timeout in whole seconds.
+    /// Per-scenario timeout in whole seconds, before the guest stretches it by its pace
+    /// ([`crate::pace`]).
     pub const TIMEOUT: &str = "lab.timeout";
     /// `1` runs the remaining scenarios after one fails.
     pub const KEEP_GOING: &str = "lab.keep_going";
@@ -21,12 +22,35 @@ pub mod cmdline {
 pub mod tag {
     /// Guest init is running: `{"uptime":1.8,"kernel":"6.1.0-56-amd64"}`.
     pub const BOOT: &str = "LAB-BOOT";
-    /// A scenario starts: `{"scenario":"baseline","timeout_secs":120}`.
+    /// A scenario starts: `{"scenario":"baseline","timeout_secs":120}`, the timeout already
+    /// stretched by the guest's pace.
     pub const START: &str = "LAB-START";
     /// A scenario ended: `{"scenario","status","secs","metrics","reason","log_tail"}`.
     pub const RESULT: &str = "LAB-RESULT";
     /// All scenarios ended: `{"passed":n,"failed":n,"skipped":n}`; the guest powers off next.
     pub const SUMMARY: &str = "LAB-SUMMARY";
+}
+
+/// Scenario timeouts are written for the guest speed the lab was built on; a slower host (TCG
+/// runs 4-6x slower on some CI machines) stretches them so that it fails on behaviour, not on
+/// time. The guest measures its own pace as the uptime at which init is ready, announces the
+/// stretched timeout in `LAB-START`, and the host's backstop follows that announcement.
+pub mod pace {
+    /// Kernel start to init ready on the machines the timeouts were written on (1.6-2.0 s),
+    /// with some headroom so that ordinary jitter does not stretch anything.
+    pub const REFERENCE_BOOT_SECS: f64 = 2.5;
+    /// The most a timeout is stretched: beyond this the host is too slow to be told apart
+    /// from a hang, and the CI time limit would not hold either.
+    pub const MAX_SCALE: f64 = 4.0;
+
+    /// The factor for a guest whose init was ready `boot_uptime` seconds after kernel start.
+    pub fn timeout_scale(boot_uptime: f64) -> f64 {
+        if boot_uptime.is_finite() {
+            (boot_uptime / REFERENCE_BOOT_SECS).clamp(1.0, MAX_SCALE)
+        } else {
+            1.0
+        }
+    }
 }
 
 /// How many log lines a failing result carries back; enough to see the failing step and
@@ -66,5 +90,14 @@ mod tests {
         assert_eq!(parse_line(&noisy), Some((tag::RESULT, v)));
         assert_eq!(parse_line("LAB-RESULT not json"), None);
         assert_eq!(parse_line("plain log line"), None);
+    }
+
+    #[test]
+    fn timeouts_stretch_with_a_slow_boot_within_bounds() {
+        assert_eq!(pace::timeout_scale(1.7), 1.0);
+        assert_eq!(pace::timeout_scale(5.0), 2.0);
+        assert_eq!(pace::timeout_scale(40.0), pace::MAX_SCALE);
+        assert_eq!(pace::timeout_scale(f64::NAN), 1.0);
+        assert_eq!(pace::timeout_scale(-1.0), 1.0);
     }
 }

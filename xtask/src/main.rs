@@ -79,7 +79,8 @@ enum LabCmd {
 pub struct RunArgs {
     /// Scenario names, run in order in one boot. Default: every scenario marked default.
     pub scenarios: Vec<String>,
-    /// Per-scenario timeout inside the guest.
+    /// Per-scenario timeout inside the guest, on a guest of the reference pace; a slower one
+    /// stretches it up to 4x (kernel-notes/LAB.md).
     #[arg(long, default_value_t = 180)]
     pub timeout_secs: u64,
     /// Run the remaining scenarios after one fails (default: stop at the first failure).

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
-use xtask::{LOG_TAIL_LINES, cmdline, tag};
+use xtask::{LOG_TAIL_LINES, cmdline, pace, tag};
 
 use super::cmd;
 
@@ -185,13 +185,22 @@ fn clean(raw: &[u8]) -> String {
     out
 }
 
+/// The scenario the guest announced last.
+struct Running {
+    name: String,
+    since: Instant,
+    /// Its timeout as `LAB-START` announced it (stretched by the guest's pace).
+    timeout: Duration,
+    lines: VecDeque<String>,
+}
+
 /// The host's view of a running boot.
 struct Follow<'a> {
     b: &'a Boot<'a>,
     started: Instant,
     results: Vec<Value>,
     boot_secs: Option<f64>,
-    current: Option<(String, Instant, VecDeque<String>)>,
+    current: Option<Running>,
     tail: VecDeque<String>,
     peak_rss_kib: Option<u64>,
     aborted: Option<String>,
@@ -214,8 +223,9 @@ impl<'a> Follow<'a> {
     }
 
     fn run(&mut self, child: &mut Child, rx: &Receiver<Event>) -> Result<Outcome> {
-        let per_scenario = Duration::from_secs(self.b.timeout_secs) + SCENARIO_SLACK;
-        let overall = BOOT_TIMEOUT + per_scenario * (self.b.scenarios.len() as u32 + 1);
+        let longest = Duration::from_secs(self.b.timeout_secs).mul_f64(pace::MAX_SCALE);
+        let overall =
+            BOOT_TIMEOUT + (longest + SCENARIO_SLACK) * (self.b.scenarios.len() as u32 + 1);
         let mut open_streams = 2;
         let mut fatal_at: Option<Instant> = None;
         while open_streams > 0 {
@@ -251,11 +261,12 @@ impl<'a> Follow<'a> {
                         tag::BOOT
                     )
                 })
-            } else if let Some((name, since, _)) = &self.current {
-                (now - *since > per_scenario).then(|| {
+            } else if let Some(r) = &self.current {
+                (now - r.since > r.timeout + SCENARIO_SLACK).then(|| {
                     format!(
-                        "scenario {name} ran past its {}s timeout and the guest did not stop it",
-                        self.b.timeout_secs
+                        "scenario {} ran past its {}s timeout and the guest did not stop it",
+                        r.name,
+                        r.timeout.as_secs()
                     )
                 })
             } else {
@@ -281,12 +292,12 @@ impl<'a> Follow<'a> {
                 ),
             });
         }
-        if let (Some(reason), Some((name, since, lines))) = (&self.aborted, self.current.take()) {
-            let tail = crash_tail(&lines);
+        if let (Some(reason), Some(r)) = (&self.aborted, self.current.take()) {
+            let tail = crash_tail(&r.lines);
             self.results.push(json!({
-                "scenario": name,
+                "scenario": r.name,
                 "status": "fail",
-                "secs": round2(since.elapsed().as_secs_f64()),
+                "secs": round2(r.since.elapsed().as_secs_f64()),
                 "metrics": {},
                 "reason": reason,
                 "log_tail": tail,
@@ -308,8 +319,8 @@ impl<'a> Follow<'a> {
             println!("[guest] {line}");
         }
         push_bounded(&mut self.tail, line.clone(), LOG_TAIL_LINES);
-        if let Some((_, _, lines)) = &mut self.current {
-            push_bounded(lines, line.clone(), 400);
+        if let Some(r) = &mut self.current {
+            push_bounded(&mut r.lines, line.clone(), 400);
         }
         let Some((t, v)) = xtask::parse_line(&line) else {
             return;
@@ -318,7 +329,20 @@ impl<'a> Follow<'a> {
             tag::BOOT => self.boot_secs = Some(round2(self.started.elapsed().as_secs_f64())),
             tag::START => {
                 let name = v["scenario"].as_str().unwrap_or("?").to_owned();
-                self.current = Some((name, Instant::now(), VecDeque::new()));
+                // A guest that announces no timeout (or a wild one) gets the unstretched
+                // one, capped at the longest any stretch allows.
+                let asked = Duration::from_secs(self.b.timeout_secs);
+                let timeout = v["timeout_secs"]
+                    .as_u64()
+                    .map(Duration::from_secs)
+                    .unwrap_or(asked)
+                    .min(asked.mul_f64(pace::MAX_SCALE));
+                self.current = Some(Running {
+                    name,
+                    since: Instant::now(),
+                    timeout,
+                    lines: VecDeque::new(),
+                });
             }
             tag::RESULT => {
                 self.current = None;
@@ -536,10 +560,11 @@ mod tests {
             f.line(line.to_owned());
         }
         assert!(f.boot_secs.is_some());
-        let (name, _, lines) = f.current.as_ref().expect("a scenario is running");
-        assert_eq!(name, "smoke");
+        let r = f.current.as_ref().expect("a scenario is running");
+        assert_eq!(r.name, "smoke");
+        assert_eq!(r.timeout, std::time::Duration::from_secs(10));
         assert_eq!(
-            lines.back().map(String::as_str),
+            r.lines.back().map(String::as_str),
             Some("[smoke] + modprobe usb-storage")
         );
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde_json::json;
-use xtask::{cmdline, format_line, tag};
+use xtask::{cmdline, format_line, pace, tag};
 
 use crate::report::log;
 use crate::{modules, runner, scenarios, sys};
@@ -61,14 +61,22 @@ fn setup() -> Result<()> {
 
 fn run_all() -> Result<()> {
     let kernel = sys::read("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let boot_uptime = sys::uptime();
     println!(
         "{}",
-        format_line(
-            tag::BOOT,
-            &json!({"uptime": sys::uptime(), "kernel": kernel})
-        )
+        format_line(tag::BOOT, &json!({"uptime": boot_uptime, "kernel": kernel}))
     );
-    let req = request()?;
+    let mut req = request()?;
+    let scale = pace::timeout_scale(boot_uptime);
+    if scale > 1.0 {
+        req.timeout = req.timeout.mul_f64(scale);
+        log!(
+            "lab-guest: init ready {boot_uptime:.1}s after kernel start (reference {}s): scenario \
+             timeouts x{scale:.1}, {}s each",
+            pace::REFERENCE_BOOT_SECS,
+            req.timeout.as_secs()
+        );
+    }
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     for name in &req.scenarios {
         println!(

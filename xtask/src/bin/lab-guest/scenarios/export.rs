@@ -3,12 +3,13 @@
 //! speaks Bulk-Only Transport and SCSI through our URB streams (no vhci yet).
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
-use super::project::{CLIENT, client, client_id, show_server_log, start_server};
+use super::project::{
+    client, client_id, show_client_log, show_server_log, spawn_client, start_server,
+};
 
 use crate::bench::{self, MIB};
 use crate::gadget::Gadget;
@@ -16,6 +17,7 @@ use crate::gadget::Gadget;
 const SIZE: usize = 64 * MIB;
 use crate::modules;
 use crate::report::{log, metric};
+use crate::sys;
 use crate::usbdev::{self, Via};
 
 /// Export the gadget, refuse a stranger, read it byte-exact, give it back, unplug mid-read.
@@ -86,22 +88,30 @@ pub fn run() -> Result<()> {
 
     // Unplug in the middle of a long read: the URBs end with a disconnect, the client hears
     // of the removal, and the server keeps serving.
-    let reader = Command::new(CLIENT)
-        .args(["probe", &ticket, "--read-mib", "64"])
-        .env("P2P_USB_CLIENT_KEY", "/tmp/keys/friend.key")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(700));
+    // The unplug waits for the probe's first progress line: a fixed delay lands before the
+    // claim on a slow host, and that tests a refusal instead.
+    let mut reader = spawn_client("friend", &["probe", &ticket, "--read-mib", "64"])?;
+    let log_path = "/tmp/client-friend.log";
+    let progress = sys::wait_for(
+        "the probe's first progress line",
+        Duration::from_secs(60),
+        || {
+            let text = std::fs::read_to_string(log_path).ok()?;
+            text.contains("probe: read").then_some(())
+        },
+    );
+    if let Err(e) = progress {
+        show_client_log("friend");
+        return Err(e);
+    }
     let t_unplug = Instant::now();
     gadget.unplug()?;
-    let out = reader.wait_with_output()?;
-    let err = String::from_utf8_lossy(&out.stderr);
+    let exited = reader.wait_exit(Duration::from_secs(30));
+    let err = std::fs::read_to_string(log_path).unwrap_or_default();
     let failed_after = t_unplug.elapsed().as_secs_f64();
     ensure!(
-        !out.status.success(),
-        "the read finished although the device was unplugged mid-transfer"
+        exited == Some(false),
+        "the read did not fail after the device was unplugged mid-transfer (exit: {exited:?})"
     );
     ensure!(
         err.contains("NoDevice") || err.contains("Shutdown") || err.contains("Protocol"),
