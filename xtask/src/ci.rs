@@ -5,6 +5,7 @@
 //! the run, which is what makes every other green lab result trustworthy.
 
 use std::process::Command;
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
@@ -32,6 +33,13 @@ pub const LAB_ENV: &str = "P2P_USB_LAB";
 pub fn test(args: &TestArgs) -> Result<()> {
     let ws = lab::workspace();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    // CI's log keeps only its tail; each phase's time says where a slow machine spent it.
+    let timed = |what: &str, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
+        let started = Instant::now();
+        let r = f();
+        eprintln!("test: {what} took {:.0} s", started.elapsed().as_secs_f64());
+        r
+    };
     let step = |what: &str, args: &[&str], lab_env: bool| -> Result<()> {
         eprintln!("test: {what}: cargo {}", args.join(" "));
         let mut c = Command::new(&cargo);
@@ -41,16 +49,19 @@ pub fn test(args: &TestArgs) -> Result<()> {
         } else {
             c.env_remove(LAB_ENV);
         }
-        let st = c
-            .status()
-            .with_context(|| format!("could not run cargo for {what}"))?;
-        if !st.success() {
-            bail!("{what} failed (`cargo {}`)", args.join(" "));
-        }
-        Ok(())
+        timed(what, &mut || {
+            let st = c
+                .status()
+                .with_context(|| format!("could not run cargo for {what}"))?;
+            if !st.success() {
+                bail!("{what} failed (`cargo {}`)", args.join(" "));
+            }
+            Ok(())
+        })
     };
+    let all = Instant::now();
     // The client embeds the eBPF probes; tests and the lab need the real object.
-    crate::ebpf::ensure_toolchain()?;
+    timed("eBPF toolchain", &mut crate::ebpf::ensure_toolchain)?;
     step("format", &["fmt", "--all", "--check"], false)?;
     step(
         "clippy",
@@ -70,13 +81,14 @@ pub fn test(args: &TestArgs) -> Result<()> {
         false,
     )?;
     eprintln!("test: fuzz every decoder for {} s", args.fuzz_secs);
-    crate::fuzz::fuzz(&[], args.fuzz_secs)?;
+    timed("fuzzing", &mut || crate::fuzz::fuzz(&[], args.fuzz_secs))?;
     if args.no_lab {
         eprintln!("test: lab skipped (--no-lab)");
         return Ok(());
     }
 
-    lab::build()?;
+    timed("lab build", &mut || lab::build().map(drop))?;
+    let started = Instant::now();
     let report = lab::run_report(&RunArgs {
         scenarios: Vec::new(),
         timeout_secs: args.timeout_secs,
@@ -85,6 +97,10 @@ pub fn test(args: &TestArgs) -> Result<()> {
         results: None,
         build: false,
     })?;
+    eprintln!(
+        "test: lab run took {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     let (mut passed, mut failed) = (report.passed, report.failed);
 
     // The lab must be able to fail: run the deliberately failing scenario through the
@@ -102,6 +118,7 @@ pub fn test(args: &TestArgs) -> Result<()> {
         }
     }
     println!("lab: {passed} passed, {failed} failed");
+    eprintln!("test: all steps took {:.0} s", all.elapsed().as_secs_f64());
     if let Some(f) = report.failure {
         bail!("{f}");
     }
