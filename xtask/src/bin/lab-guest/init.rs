@@ -66,6 +66,13 @@ fn run_all() -> Result<()> {
         "{}",
         format_line(tag::BOOT, &json!({"uptime": boot_uptime, "kernel": kernel}))
     );
+    // Every timestamp our daemons take costs a syscall, not a vDSO read, unless this is tsc.
+    let clocks = "/sys/devices/system/clocksource/clocksource0";
+    log!(
+        "lab-guest: clocksource {} (available: {})",
+        sys::read(format!("{clocks}/current_clocksource")).unwrap_or_default(),
+        sys::read(format!("{clocks}/available_clocksource")).unwrap_or_default()
+    );
     let mut req = request()?;
     let scale = pace::timeout_scale(boot_uptime);
     if scale > 1.0 {
