@@ -7,9 +7,12 @@
 //! moves bytes and ends the attachment cleanly, whichever side ends it.
 
 use std::collections::HashMap;
+use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use protocol::usb::{Direction, EndpointNumber};
 use protocol::wire::{AttachHandle, DeviceInfo, Event, UrbClientMessage, UrbServerMessage};
@@ -18,7 +21,25 @@ use tracing::{debug, info, warn};
 use transport::{FramedRecv, FramedSend, ServerConnection};
 
 use crate::telemetry::{PortRecorder, Recording};
+use crate::vhci::disk::{self, Tuned};
+use crate::vhci::sysfs::VDEV_ST_USED;
 use crate::vhci::{Action, KernelLink, PortSession, RealSys, Vhci};
+
+/// How a port hides the round trip to the server; each part is off unless asked for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tuning {
+    /// Mass-storage read-ahead ([`PortSession::with_read_ahead`]).
+    pub read_ahead: bool,
+    /// Raise a usb-storage disk's `max_sectors` to this many sectors ([`disk`]).
+    pub scsi_max_sectors: Option<u16>,
+}
+
+/// Where the kernel lists USB devices by bus id.
+const USB_DEVICES: &str = "/sys/bus/usb/devices";
+/// How long after attaching a disk may take to appear (enumeration, usb-storage's probe and
+/// its SCSI scan after `delay_use`, 1 s by default): seconds on a slow machine.
+const DISK_WAIT: Duration = Duration::from_secs(60);
+const DISK_POLL: Duration = Duration::from_millis(200);
 
 /// Why an attachment ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,8 +90,8 @@ enum FromServer {
 
 /// Attaches `device` (already claimed as `handle` on `conn`) to a free vhci port and runs it
 /// until it ends. `events` carries the connection's server events; `stop` asks for shutdown;
-/// `recording`, if any, gets every URB's timestamps; `read_ahead` turns on mass-storage
-/// read-ahead (off while recording, which times each URB's own trip to the server).
+/// `recording`, if any, gets every URB's timestamps; `tuning` says how to hide the round trip
+/// (read-ahead is off while recording, which times each URB's own trip to the server).
 #[allow(clippy::too_many_arguments)]
 pub async fn attach(
     conn: Arc<ServerConnection>,
@@ -80,7 +101,7 @@ pub async fn attach(
     events: broadcast::Receiver<Event>,
     stop: watch::Receiver<bool>,
     recording: Option<&Recording>,
-    read_ahead: bool,
+    tuning: Tuning,
 ) -> Result<Attached, AttachError> {
     let (ours, kernels) = UnixStream::pair()?;
     let port = vhci.attach_any(kernels.as_fd(), device.usbip_devid(), device.speed)?;
@@ -102,6 +123,9 @@ pub async fn attach(
     );
     let info = device.clone();
     let recorder = recording.map(|r| r.port(port, device.usbip_devid(), &device.bus_id));
+    let tuner = tuning
+        .scsi_max_sectors
+        .map(|sectors| tokio::spawn(raise_max_sectors(vhci.clone(), port, sectors)));
     let task = tokio::spawn(async move {
         let end = run_port_recorded(
             conn.clone(),
@@ -112,10 +136,14 @@ pub async fn attach(
             events,
             stop,
             recorder,
-            read_ahead,
+            tuning.read_ahead,
         )
         .await;
         info!(port, ?end, "attachment ending");
+        // The port may take another device next: nothing of this one is tuned after it.
+        if let Some(tuner) = tuner {
+            tuner.abort();
+        }
         // Every way out leaves no ghost port and no claim behind.
         if end != AttachEnd::KernelDetached
             && let Err(e) = vhci.detach(port)
@@ -137,6 +165,62 @@ pub async fn attach(
         device: info,
         task,
     })
+}
+
+/// Waits for the disk the kernel makes of the device on `port` and raises its SCSI command
+/// size to `sectors` ([`disk`]). Logs what it did; a device that never becomes a usb-storage
+/// disk (another class, UAS) is left alone after [`DISK_WAIT`].
+async fn raise_max_sectors(vhci: Arc<Vhci<RealSys>>, port: u32, sectors: u16) {
+    let deadline = Instant::now() + DISK_WAIT;
+    loop {
+        let vhci = vhci.clone();
+        // sysfs reads can wait on a device lock held through a driver's probe: not on a
+        // runtime thread.
+        let found = tokio::task::spawn_blocking(move || -> io::Result<Vec<Tuned>> {
+            let ports = vhci.ports().map_err(io::Error::other)?;
+            let Some(busid) = ports
+                .into_iter()
+                .find(|p| p.port == port && p.status == VDEV_ST_USED)
+                .map(|p| p.local_busid)
+            else {
+                return Ok(Vec::new());
+            };
+            disk::max_sectors_attrs(Path::new(USB_DEVICES), &busid)?
+                .iter()
+                .map(|attr| disk::raise(attr, sectors))
+                .collect()
+        })
+        .await;
+        match found {
+            Ok(Ok(tuned)) if !tuned.is_empty() => {
+                for t in tuned {
+                    match t {
+                        Tuned::Raised { attr, from } => info!(
+                            port,
+                            attr = %attr.display(),
+                            "SCSI commands raised from {from} to {sectors} sectors"
+                        ),
+                        Tuned::Kept { attr, value } => info!(
+                            port,
+                            attr = %attr.display(),
+                            "SCSI command size left at {value} sectors (not usb-storage's default)"
+                        ),
+                    }
+                }
+                return;
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return warn!(port, "could not raise the disk's max_sectors: {e}"),
+            Err(_) => return,
+        }
+        if Instant::now() >= deadline {
+            return info!(
+                port,
+                "no usb-storage disk appeared within {DISK_WAIT:?}; max_sectors left alone"
+            );
+        }
+        tokio::time::sleep(DISK_POLL).await;
+    }
 }
 
 /// Runs one claimed device over a USB/IP byte link (vhci's socketpair, or a TCP connection

@@ -63,6 +63,11 @@ pub struct AutoAttach {
     /// set.
     #[serde(default)]
     pub read_ahead: bool,
+    /// Raise a usb-storage disk's SCSI command size to this many sectors, so a MiB costs one
+    /// round trip instead of nine (`p2p-usb-client --scsi-max-sectors`); unset keeps the
+    /// kernel's.
+    #[serde(default, deserialize_with = "scsi_max_sectors")]
+    pub scsi_max_sectors: Option<u16>,
 }
 
 /// Reconnection back-off: doubles from `initial_ms` up to `max_ms`.
@@ -103,6 +108,18 @@ fn ticket<'de, D: Deserializer<'de>>(d: D) -> Result<Ticket, D::Error> {
             "{e}; expected the `p2pusb1:...` string `p2p-usb-server ticket` prints"
         ))
     })
+}
+
+fn scsi_max_sectors<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    let n = u64::deserialize(d)?;
+    let ceiling = crate::vhci::disk::MAX_SECTORS_CEILING;
+    match u16::try_from(n) {
+        Ok(n) if (1..=ceiling).contains(&n) => Ok(Some(n)),
+        _ => Err(serde::de::Error::custom(format!(
+            "scsi_max_sectors is {n}; expected 1 to {ceiling} sectors of 512 bytes (usb-storage's default is {})",
+            crate::vhci::disk::USB_STORAGE_DEFAULT
+        ))),
+    }
 }
 
 /// A config file that could not be used, pointing at the spot.
@@ -345,6 +362,13 @@ mod tests {
                 "missing field `device`",
             ),
             ("[reconnect]\nmax_ms = -1\n", "client.toml:2:10:", "u64"),
+            (
+                &format!(
+                    "[servers.pi]\nticket = \"{TICKET}\"\n[[auto_attach]]\nserver = \"pi\"\ndevice = \"x\"\nscsi_max_sectors = 4096\n"
+                ),
+                "client.toml:6:20:",
+                "expected 1 to 2048 sectors",
+            ),
             (
                 "[telemetry]\nenabled = true\n",
                 "client.toml:1:1:",

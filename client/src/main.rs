@@ -55,6 +55,13 @@ struct Cli {
     #[arg(long, global = true, env = "P2P_USB_READ_AHEAD",
           value_parser = clap::builder::BoolishValueParser::new())]
     read_ahead: bool,
+    /// Raise an attached usb-storage disk's SCSI command size to this many 512-byte sectors
+    /// (at most 2048, 1 MiB; the kernel's default is 240), so a MiB read costs one round trip
+    /// instead of nine. Only a disk at the kernel's default is raised: a quirk's lower cap for
+    /// a device known to fail large transfers stays.
+    #[arg(long, global = true, env = "P2P_USB_SCSI_MAX_SECTORS", value_name = "SECTORS",
+          value_parser = clap::value_parser!(u16).range(1..=i64::from(client::vhci::disk::MAX_SECTORS_CEILING)))]
+    scsi_max_sectors: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
@@ -436,7 +443,10 @@ async fn attach(
             events_tx.subscribe(),
             stop_rx.clone(),
             recording.as_ref(),
-            cli.read_ahead,
+            client::attach::Tuning {
+                read_ahead: cli.read_ahead,
+                scsi_max_sectors: cli.scsi_max_sectors,
+            },
         )
         .await;
         let a = match a {
@@ -605,7 +615,10 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             .map(|r| Rule {
                 device: r.device.clone(),
                 pin: r.pin.clone(),
-                read_ahead: r.read_ahead || cli.read_ahead,
+                tuning: client::attach::Tuning {
+                    read_ahead: r.read_ahead || cli.read_ahead,
+                    scsi_max_sectors: cli.scsi_max_sectors.or(r.scsi_max_sectors),
+                },
             })
             .collect();
         if rules.is_empty() {

@@ -68,8 +68,8 @@ pub struct Rule {
     pub device: String,
     /// Its PIN, if it has one.
     pub pin: Option<String>,
-    /// Whether its port reads ahead (`PortSession::with_read_ahead`).
-    pub read_ahead: bool,
+    /// How its port hides the round trip.
+    pub tuning: crate::attach::Tuning,
 }
 
 /// Why a connection's supervision ended.
@@ -224,7 +224,7 @@ async fn start(
         events.subscribe(),
         stop.clone(),
         None,
-        rule.read_ahead,
+        rule.tuning,
     )
     .await
     {

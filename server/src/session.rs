@@ -337,7 +337,19 @@ impl Server {
         session.end_all(EndReason::ServerShutdown);
         conn.close(VarInt::from_u32(code), reason.as_bytes());
         lock(&self.peers).remove(&key);
-        info!(target: "audit", %peer, "disconnected");
+        // Loss and datagram sizes are what explain a slow link; they are gone with the
+        // connection.
+        let stats = conn.stats();
+        info!(
+            target: "audit",
+            %peer,
+            sent_packets = stats.sent_packets,
+            lost_packets = stats.lost_packets,
+            udp_tx_datagrams = stats.udp_tx.datagrams,
+            udp_tx_bytes = stats.udp_tx.bytes,
+            udp_rx_datagrams = stats.udp_rx.datagrams,
+            "disconnected"
+        );
     }
 
     /// Claims a device for `peer`, or says why not.

@@ -2,11 +2,13 @@
 //!
 //! - [`session`]: the USB/IP conversation of one port, sans-IO.
 //! - [`readahead`]: Bulk-Only Transport read-ahead, so a READ costs one round trip, not three.
+//! - [`disk`]: bigger SCSI commands for a usb-storage disk on a vhci port.
 //! - [`sysfs`]: finding a free vhci port, attaching and detaching through sysfs.
 //! - [`link`]: moving bytes between our end of the socketpair and the async side, with
 //!   io_uring on a dedicated thread or plain threads where io_uring is unavailable.
 //! - `sys`: the only module with `unsafe` (the ring's submissions, eventfd, raw fds).
 
+pub mod disk;
 pub mod link;
 pub mod readahead;
 pub mod session;

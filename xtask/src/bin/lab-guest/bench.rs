@@ -148,6 +148,17 @@ pub fn write_mib_s(dev: &Path, total: usize) -> Result<f64> {
     Ok(mib_per_s(done, start.elapsed()))
 }
 
+/// What [`write_mib_s`] writes, into `path`: each MiB is `i % 251` for its byte index `i`.
+pub fn written_pattern(path: &Path, total: usize) -> Result<()> {
+    let block: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
+    let mut data = Vec::with_capacity(total);
+    while data.len() < total {
+        data.extend_from_slice(&block);
+    }
+    std::fs::write(path, &data)?;
+    Ok(())
+}
+
 /// Copies `src` onto `dev` with O_DIRECT in 1 MiB blocks (so nothing sits in a cache that a
 /// read-back could be served from); returns MiB/s.
 pub fn copy_to_device(src: &Path, dev: &Path) -> Result<f64> {

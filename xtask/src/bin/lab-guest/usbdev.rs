@@ -94,3 +94,15 @@ fn ids(dev: &Path) -> Option<(u16, u16)> {
     let hex = |f: &str| u16::from_str_radix(sys::read(dev.join(f)).ok()?.as_str(), 16).ok();
     Some((hex("idVendor")?, hex("idProduct")?))
 }
+
+/// Waits for usb-storage's SCSI command cap (`max_sectors`) of `disk` to read `sectors`: the
+/// client raises it just after the disk appears.
+pub fn wait_max_sectors(disk: &Path, sectors: u16) -> Result<()> {
+    let name = disk.file_name().unwrap_or_default().to_string_lossy();
+    let attr = format!("/sys/block/{name}/device/max_sectors");
+    sys::wait_for(
+        &format!("{attr} to be raised to {sectors}"),
+        Duration::from_secs(10),
+        || (sys::read(&attr).ok()? == sectors.to_string()).then_some(()),
+    )
+}

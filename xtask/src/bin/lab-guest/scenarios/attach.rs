@@ -21,17 +21,6 @@ const SIZE: usize = 64 * MIB;
 const WRITE: usize = 16 * MIB;
 const BUFFERED: usize = 4 * MIB;
 
-/// What `bench::write_mib_s` writes: each MiB is `i % 251` for its byte index `i`.
-fn written_pattern(path: &Path, total: usize) -> Result<()> {
-    let block: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
-    let mut data = Vec::with_capacity(total);
-    while data.len() < total {
-        data.extend_from_slice(&block);
-    }
-    std::fs::write(path, &data)?;
-    Ok(())
-}
-
 /// Attach, read, write, read back, detach, check the gadget is local again.
 pub fn run() -> Result<()> {
     modules::load(modules::STORAGE)?;
@@ -82,7 +71,7 @@ pub fn run() -> Result<()> {
 
     let write = bench::write_mib_s(&disk, WRITE)?;
     let written = Path::new("/tmp/written.bin");
-    written_pattern(written, WRITE)?;
+    bench::written_pattern(written, WRITE)?;
     let want = bench::md5(written, None)?;
     bench::read_verify_mib_s(&disk, WRITE, written)
         .context("16 MiB written then read back differ")?;

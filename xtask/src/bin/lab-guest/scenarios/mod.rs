@@ -14,6 +14,7 @@ mod cycles;
 mod export;
 mod faults;
 mod hid;
+mod hiding;
 mod multi;
 mod project;
 mod reconnect;
@@ -85,6 +86,12 @@ pub const ALL: &[Scenario] = &[
         about: "p2p-usb-client --usbip-listen: Linux's own usbip list/attach import the gadget through the tunnel, md5 matches",
         default: true,
         run: bridge::run,
+    },
+    Scenario {
+        name: "hiding",
+        about: "attach with read-ahead and 1 MiB SCSI commands over 2 ms RTT: the disk's cap is raised, direct and buffered reads and a write are byte-exact",
+        default: true,
+        run: hiding::run,
     },
     Scenario {
         name: "tunnel",

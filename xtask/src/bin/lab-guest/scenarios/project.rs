@@ -153,7 +153,21 @@ pub fn attach_disk(
     vid: u16,
     pid: u16,
 ) -> Result<(Daemon, std::path::PathBuf)> {
-    let daemon = spawn_client(who, &["--json", "attach", ticket, "--device", device])?;
+    attach_disk_with(who, &[], ticket, device, vid, pid)
+}
+
+/// [`attach_disk`] with the client's global `flags` (`--read-ahead`, ...).
+pub fn attach_disk_with(
+    who: &str,
+    flags: &[&str],
+    ticket: &str,
+    device: &str,
+    vid: u16,
+    pid: u16,
+) -> Result<(Daemon, std::path::PathBuf)> {
+    let mut args = flags.to_vec();
+    args.extend(["--json", "attach", ticket, "--device", device]);
+    let daemon = spawn_client(who, &args)?;
     let wait = |secs| {
         crate::usbdev::wait_block_device(
             vid,
