@@ -1,5 +1,6 @@
 //! Frames over QUIC streams: the async edge around `protocol::wire::FrameDecoder`.
 
+use bytes::Bytes;
 use iroh::endpoint::{ReadError, RecvStream, SendStream, WriteError};
 use protocol::wire::{FrameDecoder, FrameError, Validate, encode_frame};
 use serde::Serialize;
@@ -95,10 +96,14 @@ impl<T: Serialize> FramedSend<T> {
     }
 
     /// Writes everything queued.
+    ///
+    /// The buffer is handed to the stream rather than copied into it (`write_all` would copy
+    /// every byte once more, and keep our buffer at the size of the largest batch ever sent:
+    /// a MiB per stream after one 1 MiB URB). The next message starts a fresh one.
     pub async fn flush(&mut self) -> Result<(), StreamError> {
         if !self.buf.is_empty() {
-            self.stream.write_all(&self.buf).await?;
-            self.buf.clear();
+            let chunk = Bytes::from(std::mem::take(&mut self.buf));
+            self.stream.write_chunk(chunk).await?;
         }
         Ok(())
     }
