@@ -13,6 +13,15 @@ use iroh::{Endpoint, RelayMode, SecretKey};
 /// The largest UDP payload over IPv4.
 const MAX_UDP_PAYLOAD: u16 = 65_507;
 
+/// Unacknowledged bytes an endpoint holds for one connection. QUIC's default (10 MB) is sized
+/// for 100 Mbit/s at 100 ms; this still covers USB 2's 40 MB/s at 100 ms, and bounds what a
+/// connection can pin in our memory (the RSS budget is 20 MB per process).
+const SEND_WINDOW: u64 = 4 * 1024 * 1024;
+/// Bytes a peer may send on one connection ahead of what we have read, over all its streams.
+/// QUIC's default is unlimited (only each stream's 1.25 MB window bounds it, times up to 256
+/// streams); twice the send window leaves room for several endpoints' URBs at once.
+const RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
+
 /// How an endpoint reaches the network.
 #[derive(Debug, Clone)]
 pub struct NetConfig {
@@ -99,6 +108,8 @@ pub async fn bind_endpoint(
         .max_idle_timeout(Some(idle))
         .keep_alive_interval(config.keep_alive_interval())
         .max_concurrent_bidi_streams(VarInt::from_u32(256))
+        .send_window(SEND_WINDOW)
+        .receive_window(VarInt::from_u32(RECEIVE_WINDOW))
         .build();
     let mut builder = Endpoint::builder(presets::Minimal)
         .secret_key(secret)
