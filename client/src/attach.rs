@@ -32,6 +32,8 @@ pub struct Tuning {
     pub read_ahead: bool,
     /// Raise a usb-storage disk's `max_sectors` to this many sectors ([`disk`]).
     pub scsi_max_sectors: Option<u16>,
+    /// Interrupt-IN streaming ([`PortSession::with_interrupt_streaming`]).
+    pub interrupt_streaming: bool,
 }
 
 /// Where the kernel lists USB devices by bus id.
@@ -136,7 +138,7 @@ pub async fn attach(
             events,
             stop,
             recorder,
-            tuning.read_ahead,
+            tuning,
         )
         .await;
         info!(port, ?end, "attachment ending");
@@ -237,8 +239,12 @@ pub async fn run_port(
     stop: watch::Receiver<bool>,
     read_ahead: bool,
 ) -> AttachEnd {
+    let tuning = Tuning {
+        read_ahead,
+        ..Tuning::default()
+    };
     run_port_recorded(
-        conn, handle, device, link, initial, events, stop, None, read_ahead,
+        conn, handle, device, link, initial, events, stop, None, tuning,
     )
     .await
 }
@@ -254,15 +260,21 @@ async fn run_port_recorded(
     events: broadcast::Receiver<Event>,
     stop: watch::Receiver<bool>,
     recorder: Option<PortRecorder>,
-    read_ahead: bool,
+    tuning: Tuning,
 ) -> AttachEnd {
-    if read_ahead && recorder.is_some() {
-        info!("telemetry times every URB's own trip to the server: read-ahead is off");
+    let speculating = tuning.read_ahead || tuning.interrupt_streaming;
+    if speculating && recorder.is_some() {
+        info!(
+            "telemetry times every URB's own trip to the server: read-ahead and interrupt streaming are off"
+        );
     }
+    let timed = recorder.is_some();
     let mut port_run = PortRun {
         conn,
         handle,
-        session: PortSession::new(device).with_read_ahead(read_ahead && recorder.is_none()),
+        session: PortSession::new(device)
+            .with_read_ahead(tuning.read_ahead && !timed)
+            .with_interrupt_streaming(tuning.interrupt_streaming && !timed),
         link,
         streams: HashMap::new(),
         from_server: mpsc::unbounded_channel(),

@@ -68,6 +68,9 @@ pub struct AutoAttach {
     /// kernel's.
     #[serde(default, deserialize_with = "scsi_max_sectors")]
     pub scsi_max_sectors: Option<u16>,
+    /// Interrupt-IN streaming (`p2p-usb-client --interrupt-streaming`); off unless set.
+    #[serde(default)]
+    pub interrupt_streaming: bool,
 }
 
 /// Reconnection back-off: doubles from `initial_ms` up to `max_ms`.

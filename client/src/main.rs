@@ -62,6 +62,11 @@ struct Cli {
     #[arg(long, global = true, env = "P2P_USB_SCSI_MAX_SECTORS", value_name = "SECTORS",
           value_parser = clap::value_parser!(u16).range(1..=i64::from(client::vhci::disk::MAX_SECTORS_CEILING)))]
     scsi_max_sectors: Option<u16>,
+    /// Interrupt-IN streaming for keyboards, mice, game pads: the server keeps polling a few
+    /// URBs ahead of the kernel's one, so reports are not spaced a round trip apart.
+    #[arg(long, global = true, env = "P2P_USB_INTERRUPT_STREAMING",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    interrupt_streaming: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -446,6 +451,7 @@ async fn attach(
             client::attach::Tuning {
                 read_ahead: cli.read_ahead,
                 scsi_max_sectors: cli.scsi_max_sectors,
+                interrupt_streaming: cli.interrupt_streaming,
             },
         )
         .await;
@@ -618,6 +624,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
                 tuning: client::attach::Tuning {
                     read_ahead: r.read_ahead || cli.read_ahead,
                     scsi_max_sectors: cli.scsi_max_sectors.or(r.scsi_max_sectors),
+                    interrupt_streaming: r.interrupt_streaming || cli.interrupt_streaming,
                 },
             })
             .collect();

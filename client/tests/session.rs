@@ -1177,3 +1177,62 @@ fn no_read_ahead_forwards_every_urb() {
     assert_eq!(actions.len(), 1);
     assert!(read_ahead_ids(&actions).is_empty());
 }
+
+/// The ids of the interrupt URBs sent to the server on 0x83 IN.
+fn interrupt_ids(actions: &[Action]) -> Vec<u32> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Submit { urb, .. }
+                if urb.endpoint == ep(3) && urb.transfer_type == TransferType::Interrupt =>
+            {
+                Some(urb.id.0)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn interrupt_streaming_answers_the_next_poll_from_reports_already_here() {
+    let mut session = PortSession::new(&device())
+        .with_read_ahead(false)
+        .with_interrupt_streaming(true);
+    control_out(&mut session, 1, SET_CONFIGURATION_2, UrbStatus::Ok);
+    drain(&mut session);
+    session.on_kernel_bytes(&submit_pdu(2, 3, SubmitBuffer::In(8), [0; 8], None));
+    let sent = interrupt_ids(&drain(&mut session));
+    assert_eq!(sent.len(), 1 + client::vhci::readahead::STREAM_DEPTH);
+    assert_eq!(sent[0], 2, "the kernel's own URB goes first");
+    // The device answers the kernel's URB and the first speculation.
+    session.on_completion(completed_in(2, vec![1; 8]));
+    session.on_completion(completed_in(sent[1], vec![2; 8]));
+    let pdus = returns(
+        &kernel_bytes(&drain(&mut session)),
+        &[(2, Direction::In, 8)],
+    );
+    assert_eq!(
+        ret_submit_of(&pdus[0]),
+        (2, UrbStatus::Ok, &Transferred::In(vec![1; 8]))
+    );
+    // The driver resubmits: answered at once with the second report, and one more URB polls.
+    session.on_kernel_bytes(&submit_pdu(3, 3, SubmitBuffer::In(8), [0; 8], None));
+    let actions = drain(&mut session);
+    assert_eq!(interrupt_ids(&actions).len(), 1, "{actions:?}");
+    let pdus = returns(&kernel_bytes(&actions), &[(3, Direction::In, 8)]);
+    assert_eq!(
+        ret_submit_of(&pdus[0]),
+        (3, UrbStatus::Ok, &Transferred::In(vec![2; 8]))
+    );
+    // Closing the device unlinks the kernel's URB: the stream stops polling.
+    session.on_kernel_bytes(&submit_pdu(4, 3, SubmitBuffer::In(8), [0; 8], None));
+    drain(&mut session);
+    session.on_kernel_bytes(&unlink_pdu(5, 4));
+    let unlinks = drain(&mut session)
+        .iter()
+        .filter(|a| matches!(a, Action::Unlink { .. }))
+        .count();
+    // The kernel's (it took over a running speculation) and every speculation behind it.
+    assert_eq!(unlinks, 1 + client::vhci::readahead::STREAM_DEPTH);
+    assert_eq!(session.stats().read_ahead.hits, 2);
+}

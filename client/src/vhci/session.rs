@@ -351,7 +351,16 @@ impl PortSession {
 
     /// Turns mass-storage read-ahead on or off (the client turns it on for `--read-ahead`).
     pub fn with_read_ahead(mut self, on: bool) -> Self {
-        self.read_ahead = ReadAhead::new(on);
+        let streaming = self.read_ahead.streams_interrupts();
+        self.read_ahead = ReadAhead::new(on).with_streaming(streaming);
+        self
+    }
+
+    /// Turns interrupt-IN streaming on or off (`--interrupt-streaming`): the device's
+    /// interrupt IN endpoints are polled [`readahead::STREAM_DEPTH`] URBs ahead of the kernel.
+    pub fn with_interrupt_streaming(mut self, on: bool) -> Self {
+        let read_ahead = std::mem::replace(&mut self.read_ahead, ReadAhead::new(false));
+        self.read_ahead = read_ahead.with_streaming(on);
         self
     }
 
@@ -389,7 +398,13 @@ impl PortSession {
             Settled::NotOurs(c) => (c.id.0, c),
             Settled::Kernel(seqnum, c) => (seqnum, c),
             Settled::Answer(cmd, c) => return self.answer_with(cmd, c),
-            Settled::Forward(cmd) => return self.forward(cmd, TransferType::Bulk, Direction::In),
+            Settled::Forward(cmd) => {
+                let transfer_type = self
+                    .endpoints
+                    .transfer_type(cmd.ep, Direction::In)
+                    .unwrap_or(TransferType::Bulk);
+                return self.forward(cmd, transfer_type, Direction::In);
+            }
             Settled::Absorbed => return,
         };
         let Some(urb) = self.in_flight.remove(&id) else {
@@ -515,18 +530,15 @@ impl PortSession {
             return;
         }
         match (transfer_type, direction) {
-            (TransferType::Bulk, Direction::In) => {
-                let claim = self.read_ahead.claim(cmd.ep, cmd);
-                self.push_cancels();
-                match claim {
-                    Claim::Forward(cmd) => self.forward(cmd, transfer_type, direction),
-                    Claim::Answer(cmd, c) => self.answer_with(cmd, c),
-                    Claim::Bound(cmd, wire_id) => {
-                        let urb = in_flight_of(&cmd, wire_id, direction, None);
-                        self.in_flight.insert(cmd.seqnum, urb);
-                    }
-                    Claim::Parked => {}
-                }
+            (TransferType::Bulk, Direction::In) => self.claim_in(cmd, transfer_type),
+            (TransferType::Interrupt, Direction::In) if self.read_ahead.streams_interrupts() => {
+                let (endpoint, length) = (cmd.ep, cmd.buffer.len());
+                let (flags, interval) = (cmd.transfer_flags, cmd.interval);
+                self.claim_in(cmd, transfer_type);
+                let specs = self
+                    .read_ahead
+                    .on_interrupt_in(endpoint, length, flags, interval);
+                self.speculate(specs);
             }
             (TransferType::Bulk, Direction::Out) => {
                 let cbw = match &cmd.buffer {
@@ -538,27 +550,61 @@ impl PortSession {
                 if let Some(cbw) = cbw
                     && let Some(endpoint_in) = self.endpoints.bot_in_for(endpoint_out)
                 {
-                    for spec in self.read_ahead.on_cbw(endpoint_in, cbw) {
-                        self.actions.push_back(Action::Submit {
-                            endpoint: spec.endpoint,
-                            direction: Direction::In,
-                            urb: UrbSubmit {
-                                id: UrbId(spec.id),
-                                endpoint: spec.endpoint,
-                                direction: Direction::In,
-                                transfer_type: TransferType::Bulk,
-                                flags: spec.flags,
-                                setup: None,
-                                length: spec.length,
-                                data: Vec::new(),
-                                interval: 0,
-                                iso: None,
-                            },
-                        });
-                    }
+                    let specs = self.read_ahead.on_cbw(endpoint_in, cbw);
+                    self.speculate(specs);
                 }
             }
             _ => self.forward(cmd, transfer_type, direction),
+        }
+    }
+
+    /// Routes a kernel IN URB through read-ahead: to a speculation's result, onto a running
+    /// speculation, into a wait for one, or to the server.
+    fn claim_in(&mut self, cmd: CmdSubmit, transfer_type: TransferType) {
+        let claim = self.read_ahead.claim(cmd.ep, cmd);
+        self.push_cancels();
+        match claim {
+            Claim::Forward(cmd) => self.forward(cmd, transfer_type, Direction::In),
+            Claim::Answer(cmd, c) => self.answer_with(cmd, c),
+            Claim::Bound(cmd, wire_id) => {
+                let urb = in_flight_of(&cmd, wire_id, Direction::In, None);
+                self.in_flight.insert(cmd.seqnum, urb);
+            }
+            Claim::Parked => {}
+        }
+    }
+
+    /// Sends read-ahead's speculative URBs to the server.
+    fn speculate(&mut self, specs: Vec<readahead::Speculate>) {
+        for spec in specs {
+            self.actions.push_back(Action::Submit {
+                endpoint: spec.endpoint,
+                direction: Direction::In,
+                urb: UrbSubmit {
+                    id: UrbId(spec.id),
+                    endpoint: spec.endpoint,
+                    direction: Direction::In,
+                    transfer_type: spec.transfer_type,
+                    flags: spec.flags,
+                    setup: None,
+                    length: spec.length,
+                    data: Vec::new(),
+                    interval: spec.interval,
+                    iso: None,
+                },
+            });
+        }
+    }
+
+    /// The kernel unlinked a URB on `endpoint`: if it is a streamed interrupt IN endpoint, its
+    /// driver stopped polling, and so does the stream.
+    fn quiet_stream(&mut self, endpoint: EndpointNumber) {
+        if self.read_ahead.streams_interrupts()
+            && self.endpoints.transfer_type(endpoint, Direction::In)
+                == Some(TransferType::Interrupt)
+        {
+            self.read_ahead.on_kernel_unlink(endpoint);
+            self.push_cancels();
         }
     }
 
@@ -617,10 +663,11 @@ impl PortSession {
 
     fn on_unlink(&mut self, cmd: CmdUnlink) {
         let Some(urb) = self.in_flight.get_mut(&cmd.unlink_seqnum) else {
-            if self.read_ahead.unpark(cmd.unlink_seqnum).is_some() {
+            if let Some(parked) = self.read_ahead.unpark(cmd.unlink_seqnum) {
                 // It was waiting here and never reached the server.
                 self.stats.unlinked += 1;
                 self.ret_unlink(cmd.seqnum, cmd.devid, UrbStatus::Unlinked);
+                self.quiet_stream(parked.ep);
                 return;
             }
             // Its RET_SUBMIT is already queued or sent: vhci gives the URB back from that and
@@ -634,11 +681,15 @@ impl PortSession {
         }
         urb.unlinks.push(cmd.seqnum);
         if urb.unlinks.len() == 1 {
+            let endpoint = urb.endpoint;
             self.actions.push_back(Action::Unlink {
-                endpoint: urb.endpoint,
+                endpoint,
                 direction: urb.route,
                 id: UrbId(urb.wire_id),
             });
+            if urb.direction == Direction::In {
+                self.quiet_stream(endpoint);
+            }
         }
     }
 

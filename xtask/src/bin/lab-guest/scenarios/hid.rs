@@ -17,9 +17,27 @@ use crate::{modules, sys};
 /// `struct input_event` on x86_64: 16-byte timeval, u16 type, u16 code, i32 value.
 const EVENT_SIZE: usize = 24;
 const EV_KEY: u16 = 1;
-const KEY_A: u16 = 30;
+pub const KEY_A: u16 = 30;
 /// HID usage id of the `a` key in a boot keyboard report.
-const USAGE_A: u8 = 0x04;
+pub const USAGE_A: u8 = 0x04;
+
+/// `EV_KEY` events (code, value) read from the input node `event` by a thread, until it closes.
+pub fn key_events(event: &Path) -> Result<mpsc::Receiver<(u16, i32)>> {
+    let mut events = File::open(event).with_context(|| format!("opening {}", event.display()))?;
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut buf = [0u8; EVENT_SIZE];
+        while events.read_exact(&mut buf).is_ok() {
+            let kind = u16::from_le_bytes([buf[16], buf[17]]);
+            let code = u16::from_le_bytes([buf[18], buf[19]]);
+            let value = i32::from_le_bytes([buf[20], buf[21], buf[22], buf[23]]);
+            if kind == EV_KEY && tx.send((code, value)).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(rx)
+}
 
 /// Plug, find `/dev/input/eventN`, press and release `a` through `/dev/hidg0`.
 pub fn run() -> Result<()> {
@@ -42,19 +60,7 @@ pub fn run() -> Result<()> {
         hidg.display()
     );
 
-    let mut events = File::open(&event).with_context(|| format!("opening {}", event.display()))?;
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut buf = [0u8; EVENT_SIZE];
-        while events.read_exact(&mut buf).is_ok() {
-            let kind = u16::from_le_bytes([buf[16], buf[17]]);
-            let code = u16::from_le_bytes([buf[18], buf[19]]);
-            let value = i32::from_le_bytes([buf[20], buf[21], buf[22], buf[23]]);
-            if kind == EV_KEY && tx.send((code, value)).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = key_events(&event)?;
     let mut keyboard = OpenOptions::new().write(true).open(hidg)?;
     keyboard.write_all(&[0, 0, USAGE_A, 0, 0, 0, 0, 0])?;
     keyboard.write_all(&[0; 8])?;

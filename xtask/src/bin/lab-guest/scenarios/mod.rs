@@ -14,6 +14,7 @@ mod cycles;
 mod export;
 mod faults;
 mod hid;
+mod hid_remote;
 mod hiding;
 mod multi;
 mod project;
@@ -86,6 +87,12 @@ pub const ALL: &[Scenario] = &[
         about: "p2p-usb-client --usbip-listen: Linux's own usbip list/attach import the gadget through the tunnel, md5 matches",
         default: true,
         run: bridge::run,
+    },
+    Scenario {
+        name: "hid-remote",
+        about: "HID keyboard through the tunnel over 20 ms RTT: every press and release reaches the client's evdev in order, without and with interrupt-IN streaming",
+        default: true,
+        run: hid_remote::run,
     },
     Scenario {
         name: "hiding",
