@@ -1236,3 +1236,40 @@ fn interrupt_streaming_answers_the_next_poll_from_reports_already_here() {
     assert_eq!(unlinks, 1 + client::vhci::readahead::STREAM_DEPTH);
     assert_eq!(session.stats().read_ahead.hits, 2);
 }
+
+#[test]
+fn large_in_data_reaches_the_kernel_as_its_own_buffer_in_order() {
+    let mut session = PortSession::new(&device()).with_read_ahead(false);
+    let big: Vec<u8> = (0..64 * 1024).map(|i| (i % 253) as u8).collect();
+    session.on_kernel_bytes(&bulk_in(1, 64 * 1024));
+    session.on_kernel_bytes(&bulk_in(2, 64));
+    session.on_kernel_bytes(&unlink_pdu(3, 2));
+    drain(&mut session);
+    session.on_completion(completed_in(1, big.clone()));
+    session.on_completion(completed_in(2, vec![5; 64]));
+    let actions = drain(&mut session);
+    let buffers: Vec<usize> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::ToKernel(b) => Some(b.len()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        buffers.contains(&big.len()),
+        "the 64 KiB is not copied: {buffers:?}"
+    );
+    let pdus = returns(
+        &kernel_bytes(&actions),
+        &[(1, Direction::In, 64 * 1024), (2, Direction::In, 64)],
+    );
+    assert_eq!(
+        ret_submit_of(&pdus[0]),
+        (1, UrbStatus::Ok, &Transferred::In(big))
+    );
+    assert_eq!(
+        ret_submit_of(&pdus[1]),
+        (2, UrbStatus::Ok, &Transferred::In(vec![5; 64]))
+    );
+    assert_eq!(ret_unlink_of(&pdus[2]), (3, 0));
+}

@@ -306,6 +306,16 @@ proptest! {
     }
 
     #[test]
+    fn a_split_return_is_the_same_bytes((ret, _) in ret_submit()) {
+        let mut whole = Vec::new();
+        Pdu::RetSubmit(ret.clone()).encode(&mut whole);
+        let mut split = vec![0xee];
+        let data = ret.encode_split(&mut split);
+        split.extend(data.unwrap_or_default());
+        prop_assert_eq!(&split[1..], &whole[..]);
+    }
+
+    #[test]
     fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
         for mut decoder in [PduDecoder::commands(), PduDecoder::returns()] {
             decoder.expect_return(1, Direction::In, 64).unwrap();

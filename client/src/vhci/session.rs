@@ -36,6 +36,9 @@ pub const MAX_IN_FLIGHT: usize = 1024;
 /// `usb_unlink_urb` gets `-EBUSY` before reaching vhci); a few spare slots cost nothing.
 pub const MAX_UNLINKS_PER_URB: usize = 4;
 
+/// IN data at least this long reaches the kernel as its own buffer rather than copied behind its
+/// header: the pump gathers both into one send, so a copy is only worth it for small results.
+const SPLIT_MIN: usize = 16 * 1024;
 const ENOMEM: i32 = 12;
 const REQ_SET_CONFIGURATION: u8 = 0x09;
 const REQ_SET_INTERFACE: u8 = 0x0b;
@@ -325,6 +328,9 @@ pub struct PortSession {
     in_flight: HashMap<u32, InFlight>,
     read_ahead: ReadAhead,
     to_kernel: Vec<u8>,
+    /// Kernel bytes queued before `to_kernel`'s: a large IN result's data goes here as its own
+    /// buffer instead of being copied after its header.
+    kernel_out: VecDeque<Vec<u8>>,
     actions: VecDeque<Action>,
     /// Set once the session has failed; the reason is handed out once, after everything else.
     failed: bool,
@@ -342,6 +348,7 @@ impl PortSession {
             in_flight: HashMap::new(),
             read_ahead: ReadAhead::new(true),
             to_kernel: Vec::new(),
+            kernel_out: VecDeque::new(),
             actions: VecDeque::new(),
             failed: false,
             close: None,
@@ -441,7 +448,15 @@ impl PortSession {
         if let Transferred::In(data) = &ret.transferred {
             self.stats.bytes_in += data.len() as u64;
         }
-        Pdu::RetSubmit(ret).encode(&mut self.to_kernel);
+        if let Some(data) = ret.encode_split(&mut self.to_kernel) {
+            if data.len() < SPLIT_MIN {
+                self.to_kernel.extend_from_slice(&data);
+            } else {
+                self.kernel_out
+                    .push_back(std::mem::take(&mut self.to_kernel));
+                self.kernel_out.push_back(data);
+            }
+        }
         for &unlink in &urb.unlinks {
             self.ret_unlink(unlink, urb.devid, UrbStatus::Ok);
         }
@@ -474,6 +489,9 @@ impl PortSession {
     /// The next thing to do, `None` when there is nothing until more input arrives. Kernel
     /// bytes come first (the kernel is waiting on them), then server actions, then `Close`.
     pub fn poll_action(&mut self) -> Option<Action> {
+        if let Some(bytes) = self.kernel_out.pop_front() {
+            return Some(Action::ToKernel(bytes));
+        }
         if !self.to_kernel.is_empty() {
             return Some(Action::ToKernel(std::mem::take(&mut self.to_kernel)));
         }

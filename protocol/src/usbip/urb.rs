@@ -732,6 +732,41 @@ fn put_iso(out: &mut Vec<u8>, iso: &Option<Vec<IsoPacket>>) {
     }
 }
 
+impl RetSubmit {
+    fn header(&self) -> HeaderWriter {
+        let direction = self.transferred.direction();
+        let mut h = HeaderWriter::new(
+            RET_SUBMIT,
+            self.seqnum,
+            self.devid,
+            direction,
+            self.ep.get(),
+        );
+        h.i32(20, self.status.to_errno());
+        h.u32(24, self.transferred.actual_length());
+        h.i32(28, self.start_frame);
+        h.i32(32, iso_count_field(&self.iso));
+        h.u32(36, self.error_count);
+        h
+    }
+
+    /// Appends the wire bytes to `out` up to the IN data, and hands the data back to be sent
+    /// right after them: the same bytes as [`Pdu::encode`] without copying a large buffer.
+    /// Isochronous and OUT results, whose bytes do not end with the data, are appended whole
+    /// and give `None`.
+    pub fn encode_split(self, out: &mut Vec<u8>) -> Option<Vec<u8>> {
+        if self.iso.is_some() || !matches!(self.transferred, Transferred::In(_)) {
+            Pdu::RetSubmit(self).encode(out);
+            return None;
+        }
+        out.extend_from_slice(&self.header().0);
+        match self.transferred {
+            Transferred::In(data) => Some(data),
+            Transferred::Out(_) => None,
+        }
+    }
+}
+
 impl Pdu {
     /// Appends the PDU's wire bytes to `out`.
     ///
@@ -766,14 +801,7 @@ impl Pdu {
                 out.extend_from_slice(&h.0);
             }
             Pdu::RetSubmit(r) => {
-                let direction = r.transferred.direction();
-                let mut h = HeaderWriter::new(RET_SUBMIT, r.seqnum, r.devid, direction, r.ep.get());
-                h.i32(20, r.status.to_errno());
-                h.u32(24, r.transferred.actual_length());
-                h.i32(28, r.start_frame);
-                h.i32(32, iso_count_field(&r.iso));
-                h.u32(36, r.error_count);
-                out.extend_from_slice(&h.0);
+                out.extend_from_slice(&r.header().0);
                 if let Transferred::In(data) = &r.transferred {
                     out.extend_from_slice(data);
                 }
