@@ -195,6 +195,7 @@ fn key_path(cli: &Cli) -> anyhow::Result<PathBuf> {
 // The vhci byte pump has its own thread either way.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
+    transport::alloc::map_large_buffers();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

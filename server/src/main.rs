@@ -164,6 +164,7 @@ fn default_config_path() -> PathBuf {
 }
 
 fn main() -> std::process::ExitCode {
+    transport::alloc::map_large_buffers();
     let cli = Cli::parse();
     // Multi-threaded: a Pi serving several devices and clients spreads their crypto over its
     // cores. At least two workers even on one core: a usbfs ioctl can wait on a device lock the

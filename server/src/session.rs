@@ -335,10 +335,16 @@ impl Server {
             }
         };
         session.end_all(EndReason::ServerShutdown);
+        // Loss, datagram sizes and the congestion window are what explain a slow link; the
+        // path's are gone once the connection is closed.
+        let path = conn
+            .paths()
+            .iter()
+            .find(|p| p.is_selected())
+            .map(|p| p.stats())
+            .unwrap_or_default();
         conn.close(VarInt::from_u32(code), reason.as_bytes());
         lock(&self.peers).remove(&key);
-        // Loss and datagram sizes are what explain a slow link; they are gone with the
-        // connection.
         let stats = conn.stats();
         info!(
             target: "audit",
@@ -348,6 +354,10 @@ impl Server {
             udp_tx_datagrams = stats.udp_tx.datagrams,
             udp_tx_bytes = stats.udp_tx.bytes,
             udp_rx_datagrams = stats.udp_rx.datagrams,
+            rtt_us = path.rtt.as_micros() as u64,
+            cwnd = path.cwnd,
+            congestion_events = path.congestion_events,
+            mtu = path.current_mtu,
             "disconnected"
         );
     }

@@ -14,12 +14,13 @@ use iroh::{Endpoint, RelayMode, SecretKey};
 const MAX_UDP_PAYLOAD: u16 = 65_507;
 
 /// Unacknowledged bytes an endpoint holds for one connection. QUIC's default (10 MB) is sized
-/// for 100 Mbit/s at 100 ms; this still covers USB 2's 40 MB/s at 100 ms, and bounds what a
-/// connection can pin in our memory (the RSS budget is 20 MB per process).
-const SEND_WINDOW: u64 = 4 * 1024 * 1024;
+/// for 100 Mbit/s at 100 ms; this covers USB 2's 40 MB/s up to a 50 ms round trip (the design's
+/// real networks are 5-20 ms), and bounds what a connection pins in our memory: the RSS
+/// budget is 20 MB per process, and a 1 MiB URB is in flight here while the next is encoded.
+const SEND_WINDOW: u64 = 2 * 1024 * 1024;
 /// Bytes a peer may send on one connection ahead of what we have read, over all its streams.
 /// QUIC's default is unlimited (only each stream's 1.25 MB window bounds it, times up to 256
-/// streams); twice the send window leaves room for several endpoints' URBs at once.
+/// streams); four times the send window leaves room for several endpoints' URBs at once.
 const RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
 
 /// How an endpoint reaches the network.

@@ -99,6 +99,22 @@ pub fn run() -> Result<()> {
     measure("ours", &disk, Some((&server, &client_daemon)))?;
     let (ok, _, err) = client("friend", &["detach", &vhci_port_in_use()?])?;
     ensure!(ok, "detach failed: {err}");
+    // The connection's packet counts, loss and final congestion window, as the server saw them.
+    drop(client_daemon);
+    let line = sys::wait_for(
+        "the server to log the disconnect",
+        Duration::from_secs(10),
+        || {
+            fs::read_to_string("/tmp/server.log")
+                .ok()?
+                .lines()
+                .find(|l| l.contains("disconnected"))
+                .map(str::to_owned)
+        },
+    );
+    if let Ok(line) = line {
+        log!("server: {}", line.trim());
+    }
     Ok(())
 }
 
