@@ -246,26 +246,20 @@ impl ReadAhead {
             return Vec::new();
         }
         phases.push((CSW_LEN, CSW_FLAGS));
-        let mut out = Vec::with_capacity(phases.len());
-        for (length, flags) in phases {
-            let id = self.next_id;
-            self.next_id -= 1;
-            queue.push_back(Speculation {
-                id,
-                length,
-                flags,
-                cancelling: false,
-                state: State::Running,
-            });
-            out.push(Speculate {
-                id,
-                endpoint: endpoint_in,
-                length,
-                flags,
-                transfer_type: TransferType::Bulk,
-                interval: 0,
-            });
-        }
+        let out: Vec<Speculate> = phases
+            .into_iter()
+            .map(|(length, flags)| {
+                let spec = Speculate {
+                    id: 0,
+                    endpoint: endpoint_in,
+                    length,
+                    flags,
+                    transfer_type: TransferType::Bulk,
+                    interval: 0,
+                };
+                push_speculation(&mut self.next_id, queue, spec)
+            })
+            .collect();
         self.stats.speculated += out.len() as u64;
         out
     }
@@ -293,27 +287,17 @@ impl ReadAhead {
         if self.next_id < LOWEST_ID + wanted as u32 {
             return Vec::new();
         }
-        let flags = flags & transfer_flags::FORWARDED;
-        let mut out = Vec::with_capacity(wanted);
-        for _ in 0..wanted {
-            let id = self.next_id;
-            self.next_id -= 1;
-            queue.push_back(Speculation {
-                id,
-                length,
-                flags,
-                cancelling: false,
-                state: State::Running,
-            });
-            out.push(Speculate {
-                id,
-                endpoint,
-                length,
-                flags,
-                transfer_type: TransferType::Interrupt,
-                interval,
-            });
-        }
+        let spec = Speculate {
+            id: 0,
+            endpoint,
+            length,
+            flags: flags & transfer_flags::FORWARDED,
+            transfer_type: TransferType::Interrupt,
+            interval,
+        };
+        let out: Vec<Speculate> = (0..wanted)
+            .map(|_| push_speculation(&mut self.next_id, queue, spec))
+            .collect();
         self.stats.speculated += out.len() as u64;
         out
     }
@@ -468,6 +452,25 @@ impl ReadAhead {
             .iter()
             .find_map(|(&e, q)| q.iter().position(|s| s.id == id).map(|i| (e, i)))
     }
+}
+
+/// Queues `spec` as the next speculation, with the next id (counting down), and returns it
+/// with that id for the port to send.
+fn push_speculation(
+    next_id: &mut u32,
+    queue: &mut VecDeque<Speculation>,
+    mut spec: Speculate,
+) -> Speculate {
+    spec.id = *next_id;
+    *next_id -= 1;
+    queue.push_back(Speculation {
+        id: spec.id,
+        length: spec.length,
+        flags: spec.flags,
+        cancelling: false,
+        state: State::Running,
+    });
+    spec
 }
 
 /// Marks every speculation from `start` on that no kernel URB took over as cancelling, and
