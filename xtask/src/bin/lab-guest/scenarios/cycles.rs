@@ -5,11 +5,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 
-use super::project::{
-    attach_disk, client, client_id, start_server, vhci_port_in_use, vhci_ports_in_use,
-};
+use super::project::{attach_disk, client_id, detach_and_wait, start_server, vhci_ports_in_use};
 use crate::bench::{self, MIB};
 use crate::gadget::Gadget;
 use crate::report::{log, metric};
@@ -44,12 +42,7 @@ fn cycles(count: usize) -> Result<()> {
     for cycle in 1..=count {
         let (mut daemon, disk) = attach_disk("friend", &ticket, &vid_pid, gadget.vid, gadget.pid)?;
         bench::read_mib_s(&disk, MIB)?;
-        let (ok, _, err) = client("friend", &["detach", &vhci_port_in_use()?])?;
-        ensure!(ok, "cycle {cycle}: detach failed: {err}");
-        ensure!(
-            daemon.wait_exit(Duration::from_secs(10)) == Some(true),
-            "cycle {cycle}: the attach process did not end cleanly"
-        );
+        detach_and_wait("friend", &mut daemon).with_context(|| format!("cycle {cycle}"))?;
         usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Dummy, Duration::from_secs(15))?;
         sys::wait_for(
             "the remote disk to be gone",

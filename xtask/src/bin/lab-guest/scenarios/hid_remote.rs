@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 
 use super::hid::{KEY_A, USAGE_A, key_events};
-use super::project::{client, client_id, show_client_log, spawn_client, start_server};
-use super::project::{vhci_port_in_use, vhci_ports_in_use};
+use super::project::{
+    client_id, detach_and_wait, show_client_log, spawn_client, start_server, vhci_ports_in_use,
+};
 use crate::gadget::Gadget;
 use crate::report::{log, metric};
 use crate::usbdev::{self, Via};
@@ -101,12 +102,7 @@ fn type_through(g: &Gadget, ticket: &str, flags: &[&str]) -> Result<f64> {
     }
     let rate = typed?;
 
-    let (ok, _, err) = client("friend", &["detach", &vhci_port_in_use()?])?;
-    ensure!(ok, "detach failed: {err}");
-    ensure!(
-        attached.wait_exit(Duration::from_secs(10)) == Some(true),
-        "the attach process did not end cleanly after detach"
-    );
+    detach_and_wait("friend", &mut attached)?;
     sys::wait_for("the vhci port to be free", Duration::from_secs(10), || {
         vhci_ports_in_use()
             .ok()

@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 
-use super::project::{
-    attach_disk_with, client, client_id, show_client_log, start_server, vhci_port_in_use,
-};
+use super::project::{attach_disk_with, client_id, detach_and_wait, show_client_log, start_server};
 use crate::bench::{self, MIB};
 use crate::gadget::Gadget;
 use crate::report::{log, metric};
@@ -47,12 +45,7 @@ pub fn run() -> Result<()> {
     }
     let want = result?;
 
-    let (ok, _, err) = client("friend", &["detach", &vhci_port_in_use()?])?;
-    ensure!(ok, "detach failed: {err}");
-    ensure!(
-        attached.wait_exit(Duration::from_secs(10)) == Some(true),
-        "the attach process did not end cleanly after detach"
-    );
+    detach_and_wait("friend", &mut attached)?;
     let local =
         usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Dummy, Duration::from_secs(15))
             .context("after detach the gadget did not come back as a local disk")?;

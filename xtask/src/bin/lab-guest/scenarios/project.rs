@@ -219,6 +219,18 @@ impl Daemon {
     }
 }
 
+/// Detaches the one port in use with `p2p-usb-client detach` as `who`, and checks that the
+/// `attach` process `attached` then ends on its own, successfully.
+pub fn detach_and_wait(who: &str, attached: &mut Daemon) -> Result<()> {
+    let (ok, _, err) = client(who, &["detach", &vhci_port_in_use()?])?;
+    ensure!(ok, "detach failed: {err}");
+    ensure!(
+        attached.wait_exit(Duration::from_secs(10)) == Some(true),
+        "the attach process did not end cleanly after detach"
+    );
+    Ok(())
+}
+
 const VHCI_STATUS: &str = "/sys/devices/platform/vhci_hcd.0/status";
 
 /// vhci's status lines (after the header) of the ports in use; state 004 is a free port.
