@@ -262,13 +262,12 @@ async fn run_port_recorded(
     recorder: Option<PortRecorder>,
     tuning: Tuning,
 ) -> AttachEnd {
-    let speculating = tuning.read_ahead || tuning.interrupt_streaming;
-    if speculating && recorder.is_some() {
+    let timed = recorder.is_some();
+    if timed && (tuning.read_ahead || tuning.interrupt_streaming) {
         info!(
             "telemetry times every URB's own trip to the server: read-ahead and interrupt streaming are off"
         );
     }
-    let timed = recorder.is_some();
     let mut port_run = PortRun {
         conn,
         handle,

@@ -195,9 +195,8 @@ impl ReadAhead {
     }
 
     /// Turns interrupt-IN streaming on or off.
-    pub fn with_streaming(mut self, on: bool) -> Self {
+    pub fn set_streaming(&mut self, on: bool) {
         self.streaming = on;
-        self
     }
 
     /// Whether interrupt IN URBs go through [`ReadAhead::claim`] and
@@ -651,7 +650,8 @@ mod tests {
 
     #[test]
     fn streaming_keeps_the_device_polled_ahead_and_hands_reports_over_in_order() {
-        let mut ra = ReadAhead::new(false).with_streaming(true);
+        let mut ra = ReadAhead::new(false);
+        ra.set_streaming(true);
         assert!(ra.on_cbw(ep(1), Cbw { data_in: Some(512) }).is_empty());
         // The kernel's first URB goes to the server; three more poll behind it.
         assert!(matches!(
@@ -696,7 +696,8 @@ mod tests {
 
     #[test]
     fn an_unlink_stops_the_stream_but_keeps_what_the_device_sent() {
-        let mut ra = ReadAhead::new(false).with_streaming(true);
+        let mut ra = ReadAhead::new(false);
+        ra.set_streaming(true);
         ra.claim(ep(1), kernel_in(1, 8, INT_FLAGS));
         let specs = ra.on_interrupt_in(ep(1), 8, INT_FLAGS, 8);
         ra.on_completion(done(specs[0].id, UrbStatus::Ok, vec![9; 8]));

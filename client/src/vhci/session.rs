@@ -359,15 +359,15 @@ impl PortSession {
     /// Turns mass-storage read-ahead on or off (the client turns it on for `--read-ahead`).
     pub fn with_read_ahead(mut self, on: bool) -> Self {
         let streaming = self.read_ahead.streams_interrupts();
-        self.read_ahead = ReadAhead::new(on).with_streaming(streaming);
+        self.read_ahead = ReadAhead::new(on);
+        self.read_ahead.set_streaming(streaming);
         self
     }
 
     /// Turns interrupt-IN streaming on or off (`--interrupt-streaming`): the device's
     /// interrupt IN endpoints are polled [`readahead::STREAM_DEPTH`] URBs ahead of the kernel.
     pub fn with_interrupt_streaming(mut self, on: bool) -> Self {
-        let read_ahead = std::mem::replace(&mut self.read_ahead, ReadAhead::new(false));
-        self.read_ahead = read_ahead.with_streaming(on);
+        self.read_ahead.set_streaming(on);
         self
     }
 
