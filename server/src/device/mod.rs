@@ -4,6 +4,7 @@
 //! Real USB devices ([`usb`], on nusb/usbfs) and the simulated ones ([`sim`]) implement the same
 //! two traits, so everything above this module runs the same code for both.
 
+mod endpoint;
 pub mod sim;
 pub mod usb;
 

@@ -1,33 +1,30 @@
 //! Real USB devices through Linux usbfs, on nusb.
 //!
-//! Each bulk or interrupt endpoint of an opened device gets a worker task that owns nusb's
-//! `Endpoint` and keeps every submitted URB in flight at once (usbfs queues them in order), so
-//! mass storage streams instead of waiting a round trip per transfer. Control transfers run as
-//! tasks of their own. Nothing here blocks a runtime thread: nusb's transfers are futures.
+//! Each bulk or interrupt endpoint of an opened device gets a worker task ([`super::endpoint`])
+//! that owns nusb's `Endpoint` and keeps every submitted URB in flight at once. Control
+//! transfers run as tasks of their own. The standard requests that change what is claimed
+//! (SET_CONFIGURATION, SET_INTERFACE, CLEAR_FEATURE(ENDPOINT_HALT)) are carried out here.
 //!
-//! nusb can only cancel *all* transfers of an endpoint. To unlink exactly one, the worker cancels
-//! all, reports the one asked for as `Unlinked`, and resubmits the others that had not moved
-//! any data yet, holding back new submissions until they are requeued so order is kept. One that
-//! had moved part of its data cannot be repeated safely; it is reported `Unlinked` with what
-//! moved (a warning is logged). Class drivers unlink when they are aborting the endpoint anyway.
+//! Nothing here blocks a runtime thread: nusb's transfers are futures, and its blocking calls
+//! (claims, configuration and alternate-setting switches, clearing a halt) run on the blocking
+//! pool, either through `spawn_blocking` or awaited with nusb's `tokio` feature.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::poll_fn;
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
 use std::time::Duration;
 
 use nusb::transfer::{
-    Buffer, Bulk, BulkOrInterrupt, Completion, ControlIn, ControlOut, ControlType, In, Interrupt,
-    Out, Recipient, TransferError,
+    Bulk, BulkOrInterrupt, ControlIn, ControlOut, ControlType, In, Interrupt, Out, Recipient,
 };
 use nusb::{Endpoint, MaybeFuture};
 use protocol::descriptors::Configuration;
-use protocol::usb::{Direction, EndpointNumber, Speed, TransferType, UrbStatus, transfer_flags};
+use protocol::usb::{Direction, EndpointNumber, Speed, TransferType, UrbStatus};
 use protocol::wire::{ClassTriple, DeviceId, DeviceInfo, UrbComplete, UrbId, UrbSubmit};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+use super::endpoint::{EpCmd, run_endpoint, status_of, suggests_unplug};
 use super::{CompletionSender, DeviceEvent, DeviceSource, OpenError, OpenedDevice};
 use crate::config::{DeviceFacts, SharePolicy, VidPid};
 use crate::tracker::completion;
@@ -251,17 +248,15 @@ impl DeviceSource for UsbSource {
             .open()
             .wait()
             .map_err(|e| OpenError::Claim(e.to_string()))?;
-        let mut opened = UsbDevice {
+        let claimed = claim_active(&device).map_err(OpenError::Claim)?;
+        Ok(Box::new(UsbDevice {
             device,
             info,
-            interfaces: Vec::new(),
-            config: None,
+            claimed: Arc::new(Mutex::new(claimed)),
             workers: HashMap::new(),
             controls: Arc::new(Mutex::new(HashMap::new())),
             rescan: self.rescan.clone(),
-        };
-        opened.claim_active().map_err(OpenError::Claim)?;
-        Ok(Box::new(opened))
+        }))
     }
 
     fn subscribe(&self) -> broadcast::Receiver<DeviceEvent> {
@@ -374,14 +369,6 @@ fn describe(nusb_info: &nusb::DeviceInfo, id: DeviceId) -> Result<DeviceInfo, St
 
 // ---- an opened device ----
 
-/// Commands to an endpoint worker.
-enum EpCmd {
-    Submit(UrbSubmit, CompletionSender),
-    Cancel(UrbId),
-    /// Clear the endpoint's halt, answering the control URB that asked for it.
-    ClearHalt(UrbId, CompletionSender),
-}
-
 struct Worker {
     tx: mpsc::UnboundedSender<EpCmd>,
     interface: u8,
@@ -391,39 +378,78 @@ struct Worker {
 /// Control transfers in flight, by id, with the signal that cancels each.
 type Controls = Arc<Mutex<HashMap<UrbId, oneshot::Sender<()>>>>;
 
+/// The claimed interfaces of the active configuration. Shared with the task that switches
+/// configuration, which replaces them off the runtime's threads.
+#[derive(Default)]
+struct Claimed {
+    interfaces: Vec<nusb::Interface>,
+    config: Option<Configuration>,
+}
+
 struct UsbDevice {
     device: nusb::Device,
     info: DeviceInfo,
-    interfaces: Vec<nusb::Interface>,
-    config: Option<Configuration>,
+    claimed: Arc<Mutex<Claimed>>,
     workers: HashMap<u8, Worker>,
     controls: Controls,
     rescan: Arc<tokio::sync::Notify>,
 }
 
-impl UsbDevice {
-    /// Detaches the kernel drivers from, and claims, every interface of the active
-    /// configuration.
-    fn claim_active(&mut self) -> Result<(), String> {
-        let config = self
-            .device
-            .active_configuration()
-            .map_err(|e| format!("device is not configured: {e}"))?;
-        let numbers: Vec<u8> = config.interfaces().map(|i| i.interface_number()).collect();
-        self.config = Configuration::parse(config.as_bytes()).ok();
-        for n in numbers {
-            let iface = self
-                .device
-                .detach_and_claim_interface(n)
-                .wait()
-                .map_err(|e| format!("interface {n}: {e}"))?;
-            self.interfaces.push(iface);
-        }
-        Ok(())
+/// Detaches the kernel drivers from, and claims, every interface of the active configuration.
+/// Blocking: each claim is an ioctl that may wait on a driver's unbind.
+fn claim_active(device: &nusb::Device) -> Result<Claimed, String> {
+    let config = device
+        .active_configuration()
+        .map_err(|e| format!("device is not configured: {e}"))?;
+    let numbers: Vec<u8> = config.interfaces().map(|i| i.interface_number()).collect();
+    let mut claimed = Claimed {
+        interfaces: Vec::new(),
+        config: Configuration::parse(config.as_bytes()).ok(),
+    };
+    for n in numbers {
+        let iface = device
+            .detach_and_claim_interface(n)
+            .wait()
+            .map_err(|e| format!("interface {n}: {e}"))?;
+        claimed.interfaces.push(iface);
     }
+    Ok(claimed)
+}
 
+/// A standard request the server carries out itself instead of passing it to usbfs, which
+/// refuses them or would let the device and our claims disagree (as usbip-host does, see
+/// `drivers/usb/usbip/stub_rx.c`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Intercepted {
+    SetConfiguration(u8),
+    SetInterface { interface: u8, alt: u8 },
+    ClearHalt { endpoint: u8 },
+}
+
+impl Intercepted {
+    fn of(setup: &protocol::usb::SetupPacket) -> Option<Self> {
+        const SET_CONFIGURATION: (u8, u8) = (0x00, 9);
+        const SET_INTERFACE: (u8, u8) = (0x01, 11);
+        const CLEAR_FEATURE_ENDPOINT: (u8, u8) = (0x02, 1);
+        const ENDPOINT_HALT: u16 = 0;
+        match (setup.request_type(), setup.request()) {
+            SET_CONFIGURATION => Some(Self::SetConfiguration(setup.value() as u8)),
+            SET_INTERFACE => Some(Self::SetInterface {
+                interface: setup.index() as u8,
+                alt: setup.value() as u8,
+            }),
+            CLEAR_FEATURE_ENDPOINT if setup.value() == ENDPOINT_HALT => Some(Self::ClearHalt {
+                endpoint: setup.index() as u8,
+            }),
+            _ => None,
+        }
+    }
+}
+
+impl UsbDevice {
     fn transfer_type(&self, urb: &UrbSubmit) -> TransferType {
-        self.config
+        lock(&self.claimed)
+            .config
             .as_ref()
             .and_then(|c| c.transfer_type(urb.endpoint, urb.direction))
             .unwrap_or(urb.transfer_type)
@@ -439,21 +465,23 @@ impl UsbDevice {
     }
 
     fn start_worker(&self, address: u8, kind: TransferType) -> Option<Worker> {
-        self.interfaces.iter().find_map(|iface| {
+        let claimed = lock(&self.claimed);
+        claimed.interfaces.iter().find_map(|iface| {
             let (tx, rx) = mpsc::unbounded_channel();
             let input = address & 0x80 != 0;
+            let rescan = self.rescan.clone();
             let task = match (kind, input) {
                 (TransferType::Bulk, true) => {
-                    spawn_worker(iface.endpoint::<Bulk, In>(address), rx, &self.rescan)?
+                    spawn_worker(iface.endpoint::<Bulk, In>(address), rx, rescan)?
                 }
                 (TransferType::Bulk, false) => {
-                    spawn_worker(iface.endpoint::<Bulk, Out>(address), rx, &self.rescan)?
+                    spawn_worker(iface.endpoint::<Bulk, Out>(address), rx, rescan)?
                 }
                 (TransferType::Interrupt, true) => {
-                    spawn_worker(iface.endpoint::<Interrupt, In>(address), rx, &self.rescan)?
+                    spawn_worker(iface.endpoint::<Interrupt, In>(address), rx, rescan)?
                 }
                 (TransferType::Interrupt, false) => {
-                    spawn_worker(iface.endpoint::<Interrupt, Out>(address), rx, &self.rescan)?
+                    spawn_worker(iface.endpoint::<Interrupt, Out>(address), rx, rescan)?
                 }
                 _ => return None,
             };
@@ -465,6 +493,8 @@ impl UsbDevice {
         })
     }
 
+    /// Closes the workers of `interface` (all when `None`): each ends its URBs in flight with
+    /// `NoDevice` (or `Unlinked` if asked), exactly once, and its task then finishes.
     fn stop_workers(&mut self, interface: Option<u8>) -> Vec<tokio::task::JoinHandle<()>> {
         let stopping: Vec<u8> = self
             .workers
@@ -484,91 +514,113 @@ impl UsbDevice {
             let _ = done.send(completion(urb.id, UrbStatus::Invalid));
             return;
         };
-        const SET_CONFIGURATION: (u8, u8) = (0x00, 9);
-        const SET_INTERFACE: (u8, u8) = (0x01, 11);
-        const CLEAR_FEATURE_ENDPOINT: (u8, u8) = (0x02, 1);
-        const ENDPOINT_HALT: u16 = 0;
-        match (setup.request_type(), setup.request()) {
-            SET_CONFIGURATION => {
-                let value = setup.value() as u8;
-                let status = if Some(value) == self.config.as_ref().map(|c| c.value) {
-                    // The client's kernel always configures a new device; ours already is.
-                    UrbStatus::Ok
-                } else {
-                    self.reconfigure(value)
-                };
-                let _ = done.send(completion(urb.id, status));
+        match Intercepted::of(&setup) {
+            Some(Intercepted::SetConfiguration(value)) => {
+                self.set_configuration(urb.id, value, done)
             }
-            SET_INTERFACE => {
-                let (interface, alt) = (setup.index() as u8, setup.value() as u8);
-                let stopped = self.stop_workers(Some(interface));
-                let iface = self
-                    .interfaces
-                    .iter()
-                    .find(|i| i.interface_number() == interface)
-                    .cloned();
-                tokio::spawn(async move {
-                    for task in stopped {
-                        let _ = task.await;
-                    }
-                    let status = match iface {
-                        Some(i) => match i.set_alt_setting(alt).await {
-                            Ok(()) => UrbStatus::Ok,
-                            Err(e) => {
-                                warn!("SET_INTERFACE {interface}/{alt}: {e}");
-                                UrbStatus::Stall
-                            }
-                        },
-                        None => UrbStatus::Stall,
-                    };
-                    let _ = done.send(completion(urb.id, status));
-                });
+            Some(Intercepted::SetInterface { interface, alt }) => {
+                self.set_interface(urb.id, interface, alt, done)
             }
-            CLEAR_FEATURE_ENDPOINT if setup.value() == ENDPOINT_HALT => {
-                let address = setup.index() as u8;
-                let number = EndpointNumber::new(address & 0x0f).unwrap_or(EndpointNumber::CONTROL);
-                let direction = if address & 0x80 != 0 {
-                    Direction::In
-                } else {
-                    Direction::Out
-                };
-                let kind = self
-                    .config
-                    .as_ref()
-                    .and_then(|c| c.transfer_type(number, direction))
-                    .unwrap_or(TransferType::Bulk);
-                match self.worker(address, kind) {
-                    Some(tx) => {
-                        if let Err(mpsc::error::SendError(EpCmd::ClearHalt(id, done))) =
-                            tx.send(EpCmd::ClearHalt(urb.id, done))
-                        {
-                            let _ = done.send(completion(id, UrbStatus::NoDevice));
-                        }
-                    }
-                    None => {
-                        let _ = done.send(completion(urb.id, UrbStatus::Stall));
-                    }
-                }
-            }
-            _ => self.pass_through_control(urb, setup, done),
+            Some(Intercepted::ClearHalt { endpoint }) => self.clear_halt(urb.id, endpoint, done),
+            None => self.pass_through_control(urb, setup, done),
         }
     }
 
-    /// Switches configuration: release the interfaces, set it, claim the new ones.
-    fn reconfigure(&mut self, value: u8) -> UrbStatus {
-        for task in self.stop_workers(None) {
-            task.abort();
+    /// SET_CONFIGURATION: the client's kernel always configures a new device, and ours already
+    /// is, so the same value is answered at once. Another one releases the interfaces, sets it
+    /// and claims the new ones, on the blocking pool: a runtime thread never waits on usbfs.
+    fn set_configuration(&mut self, id: UrbId, value: u8, done: CompletionSender) {
+        if Some(value) == lock(&self.claimed).config.as_ref().map(|c| c.value) {
+            let _ = done.send(completion(id, UrbStatus::Ok));
+            return;
         }
-        self.interfaces.clear();
-        if let Err(e) = self.device.set_configuration(value).wait() {
-            warn!("SET_CONFIGURATION {value}: {e}");
-            return UrbStatus::Stall;
-        }
-        match self.claim_active() {
-            Ok(()) => UrbStatus::Ok,
-            Err(e) => {
-                warn!("after SET_CONFIGURATION {value}: {e}");
-                UrbStatus::Stall
+        let stopped = self.stop_workers(None);
+        let device = self.device.clone();
+        let claimed = self.claimed.clone();
+        tokio::spawn(async move {
+            for task in stopped {
+                let _ = task.await;
+            }
+            let old = std::mem::take(&mut *lock(&claimed));
+            let switched = tokio::task::spawn_blocking(move || {
+                drop(old); // releases the old interfaces
+                device
+                    .set_configuration(value)
+                    .wait()
+                    .map_err(|e| e.to_string())?;
+                claim_active(&device)
+            })
+            .await;
+            let status = match switched {
+                Ok(Ok(now)) => {
+                    *lock(&claimed) = now;
+                    UrbStatus::Ok
+                }
+                Ok(Err(e)) => {
+                    warn!("SET_CONFIGURATION {value}: {e}");
+                    UrbStatus::Stall
+                }
+                Err(_) => UrbStatus::Shutdown,
+            };
+            let _ = done.send(completion(id, status));
+        });
+    }
+
+    /// SET_INTERFACE: the interface's workers end their URBs first (its endpoints change),
+    /// then usbfs switches the alternate setting on the blocking pool.
+    fn set_interface(&mut self, id: UrbId, interface: u8, alt: u8, done: CompletionSender) {
+        let stopped = self.stop_workers(Some(interface));
+        let iface = lock(&self.claimed)
+            .interfaces
+            .iter()
+            .find(|i| i.interface_number() == interface)
+            .cloned();
+        let rescan = self.rescan.clone();
+        tokio::spawn(async move {
+            for task in stopped {
+                let _ = task.await;
+            }
+            let status = match iface {
+                Some(i) => match i.set_alt_setting(alt).await {
+                    Ok(()) => UrbStatus::Ok,
+                    Err(e) if e.kind() == nusb::ErrorKind::Disconnected => {
+                        rescan.notify_one();
+                        UrbStatus::NoDevice
+                    }
+                    Err(e) => {
+                        warn!("SET_INTERFACE {interface}/{alt}: {e}");
+                        UrbStatus::Stall
+                    }
+                },
+                // Not an interface of the active configuration: what a device answers.
+                None => UrbStatus::Stall,
+            };
+            let _ = done.send(completion(id, status));
+        });
+    }
+
+    /// CLEAR_FEATURE(ENDPOINT_HALT) goes to the endpoint's worker, which owns the endpoint and
+    /// ends what is queued on it first.
+    fn clear_halt(&mut self, id: UrbId, address: u8, done: CompletionSender) {
+        let number = EndpointNumber::new(address & 0x0f).unwrap_or(EndpointNumber::CONTROL);
+        let direction = if address & 0x80 != 0 {
+            Direction::In
+        } else {
+            Direction::Out
+        };
+        let kind = lock(&self.claimed)
+            .config
+            .as_ref()
+            .and_then(|c| c.transfer_type(number, direction))
+            .unwrap_or(TransferType::Bulk);
+        match self.worker(address, kind) {
+            Some(tx) => {
+                if let Err(mpsc::error::SendError(cmd)) = tx.send(EpCmd::ClearHalt(id, done)) {
+                    cmd.refuse(UrbStatus::NoDevice);
+                }
+            }
+            None => {
+                let _ = done.send(completion(id, UrbStatus::Stall));
             }
         }
     }
@@ -664,17 +716,15 @@ impl OpenedDevice for UsbDevice {
             }
             kind => {
                 let address = urb.endpoint.address(urb.direction);
-                let id = urb.id;
-                let sent = match self.worker(address, kind) {
-                    Some(tx) => tx.send(EpCmd::Submit(urb, done)).map_err(|e| match e.0 {
-                        EpCmd::Submit(_, done) => done,
-                        _ => unreachable!("we sent a Submit"),
-                    }),
-                    None => Err(done),
-                };
-                if let Err(done) = sent {
+                match self.worker(address, kind) {
+                    Some(tx) => {
+                        if let Err(mpsc::error::SendError(cmd)) = tx.send(EpCmd::Submit(urb, done))
+                        {
+                            cmd.refuse(UrbStatus::NoDevice);
+                        }
+                    }
                     // No such endpoint in the active setting: what a host controller reports.
-                    let _ = done.send(completion(id, UrbStatus::Stall));
+                    None => EpCmd::Submit(urb, done).refuse(UrbStatus::Stall),
                 }
             }
         }
@@ -704,12 +754,9 @@ impl OpenedDevice for UsbDevice {
             // Releasing an interface and binding its driver run the driver's probe inside the
             // ioctl: a blocking thread's work, not a runtime thread's.
             let _ = tokio::task::spawn_blocking(move || {
-                let numbers: Vec<u8> = self
-                    .interfaces
-                    .iter()
-                    .map(|i| i.interface_number())
-                    .collect();
-                self.interfaces.clear();
+                let interfaces = std::mem::take(&mut lock(&self.claimed).interfaces);
+                let numbers: Vec<u8> = interfaces.iter().map(|i| i.interface_number()).collect();
+                drop(interfaces);
                 for n in numbers {
                     if let Err(e) = self.device.attach_kernel_driver(n) {
                         debug!(interface = n, "kernel driver not re-attached: {e}");
@@ -724,305 +771,28 @@ impl OpenedDevice for UsbDevice {
     }
 }
 
-/// Statuses a host controller gives transfers of a device that is being unplugged (dummy_hcd
-/// and xHCI report EPROTO or ESHUTDOWN before usbfs reports ENODEV): worth a rescan now.
-fn suggests_unplug(status: UrbStatus) -> bool {
-    matches!(
-        status,
-        UrbStatus::NoDevice | UrbStatus::Protocol | UrbStatus::Shutdown
-    )
-}
-
-fn status_of(e: TransferError) -> UrbStatus {
-    match e {
-        TransferError::Cancelled => UrbStatus::Unlinked,
-        TransferError::Stall => UrbStatus::Stall,
-        TransferError::Disconnected => UrbStatus::NoDevice,
-        TransferError::Fault => UrbStatus::Protocol,
-        TransferError::InvalidArgument => UrbStatus::Invalid,
-        TransferError::Unknown(errno) => UrbStatus::from_errno(-(errno as i32)),
-    }
-}
-
-// ---- the endpoint worker ----
-
-/// One nusb transfer in flight, in submission order.
-struct Pending {
-    id: UrbId,
-    /// The URB's own length (IN requests are rounded up to wMaxPacketSize for nusb).
-    length: u32,
-    done: CompletionSender,
-    /// Bytes moved by an earlier part (the data stage before a zero-length packet).
-    moved_before: u32,
-    /// A zero-length OUT packet follows this part.
-    zlp_follows: bool,
-    /// The client asked for this URB to be cancelled.
-    unlink_asked: bool,
-}
-
-struct EndpointState<T: BulkOrInterrupt, D> {
-    ep: Endpoint<T, D>,
-    direction: Direction,
-    pending: VecDeque<Pending>,
-    /// Told when the device reports itself gone, so the source notices without udev.
-    rescan: Arc<tokio::sync::Notify>,
-    /// Transfers still to be reaped after a `cancel_all`; new work waits until then so the
-    /// resubmitted ones keep their order.
-    reaping: usize,
-    held: VecDeque<EpCmd>,
-}
-
-enum Event {
-    Cmd(Option<EpCmd>),
-    Done(Completion),
-}
-
-async fn run_endpoint<T, D>(
-    ep: Endpoint<T, D>,
-    direction: Direction,
-    mut rx: mpsc::UnboundedReceiver<EpCmd>,
-    rescan: Arc<tokio::sync::Notify>,
-) where
-    T: BulkOrInterrupt,
-    D: nusb::transfer::EndpointDirection,
-{
-    let mut st = EndpointState {
-        ep,
-        direction,
-        pending: VecDeque::new(),
-        rescan,
-        reaping: 0,
-        held: VecDeque::new(),
-    };
-    loop {
-        let event = poll_fn(|cx| {
-            if st.ep.pending() > 0
-                && let Poll::Ready(c) = st.ep.poll_next_complete(cx)
-            {
-                return Poll::Ready(Event::Done(c));
-            }
-            rx.poll_recv(cx).map(Event::Cmd)
-        })
-        .await;
-        match event {
-            Event::Cmd(Some(cmd)) if st.reaping > 0 => st.held.push_back(cmd),
-            Event::Cmd(Some(cmd)) => st.command(cmd).await,
-            Event::Cmd(None) => break,
-            Event::Done(c) => {
-                let was_reaping = st.reaping > 0;
-                st.reaping = st.reaping.saturating_sub(1);
-                st.completed(c);
-                if was_reaping && st.reaping == 0 {
-                    while st.reaping == 0
-                        && let Some(cmd) = st.held.pop_front()
-                    {
-                        st.command(cmd).await;
-                    }
-                }
-            }
-        }
-    }
-    // The device is being released: end everything still in flight.
-    st.ep.cancel_all();
-    while st.ep.pending() > 0 {
-        let c = st.ep.next_complete().await;
-        if let Some(p) = st.pending.pop_front() {
-            let status = match c.status {
-                Ok(()) => UrbStatus::Ok,
-                Err(_) => UrbStatus::NoDevice,
-            };
-            let _ = p.done.send(completion(p.id, status));
-        }
-    }
-    for cmd in st.held {
-        match cmd {
-            EpCmd::Submit(urb, done) => {
-                let _ = done.send(completion(urb.id, UrbStatus::NoDevice));
-            }
-            EpCmd::ClearHalt(id, done) => {
-                let _ = done.send(completion(id, UrbStatus::NoDevice));
-            }
-            EpCmd::Cancel(_) => {}
-        }
-    }
-}
-
 /// Starts a worker for an endpoint if the interface has it in its current alternate setting.
 fn spawn_worker<T, D>(
     ep: Result<Endpoint<T, D>, nusb::Error>,
     rx: mpsc::UnboundedReceiver<EpCmd>,
-    rescan: &Arc<tokio::sync::Notify>,
+    rescan: Arc<tokio::sync::Notify>,
 ) -> Option<tokio::task::JoinHandle<()>>
 where
     T: BulkOrInterrupt + Send + 'static,
     D: nusb::transfer::EndpointDirection + Send + 'static,
 {
-    let ep = ep.ok()?;
-    let direction = if ep.endpoint_address() & 0x80 != 0 {
-        Direction::In
-    } else {
-        Direction::Out
-    };
-    Some(tokio::spawn(run_endpoint(
-        ep,
-        direction,
-        rx,
-        rescan.clone(),
-    )))
+    Some(tokio::spawn(run_endpoint(ep.ok()?, rx, rescan)))
 }
 
-impl<T, D> EndpointState<T, D>
-where
-    T: BulkOrInterrupt,
-    D: nusb::transfer::EndpointDirection,
-{
-    async fn command(&mut self, cmd: EpCmd) {
-        match cmd {
-            EpCmd::Submit(urb, done) => self.submit(urb, done),
-            EpCmd::Cancel(id) => {
-                let mut found = false;
-                for p in self.pending.iter_mut().filter(|p| p.id == id) {
-                    p.unlink_asked = true;
-                    found = true;
-                }
-                if found && self.reaping == 0 {
-                    self.reaping = self.ep.pending();
-                    self.ep.cancel_all();
-                }
-            }
-            EpCmd::ClearHalt(id, done) => {
-                // The kernel clears a halt with the endpoint idle; anything still queued is
-                // ended first so usbfs accepts the request.
-                if self.ep.pending() > 0 {
-                    self.ep.cancel_all();
-                    while self.ep.pending() > 0 {
-                        let c = self.ep.next_complete().await;
-                        self.finish(c, true);
-                    }
-                }
-                let status = match self.ep.clear_halt().await {
-                    Ok(()) => UrbStatus::Ok,
-                    Err(e) => {
-                        warn!(
-                            endpoint = self.ep.endpoint_address(),
-                            "CLEAR_FEATURE(HALT): {e}"
-                        );
-                        UrbStatus::Stall
-                    }
-                };
-                let _ = done.send(completion(id, status));
-            }
-        }
+#[cfg(test)]
+mod tests {
+    /// nusb's blocking calls (SET_INTERFACE, CLEAR_HALT, opening) are `MaybeFuture`s that
+    /// panicked when awaited unless nusb's `tokio` feature is on: every SET_INTERFACE of a
+    /// network adapter killed a runtime worker. Opening /dev/null is such a call that fails
+    /// without any USB device.
+    #[tokio::test]
+    async fn awaiting_a_blocking_nusb_call_does_not_panic() {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        assert!(nusb::Device::from_fd(null.into()).await.is_err());
     }
-
-    fn submit(&mut self, urb: UrbSubmit, done: CompletionSender) {
-        let mps = self.ep.max_packet_size().max(1);
-        let part = |length, zlp_follows, done| Pending {
-            id: urb.id,
-            length,
-            done,
-            moved_before: 0,
-            zlp_follows,
-            unlink_asked: false,
-        };
-        match self.direction {
-            Direction::In => {
-                // nusb (like usbfs) wants IN requests in whole packets; the true length is
-                // kept to report a device that sends more as an overflow.
-                let requested = (urb.length as usize).div_ceil(mps).max(1) * mps;
-                self.ep.submit(Buffer::new(requested));
-                self.pending.push_back(part(urb.length, false, done));
-            }
-            Direction::Out => {
-                let length = urb.data.len() as u32;
-                let zlp = urb.flags & transfer_flags::ZERO_PACKET != 0
-                    && length > 0
-                    && urb.data.len().is_multiple_of(mps);
-                self.ep.submit(Buffer::from(urb.data));
-                if zlp {
-                    self.pending.push_back(part(length, true, done.clone()));
-                    self.ep.submit(Buffer::new(0));
-                    self.pending.push_back(part(0, false, done));
-                } else {
-                    self.pending.push_back(part(length, false, done));
-                }
-            }
-        }
-    }
-
-    /// Handles nusb's next completion, which belongs to the front of `pending`.
-    fn completed(&mut self, c: Completion) {
-        let resubmit = matches!(c.status, Err(TransferError::Cancelled))
-            && self.pending.front().is_some_and(|p| !p.unlink_asked)
-            && c.actual_len == 0;
-        if resubmit {
-            // Cancelled only because nusb cancels the whole endpoint: nothing moved, so it is
-            // safe to queue again, behind the others being reaped, in the same order.
-            if let Some(p) = self.pending.pop_front() {
-                let mut buffer = c.buffer;
-                if self.direction == Direction::In {
-                    buffer.clear();
-                }
-                self.ep.submit(buffer);
-                self.pending.push_back(p);
-            }
-            return;
-        }
-        self.finish(c, false);
-    }
-
-    /// Reports a completion to the client (or holds it for the zero-length packet that ends
-    /// the URB).
-    fn finish(&mut self, c: Completion, forced: bool) {
-        let Some(p) = self.pending.pop_front() else {
-            return;
-        };
-        let moved = p.moved_before + c.actual_len as u32;
-        let mut status = match c.status {
-            Ok(()) => UrbStatus::Ok,
-            Err(TransferError::Cancelled) if !p.unlink_asked && !forced => {
-                warn!(id = ?p.id, moved, "URB cancelled with the endpoint after moving data; reported as unlinked");
-                UrbStatus::Unlinked
-            }
-            Err(e) => status_of(e),
-        };
-        if suggests_unplug(status) {
-            self.rescan.notify_one();
-        }
-        if p.zlp_follows && status == UrbStatus::Ok {
-            if let Some(next) = self.pending.front_mut() {
-                next.moved_before = moved;
-            }
-            return;
-        }
-        if p.zlp_follows {
-            // The data stage failed; its zero-length packet must not report a second time.
-            if let Some(next) = self.pending.front_mut() {
-                next.done = closed_sender();
-            }
-        }
-        let result = if self.direction == Direction::In {
-            let mut data = c.buffer.into_vec();
-            if data.len() > p.length as usize {
-                data.truncate(p.length as usize);
-                status = UrbStatus::Overflow;
-            }
-            UrbComplete {
-                actual_length: data.len() as u32,
-                data,
-                ..completion(p.id, status)
-            }
-        } else {
-            UrbComplete {
-                actual_length: moved.min(p.length),
-                ..completion(p.id, status)
-            }
-        };
-        let _ = p.done.send(result);
-    }
-}
-
-/// A sender whose messages go nowhere: for a transfer part that must not report.
-fn closed_sender() -> CompletionSender {
-    mpsc::unbounded_channel().0
 }
