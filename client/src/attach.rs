@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use protocol::usb::{Direction, EndpointNumber};
-use protocol::wire::{AttachHandle, DeviceInfo, Event, UrbClientMessage, UrbServerMessage};
+use protocol::wire::{
+    AttachHandle, DeviceInfo, Event, UrbClientMessage, UrbServerMessage, UrbWindow,
+};
 use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{debug, info, warn};
 use transport::{FramedRecv, FramedSend, ServerConnection};
@@ -85,7 +87,7 @@ type StreamKey = (EndpointNumber, Direction);
 
 /// What the per-stream readers report.
 enum FromServer {
-    Message(UrbServerMessage),
+    Message(StreamKey, UrbServerMessage),
     /// A stream ended: the server finished it (attachment over) or the connection broke.
     StreamEnded(String),
 }
@@ -276,6 +278,7 @@ async fn run_port_recorded(
             .with_interrupt_streaming(tuning.interrupt_streaming && !timed),
         link,
         streams: HashMap::new(),
+        windows: HashMap::new(),
         from_server: mpsc::unbounded_channel(),
         recorder,
     };
@@ -312,6 +315,8 @@ struct PortRun {
     session: PortSession,
     link: KernelLink,
     streams: HashMap<StreamKey, mpsc::UnboundedSender<UrbClientMessage>>,
+    /// Each stream's URB window: what may be outstanding, what waits here.
+    windows: HashMap<StreamKey, UrbWindow>,
     from_server: (
         mpsc::UnboundedSender<FromServer>,
         mpsc::UnboundedReceiver<FromServer>,
@@ -368,14 +373,25 @@ impl PortRun {
     }
 
     fn on_server(&mut self, msg: FromServer) -> Option<AttachEnd> {
+        if let FromServer::Message(key, msg) = &msg
+            && let Some(window) = self.windows.get_mut(key)
+        {
+            window.on_server(msg);
+        }
+        self.deliver(msg)
+    }
+
+    /// Hands a stream message (the server's, or one its window answered itself) to the
+    /// session.
+    fn deliver(&mut self, msg: FromServer) -> Option<AttachEnd> {
         match msg {
-            FromServer::Message(UrbServerMessage::Complete(c)) => {
+            FromServer::Message(_, UrbServerMessage::Complete(c)) => {
                 if let Some(r) = &mut self.recorder {
                     r.completion(&c);
                 }
                 self.session.on_completion(c);
             }
-            FromServer::Message(UrbServerMessage::UnlinkDone { id, cancelled }) => {
+            FromServer::Message(_, UrbServerMessage::UnlinkDone { id, cancelled }) => {
                 self.session.on_unlink_done(id, cancelled)
             }
             FromServer::StreamEnded(why) => return Some(AttachEnd::ServerEnded(why)),
@@ -385,6 +401,13 @@ impl PortRun {
 
     /// Carries out everything the session asked for.
     async fn drive(&mut self) -> Option<AttachEnd> {
+        // A completion may have opened a window: send what it held.
+        let keys: Vec<StreamKey> = self.windows.keys().copied().collect();
+        for key in keys {
+            if let Err(end) = self.flush_window(key).await {
+                return Some(end);
+            }
+        }
         while let Some(action) = self.session.poll_action() {
             match action {
                 Action::Submit {
@@ -396,10 +419,9 @@ impl PortRun {
                     if let Some(r) = &mut self.recorder {
                         r.forwarded(&urb);
                     }
-                    if let Err(end) = self
-                        .send((endpoint, direction), UrbClientMessage::Submit(urb))
-                        .await
-                    {
+                    let key = (endpoint, direction);
+                    self.windows.entry(key).or_default().submit(urb);
+                    if let Err(end) = self.flush_window(key).await {
                         warn!(?id, "could not send URB: {end:?}");
                         return Some(end);
                     }
@@ -409,10 +431,9 @@ impl PortRun {
                     direction,
                     id,
                 } => {
-                    if let Err(end) = self
-                        .send((endpoint, direction), UrbClientMessage::Unlink(id))
-                        .await
-                    {
+                    let key = (endpoint, direction);
+                    self.windows.entry(key).or_default().unlink(id);
+                    if let Err(end) = self.flush_window(key).await {
                         return Some(end);
                     }
                 }
@@ -433,6 +454,26 @@ impl PortRun {
         None
     }
 
+    /// Sends what `key`'s window lets out, and hands the answers it made itself (an unlink of a
+    /// URB it still held) to the session.
+    async fn flush_window(&mut self, key: StreamKey) -> Result<(), AttachEnd> {
+        loop {
+            let Some(window) = self.windows.get_mut(&key) else {
+                return Ok(());
+            };
+            if let Some(answer) = window.poll_answer() {
+                if let Some(end) = self.deliver(FromServer::Message(key, answer)) {
+                    return Err(end);
+                }
+                continue;
+            }
+            let Some(msg) = window.poll_send() else {
+                return Ok(());
+            };
+            self.send(key, msg).await?;
+        }
+    }
+
     /// Sends on the stream of `key`, opening it on first use.
     async fn send(&mut self, key: StreamKey, msg: UrbClientMessage) -> Result<(), AttachEnd> {
         if !self.streams.contains_key(&key) {
@@ -443,7 +484,7 @@ impl PortRun {
                 .map_err(|e| AttachEnd::ConnectionLost(e.to_string()))?;
             let (out_tx, out_rx) = mpsc::unbounded_channel();
             tokio::spawn(write_stream(tx, out_rx));
-            tokio::spawn(read_stream(rx, self.from_server.0.clone()));
+            tokio::spawn(read_stream(key, rx, self.from_server.0.clone()));
             self.streams.insert(key, out_tx);
         }
         let Some(stream) = self.streams.get(&key) else {
@@ -478,11 +519,15 @@ async fn write_stream(
 }
 
 /// Forwards a stream's messages until it ends.
-async fn read_stream(mut rx: FramedRecv<UrbServerMessage>, to: mpsc::UnboundedSender<FromServer>) {
+async fn read_stream(
+    key: StreamKey,
+    mut rx: FramedRecv<UrbServerMessage>,
+    to: mpsc::UnboundedSender<FromServer>,
+) {
     let why = loop {
         match rx.next().await {
             Ok(Some(msg)) => {
-                if to.send(FromServer::Message(msg)).is_err() {
+                if to.send(FromServer::Message(key, msg)).is_err() {
                     return;
                 }
             }

@@ -18,6 +18,8 @@ use transport::{ClientError, FramedRecv, FramedSend, ServerConnection, StreamErr
 const URB_LEN: u32 = 16 * 1024;
 /// Bytes per READ(10) command: 16 URBs in flight per command.
 const COMMAND_LEN: u32 = 256 * 1024;
+// One command's URBs go out together: they must fit the URB window.
+const _: () = assert!(COMMAND_LEN / URB_LEN <= protocol::wire::URB_WINDOW as u32);
 /// How long one batch of URBs may take before the device counts as wedged.
 const BATCH_TIMEOUT: Duration = Duration::from_secs(10);
 

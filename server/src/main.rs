@@ -126,7 +126,8 @@ struct RunArgs {
     /// Size of a simulated disk that does not exist yet, in MiB.
     #[arg(global = true, long, default_value_t = 64)]
     simulate_size: u64,
-    /// URBs in flight per endpoint [default: 32].
+    /// URBs running on the device at once per endpoint; more wait in order, up to the URB
+    /// window of 64 [default: 32].
     #[arg(global = true, long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     queue_depth: Option<u16>,
     /// Use n0's public relays so clients behind NAT can reach us.

@@ -53,7 +53,8 @@ impl Allowlist {
 pub struct ServerConfig {
     /// Who may connect.
     pub allow: Allowlist,
-    /// URBs in flight per endpoint stream; reading from a stream pauses at this depth.
+    /// URBs running on the device per endpoint stream; later ones (up to the URB window) wait
+    /// on the server in order.
     pub queue_depth: usize,
     /// How long a new peer has to open its control stream and say hello.
     pub handshake_timeout: Duration,
@@ -696,7 +697,9 @@ impl Session {
         loop {
             let gone = *ended.borrow();
             tokio::select! {
-                msg = rx.next(), if !client_finished && !gone && tracker.can_accept() => match msg? {
+                // Every frame is read at once, so an unlink is never stuck behind submissions;
+                // the URB window bounds them (a client over it is a violation).
+                msg = rx.next(), if !client_finished && !gone => match msg? {
                     Some(msg) => {
                         if let UrbClientMessage::Submit(urb) = &msg {
                             attachment.traffic.to_device.fetch_add(urb.data.len() as u64, Ordering::Relaxed);

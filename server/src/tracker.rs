@@ -4,12 +4,18 @@
 //! for the client come out, in the order the protocol promises: a URB's `Complete` always
 //! precedes its `UnlinkDone`, an unlink of a URB we no longer hold is answered at once, and a
 //! peer that breaks the rules gets a typed [`Violation`] instead of a panic or a hang.
+//!
+//! The session reads every frame as it arrives (the client keeps the stream within the URB
+//! window, [`protocol::wire::window`]), so an unlink is seen whatever is queued. At most
+//! `depth` URBs run on the device at once; later ones wait here in order, and an unlink of a
+//! waiting URB is answered at once without the device ever seeing it.
 
 use std::collections::{HashMap, VecDeque};
 
 use protocol::usb::{Direction, EndpointNumber, UrbStatus};
 use protocol::wire::{
-    ServerTiming, UrbClientMessage, UrbComplete, UrbId, UrbServerMessage, UrbStreamOpen, UrbSubmit,
+    ServerTiming, URB_WINDOW, URB_WINDOW_BYTES, UrbClientMessage, UrbComplete, UrbId,
+    UrbServerMessage, UrbStreamOpen, UrbSubmit, urb_bytes,
 };
 
 /// What the device should do next.
@@ -46,13 +52,18 @@ pub enum Violation {
     /// An id already in flight.
     #[error("URB {0:?} is already in flight")]
     DuplicateId(UrbId),
-    /// More URBs than the queue depth (the client ignored flow control).
-    #[error("more than {0} URBs in flight on one endpoint")]
+    /// More URBs outstanding than the URB window (the client ignored it).
+    #[error("more than {0} URBs outstanding on one stream")]
     QueueFull(usize),
+    /// More buffer bytes outstanding than the URB window allows.
+    #[error("more than {0} bytes of URB buffers outstanding on one stream")]
+    WindowBytes(u64),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
+    /// Behind `depth` others: not on the device yet.
+    Waiting,
     Running,
     Cancelling,
 }
@@ -61,6 +72,9 @@ enum State {
 struct InFlight {
     state: State,
     arrived_us: u64,
+    /// When it went to the device (its arrival unless it waited).
+    started_us: u64,
+    bytes: u64,
 }
 
 /// The bookkeeping of one URB stream.
@@ -71,13 +85,18 @@ pub struct StreamTracker {
     depth: usize,
     timing: bool,
     in_flight: HashMap<UrbId, InFlight>,
+    /// Waiting URBs, in arrival order.
+    waiting: VecDeque<UrbSubmit>,
+    /// Running or cancelling on the device.
+    running: usize,
+    bytes: u64,
     actions: VecDeque<DeviceAction>,
     messages: VecDeque<UrbServerMessage>,
 }
 
 impl StreamTracker {
-    /// A tracker for the stream `open` names, holding at most `depth` URBs in flight, adding
-    /// server timing to completions when `timing` was negotiated.
+    /// A tracker for the stream `open` names, running at most `depth` URBs on the device at
+    /// once, adding server timing to completions when `timing` was negotiated.
     pub fn new(open: &UrbStreamOpen, depth: usize, timing: bool) -> Self {
         StreamTracker {
             endpoint: open.endpoint,
@@ -85,20 +104,22 @@ impl StreamTracker {
             depth: depth.max(1),
             timing,
             in_flight: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: 0,
+            bytes: 0,
             actions: VecDeque::new(),
             messages: VecDeque::new(),
         }
     }
 
-    /// Whether another submission fits; the session reads the next client frame only then, so
-    /// QUIC flow control pushes back on a client that submits faster than the device runs.
-    pub fn can_accept(&self) -> bool {
-        self.in_flight.len() < self.depth
-    }
-
-    /// URBs submitted and not yet completed.
+    /// URBs submitted and not yet completed, waiting or on the device.
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
+    }
+
+    /// URBs on the device now.
+    pub fn running(&self) -> usize {
+        self.running
     }
 
     /// Takes a client message that arrived at `now_us` (any monotonic microsecond clock).
@@ -107,13 +128,20 @@ impl StreamTracker {
             UrbClientMessage::Open(_) => Err(Violation::Reopen),
             UrbClientMessage::Submit(urb) => self.on_submit(urb, now_us),
             UrbClientMessage::Unlink(id) => {
-                match self.in_flight.get_mut(&id) {
-                    Some(urb) if urb.state == State::Running => {
-                        urb.state = State::Cancelling;
+                match self.in_flight.get_mut(&id).map(|u| u.state.clone()) {
+                    Some(State::Running) => {
+                        if let Some(urb) = self.in_flight.get_mut(&id) {
+                            urb.state = State::Cancelling;
+                        }
                         self.actions.push_back(DeviceAction::Cancel(id));
                     }
+                    Some(State::Waiting) => {
+                        // Never reached the device: cancelled here and now.
+                        self.waiting.retain(|u| u.id != id);
+                        self.finish(completion(id, UrbStatus::Unlinked), true, now_us);
+                    }
                     // A second unlink of the same URB adds nothing.
-                    Some(_) => {}
+                    Some(State::Cancelling) => {}
                     None => self.messages.push_back(UrbServerMessage::UnlinkDone {
                         id,
                         cancelled: false,
@@ -140,40 +168,79 @@ impl StreamTracker {
         if self.in_flight.contains_key(&urb.id) {
             return Err(Violation::DuplicateId(urb.id));
         }
-        if !self.can_accept() {
-            return Err(Violation::QueueFull(self.depth));
+        if self.in_flight.len() >= URB_WINDOW {
+            return Err(Violation::QueueFull(URB_WINDOW));
         }
+        let bytes = urb_bytes(&urb);
+        if !self.in_flight.is_empty() && self.bytes + bytes > URB_WINDOW_BYTES {
+            return Err(Violation::WindowBytes(URB_WINDOW_BYTES));
+        }
+        self.bytes += bytes;
         self.in_flight.insert(
             urb.id,
             InFlight {
-                state: State::Running,
+                state: State::Waiting,
                 arrived_us: now_us,
+                started_us: now_us,
+                bytes,
             },
         );
-        self.actions.push_back(DeviceAction::Submit(urb));
+        self.waiting.push_back(urb);
+        self.start_waiting(now_us);
         Ok(())
     }
 
-    /// Takes a device completion at `now_us`. A completion for a URB this stream does not hold
-    /// is dropped and reported as `false` (a device bug, never the client's doing).
-    pub fn on_complete(&mut self, mut done: UrbComplete, now_us: u64) -> bool {
-        let Some(urb) = self.in_flight.remove(&done.id) else {
+    /// Moves waiting URBs to the device while fewer than `depth` run there.
+    fn start_waiting(&mut self, now_us: u64) {
+        while self.running < self.depth
+            && let Some(urb) = self.waiting.pop_front()
+        {
+            if let Some(u) = self.in_flight.get_mut(&urb.id) {
+                u.state = State::Running;
+                u.started_us = now_us;
+            }
+            self.running += 1;
+            self.actions.push_back(DeviceAction::Submit(urb));
+        }
+    }
+
+    /// Takes a device completion at `now_us`. A completion for a URB this stream does not have
+    /// on the device is dropped and reported as `false` (a device bug, never the client's
+    /// doing).
+    pub fn on_complete(&mut self, done: UrbComplete, now_us: u64) -> bool {
+        let on_device = self
+            .in_flight
+            .get(&done.id)
+            .is_some_and(|u| u.state != State::Waiting);
+        if !on_device {
             return false;
+        }
+        self.running -= 1;
+        self.finish(done, false, now_us);
+        self.start_waiting(now_us);
+        true
+    }
+
+    /// Reports a URB's end to the client and forgets it.
+    fn finish(&mut self, mut done: UrbComplete, unlinked_here: bool, now_us: u64) {
+        let Some(urb) = self.in_flight.remove(&done.id) else {
+            return;
         };
+        self.bytes -= urb.bytes;
         if self.timing {
+            let us = |d: u64| u32::try_from(d).unwrap_or(u32::MAX);
             done.timing = Some(ServerTiming {
-                queued_us: 0,
-                device_us: u32::try_from(now_us.saturating_sub(urb.arrived_us)).unwrap_or(u32::MAX),
+                queued_us: us(urb.started_us.saturating_sub(urb.arrived_us)),
+                device_us: us(now_us.saturating_sub(urb.started_us)),
             });
         }
         let id = done.id;
         let cancelled = done.status == UrbStatus::Unlinked;
         self.messages.push_back(UrbServerMessage::Complete(done));
-        if urb.state == State::Cancelling {
+        if unlinked_here || urb.state == State::Cancelling {
             self.messages
                 .push_back(UrbServerMessage::UnlinkDone { id, cancelled });
         }
-        true
     }
 
     /// The next thing the device should do.
@@ -193,8 +260,12 @@ impl StreamTracker {
 
     /// Completes every URB still in flight with `status` (the device is gone and will not).
     pub fn fail_all(&mut self, status: UrbStatus, now_us: u64) {
+        self.waiting.clear();
+        self.running = 0;
+        self.actions
+            .retain(|a| !matches!(a, DeviceAction::Submit(_)));
         for id in self.in_flight_ids() {
-            self.on_complete(completion(id, status), now_us);
+            self.finish(completion(id, status), false, now_us);
         }
     }
 }
@@ -345,14 +416,86 @@ mod tests {
             t.on_client(bulk_in(1), 0),
             Err(Violation::DuplicateId(UrbId(1)))
         );
-        t.on_client(bulk_in(2), 0).unwrap();
-        assert!(!t.can_accept());
-        assert_eq!(t.on_client(bulk_in(3), 0), Err(Violation::QueueFull(2)));
+        for id in 2..URB_WINDOW as u32 + 1 {
+            t.on_client(bulk_in(id), 0).unwrap();
+        }
+        assert_eq!(t.running(), 2, "the device runs `depth`; the rest wait");
+        assert_eq!(
+            t.on_client(bulk_in(1000), 0),
+            Err(Violation::QueueFull(URB_WINDOW))
+        );
+        let mut big = StreamTracker::new(&open(1, Direction::In), 2, false);
+        let huge = |id| match bulk_in(id) {
+            UrbClientMessage::Submit(mut u) => {
+                u.length = 4 * 1024 * 1024;
+                UrbClientMessage::Submit(u)
+            }
+            other => other,
+        };
+        for id in 0..8 {
+            big.on_client(huge(id), 0).unwrap();
+        }
+        assert_eq!(
+            big.on_client(huge(8), 0),
+            Err(Violation::WindowBytes(URB_WINDOW_BYTES))
+        );
         let mut out = StreamTracker::new(&open(2, Direction::Out), 2, false);
         assert!(matches!(
             out.on_client(bulk_in(1), 0),
             Err(Violation::WrongEndpoint { .. })
         ));
+    }
+
+    #[test]
+    fn urbs_past_the_depth_wait_in_order_and_an_unlink_of_one_is_answered_at_once() {
+        let mut t = StreamTracker::new(&open(1, Direction::In), 2, true);
+        for id in 0..5 {
+            t.on_client(bulk_in(id), 10).unwrap();
+        }
+        let (actions, _) = drain(&mut t);
+        assert_eq!(actions.len(), 2, "only `depth` go to the device");
+        // The unlink of a waiting URB never reaches the device.
+        t.on_client(UrbClientMessage::Unlink(UrbId(3)), 20).unwrap();
+        let (actions, messages) = drain(&mut t);
+        assert!(actions.is_empty());
+        assert!(
+            matches!(&messages[0], UrbServerMessage::Complete(c) if c.id == UrbId(3) && c.status == UrbStatus::Unlinked)
+        );
+        assert_eq!(
+            messages[1],
+            UrbServerMessage::UnlinkDone {
+                id: UrbId(3),
+                cancelled: true
+            }
+        );
+        // A completion lets the next waiting one (2, then 4) start, with its wait timed.
+        assert!(
+            !t.on_complete(completion(UrbId(2), UrbStatus::Ok), 25),
+            "a waiting URB cannot complete"
+        );
+        t.on_complete(completion(UrbId(0), UrbStatus::Ok), 30);
+        t.on_complete(completion(UrbId(1), UrbStatus::Ok), 40);
+        let (actions, _) = drain(&mut t);
+        let started: Vec<UrbId> = actions
+            .iter()
+            .map(|a| match a {
+                DeviceAction::Submit(u) => u.id,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(started, vec![UrbId(2), UrbId(4)]);
+        t.on_complete(completion(UrbId(2), UrbStatus::Ok), 100);
+        let (_, messages) = drain(&mut t);
+        let UrbServerMessage::Complete(c) = &messages[0] else {
+            panic!("expected a completion");
+        };
+        assert_eq!(
+            c.timing,
+            Some(ServerTiming {
+                queued_us: 20,
+                device_us: 70
+            })
+        );
     }
 
     #[test]

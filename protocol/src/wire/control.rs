@@ -8,10 +8,12 @@ use serde::{Deserialize, Serialize};
 use super::device::{DeviceId, DeviceInfo};
 use super::frame::{Invalid, Validate, at_most};
 
-/// The version of our wire protocol this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
-/// The oldest version this crate still speaks.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// The version of our wire protocol this crate speaks. Version 2: the client keeps each URB
+/// stream within the URB window and the server reads every frame at once ([`super::window`]);
+/// a version 1 server paused reading at its queue depth, which could hide an unlink.
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The oldest version this crate still speaks: a version 1 client does not keep the window.
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 /// The most devices one list response or one session may carry.
 pub const MAX_DEVICES_PER_LIST: usize = 64;
 /// The longest PIN.

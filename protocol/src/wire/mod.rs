@@ -6,7 +6,8 @@
 //!   sends [`ClientMessage`]s (a [`Hello`] first), the server [`ServerMessage`]s (a [`Welcome`]
 //!   or a [`HandshakeRefusal`] first, then responses, events and pings);
 //! - **one URB stream per attached endpoint**, opened by the client after an attach
-//!   ([`urb`]), so a slow bulk endpoint never holds up control or interrupt traffic.
+//!   ([`urb`]), so a slow bulk endpoint never holds up control or interrupt traffic; a
+//!   client keeps each within the URB window ([`window`]), so the server reads them at once.
 //!
 //! `kernel-notes/PROTOCOL.md` is the full specification.
 
@@ -34,6 +35,7 @@ pub mod control;
 pub mod device;
 pub mod frame;
 pub mod urb;
+pub mod window;
 
 pub use control::{
     AttachHandle, AttachRefusal, Capabilities, ClientMessage, EndReason, Event, HandshakeRefusal,
@@ -48,3 +50,4 @@ pub use urb::{
     IsoComplete, IsoSubmit, ServerTiming, UrbClientMessage, UrbComplete, UrbId, UrbServerMessage,
     UrbStreamOpen, UrbSubmit,
 };
+pub use window::{URB_WINDOW, URB_WINDOW_BYTES, UrbWindow, urb_bytes};
