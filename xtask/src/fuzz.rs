@@ -18,6 +18,7 @@ pub const TARGETS: &[&str] = &[
     "usbip_op",
     "wire_frames",
     "config_files",
+    "urb_streams",
 ];
 
 /// Fuzzes `targets` (all when empty) for `secs` seconds each.
