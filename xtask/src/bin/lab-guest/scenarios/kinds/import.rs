@@ -65,15 +65,15 @@ pub fn import(route: Route, g: &Gadget) -> Result<Imported> {
             imported.ours = Some((server, client));
         }
     }
+    // Configured means its interfaces exist. Not `bConfigurationValue`: reading it takes the
+    // device lock, which a driver probe stuck on a transfer that never completes holds.
     imported.dev = sys::wait_for(
         &format!("{} configured under vhci_hcd", g.vid_pid()),
         Duration::from_secs(30),
         || {
             let dev = usbdev::find_usb_device(g.vid, g.pid, Via::Vhci)?;
-            sys::read(dev.join("bConfigurationValue"))
-                .ok()
-                .filter(|v| !v.is_empty())?;
-            Some(dev)
+            let name = dev.file_name()?.to_string_lossy().into_owned();
+            dev.join(format!("{name}:1.0")).exists().then_some(dev)
         },
     )
     .inspect_err(|_| {

@@ -135,10 +135,18 @@ fn run_kind(kind: &Kind) -> [Option<Result<(), String>>; 2] {
         Err(e) => {
             let skipped = e.downcast_ref::<Skip>().map(|s| s.0.clone());
             let why = skipped.clone().unwrap_or_else(|| format!("{e:#}"));
+            let kmsg = kernel_log();
+            let notes: Vec<String> = kmsg[kmsg.len().saturating_sub(8)..]
+                .iter()
+                .map(|l| format!("dmesg: {l}"))
+                .collect();
+            for n in &notes {
+                log!("kinds: {}: {n}", kind.name);
+            }
             for route in [Route::Kernel, Route::Ours] {
                 let mut checks = Checks::default();
                 checks.fail("gadget", why.clone());
-                emit(kind, route, &checks, skipped.is_some(), 0.0, Vec::new());
+                emit(kind, route, &checks, skipped.is_some(), 0.0, notes.clone());
             }
             return match skipped {
                 Some(_) => [None, None],
@@ -313,8 +321,11 @@ pub fn unbind_rebind(dev: &Path, driver: &str) -> Result<String> {
         bail!("{driver} holds no interface of {}", dev.display());
     };
     let drv = Path::new("/sys/bus/usb/drivers").join(driver);
-    for iface in &held {
-        sys::write(drv.join("unbind"), iface)?;
+    // Unbinding the interface a driver probed releases the ones it claimed with it (a CDC
+    // data interface); whatever is still bound after that is unbound on its own.
+    sys::write(drv.join("unbind"), &first)?;
+    for iface in interfaces_bound(dev, driver) {
+        sys::write(drv.join("unbind"), &iface)?;
     }
     sys::wait_for(
         &format!("{driver} to let go of {first}"),
