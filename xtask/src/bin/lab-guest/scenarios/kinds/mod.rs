@@ -52,7 +52,7 @@ pub struct Kind {
     pub covers: &'static str,
     /// Builds the (unplugged) gadget.
     pub gadget: fn() -> Result<Gadget>,
-    /// Gadget-side set-up once the gadget is plugged and enumerated (a network namespace);
+    /// Gadget-side set-up once the gadget is plugged (a network namespace, an open tty);
     /// what it returns is dropped after both routes.
     pub setup: fn(&Gadget) -> Result<Option<Guard>>,
     /// The kind's checks on the imported device.
@@ -126,8 +126,9 @@ fn run_kind(kind: &Kind) -> [Option<Result<(), String>>; 2] {
         modules::load(kind.modules)?;
         let mut g = (kind.gadget)()?;
         g.plug()?;
-        g.wait_enumerated(Duration::from_secs(15))?;
+        // Set-up comes before enumeration: OBEX connects only once its tty is open.
         let guard = (kind.setup)(&g)?;
+        g.wait_enumerated(Duration::from_secs(15))?;
         Ok((g, guard))
     })();
     let (g, guard) = match prepared {
@@ -357,11 +358,19 @@ fn kernel_log() -> Vec<String> {
 /// The last warnings, errors and panics in one of our daemons' logs.
 fn log_problems(file: &str, who: &str) -> Vec<String> {
     let text = fs::read_to_string(file).unwrap_or_default();
-    let mut lines: Vec<String> = text
-        .lines()
-        .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("panicked"))
-        .map(|l| format!("{who}: {}", strip_ansi(l)))
-        .collect();
+    let all: Vec<&str> = text.lines().collect();
+    let mut lines: Vec<String> = Vec::new();
+    for (i, l) in all.iter().enumerate() {
+        if l.contains("WARN") || l.contains("ERROR") || l.contains("panicked") {
+            lines.push(format!("{who}: {}", strip_ansi(l)));
+        }
+        // A panic's message is on the line after the location.
+        if l.contains("panicked")
+            && let Some(next) = all.get(i + 1)
+        {
+            lines.push(format!("{who}: {}", strip_ansi(next)));
+        }
+    }
     let keep = lines.len().saturating_sub(6);
     lines.drain(..keep);
     lines

@@ -47,9 +47,9 @@ pub const KINDS: &[Kind] = &[
         functions: "obex",
         drivers: &[],
         modules: &[],
-        covers: "enumerates with its CDC OBEX interface; no Linux host driver, so no data",
+        covers: "enumerates (once the gadget's tty is open) with its CDC OBEX interface; no Linux host driver, so no data",
         gadget: || one("kind-obex", 0x0112, "usb_f_obex", "obex.usb0"),
-        setup: no_setup,
+        setup: hold_obex_tty,
         check: obex,
     },
 ];
@@ -185,6 +185,14 @@ fn send_line(to: &mut File, from: &File, line: &[u8]) -> Result<Vec<u8>> {
 
 fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
+}
+
+/// f_obex keeps the gadget disconnected (`usb_function_deactivate`) until its tty is open,
+/// as an OBEX server would hold it: open it for as long as the kind runs.
+fn hold_obex_tty(g: &Gadget) -> Result<Option<super::Guard>> {
+    let gs = gadget_tty(g, "obex.usb0")?;
+    let tty = File::open(&gs).with_context(|| format!("opening {}", gs.display()))?;
+    Ok(Some(super::Guard::new(move || drop(tty))))
 }
 
 /// OBEX: the client side sees the CDC OBEX interface (class 2, subclass 0x0b) and its data
