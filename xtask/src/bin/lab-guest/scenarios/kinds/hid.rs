@@ -176,16 +176,31 @@ fn keyboard(ctx: &Ctx<'_>, checks: &mut Checks) {
         let node = event_node(vid, pid)?;
         let mut reader = OpenOptions::new().read(true).open(&h2)?;
         let (tx, rx) = mpsc::channel();
+        // usbhid sends the LED state it starts with (all off) first; wait for Caps Lock.
         thread::spawn(move || {
             let mut buf = [0u8; 8];
-            let _ = tx.send(reader.read(&mut buf).map(|n| buf[..n].to_vec()));
+            loop {
+                let got = reader.read(&mut buf).map(|n| buf[..n].to_vec());
+                let done = got
+                    .as_ref()
+                    .map_or(true, |r| r.first().is_some_and(|b| b & 0x02 != 0));
+                if tx.send(got).is_err() || done {
+                    break;
+                }
+            }
         });
         let mut input = OpenOptions::new().write(true).open(&node)?;
         input.write_all(&event(EV_LED, LED_CAPSL, 1))?;
         input.write_all(&event(EV_SYN, 0, 0))?;
-        let got = rx
-            .recv_timeout(Duration::from_secs(10))
-            .context("no output report reached the gadget within 10 s")??;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut got = Vec::new();
+        while got.first().is_none_or(|b| b & 0x02 == 0) {
+            got = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .with_context(|| {
+                    format!("no Caps Lock output report within 10 s (last {got:02x?})")
+                })??;
+        }
         ensure!(
             got.first().is_some_and(|b| b & 0x02 != 0),
             "the gadget read {got:?}, not the Caps Lock bit"
