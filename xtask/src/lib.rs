@@ -27,6 +27,9 @@ pub mod tag {
     pub const START: &str = "LAB-START";
     /// A scenario ended: `{"scenario","status","secs","metrics","reason","log_tail"}`.
     pub const RESULT: &str = "LAB-RESULT";
+    /// One device kind through one route, from the `kinds-*` scenarios:
+    /// `{"kind","functions","drivers","covers","route","status","reason","checks","figures","secs","notes"}`.
+    pub const KIND: &str = "LAB-KIND";
     /// All scenarios ended: `{"passed":n,"failed":n,"skipped":n}`; the guest powers off next.
     pub const SUMMARY: &str = "LAB-SUMMARY";
 }
@@ -62,7 +65,7 @@ pub const LOG_TAIL_LINES: usize = 40;
 /// Kernel messages can land in front of a guest line on the console, so the tag is searched
 /// for anywhere in the line, not only at its start.
 pub fn parse_line(line: &str) -> Option<(&'static str, serde_json::Value)> {
-    for t in [tag::BOOT, tag::START, tag::RESULT, tag::SUMMARY] {
+    for t in [tag::BOOT, tag::START, tag::RESULT, tag::KIND, tag::SUMMARY] {
         let marker = format!("{t} {{");
         if let Some(at) = line.find(&marker) {
             let json = &line[at + t.len() + 1..];

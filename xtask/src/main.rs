@@ -51,6 +51,10 @@ enum Cmd {
     /// The long runs behind CI's short ones, in the lab: 1 GiB written and read back over a
     /// 1 % loss, 20 ms link, and a thousand attach/detach cycles (hours under TCG).
     Soak,
+    /// The device-kind suite: build the lab, run every `kinds-*` scenario (each kind through
+    /// the kernel's USB/IP and through ours), and regenerate kernel-notes/DEVICE-KINDS.md and
+    /// the README's table from the results.
+    Kinds,
     /// Build the client's eBPF probes (installs clang and libbpf-dev with apt if missing).
     BuildEbpf,
     /// Fuzz the protocol decoders (every target, or those named) for a bounded time each.
@@ -117,6 +121,7 @@ fn main() -> ExitCode {
             build: true,
         })
         .map(|_| ()),
+        Cmd::Kinds => lab::kinds(),
         Cmd::BuildEbpf => ebpf::build(),
         Cmd::Fuzz { targets, secs } => fuzz::fuzz(&targets, secs),
     };

@@ -58,6 +58,17 @@ const OPTIONAL_MODULES: &[&str] = &[
     "usb_f_uac1",
     "usb_f_uac2",
     "cdc-acm",
+    "usbserial",
+    "usb_serial_simple",
+    "usbnet",
+    "cdc_ether",
+    "cdc_eem",
+    "cdc_ncm",
+    "cdc_subset",
+    "rndis_host",
+    "usblp",
+    "snd-usb-audio",
+    "usbtest",
     "usbhid",
     "hid-generic",
     "evdev",
@@ -65,7 +76,14 @@ const OPTIONAL_MODULES: &[&str] = &[
 ];
 
 /// Debian packages whose files go into the guest (besides the kernel).
-pub const GUEST_PACKAGES: &[&str] = &["busybox-static", "usbip", "libwrap0", "bpftool", "iproute2"];
+pub const GUEST_PACKAGES: &[&str] = &[
+    "busybox-static",
+    "usbip",
+    "libwrap0",
+    "bpftool",
+    "iproute2",
+    "sg3-utils",
+];
 
 /// Programs taken from those packages: (package, path in package, path in guest).
 const PACKAGE_PROGRAMS: &[(&str, &str, &str)] = &[
@@ -73,6 +91,10 @@ const PACKAGE_PROGRAMS: &[(&str, &str, &str)] = &[
     ("usbip", "usr/sbin/usbipd", "/usr/sbin/usbipd"),
     ("bpftool", "usr/sbin/bpftool", "/usr/sbin/bpftool"),
     ("iproute2", "sbin/tc", "/usr/sbin/tc"),
+    // Network namespaces for the device-kind suite (busybox's ip has no `netns`).
+    ("iproute2", "bin/ip", "/usr/sbin/ip"),
+    // A SCSI command with a data phase the gadget stalls (device-kind suite, mass storage).
+    ("sg3-utils", "usr/bin/sg_raw", "/usr/bin/sg_raw"),
 ];
 
 /// Where every shared library goes: the first directory of glibc's built-in search path,

@@ -7,6 +7,7 @@ mod cache;
 mod cmd;
 mod cpio;
 mod initramfs;
+pub mod kinds;
 mod packages;
 pub mod vm;
 
@@ -337,6 +338,27 @@ pub fn demo() -> Result<()> {
     Ok(())
 }
 
+/// `xtask kinds`: builds, runs every `kinds-*` scenario of the build in one boot (going on
+/// past failures, so every kind is in the table), and regenerates the tables; fails as the
+/// run does.
+pub fn kinds() -> Result<()> {
+    let manifest = build()?;
+    let scenarios: Vec<String> = manifest
+        .scenarios()
+        .into_iter()
+        .map(|s| s.0)
+        .filter(|n| n.starts_with("kinds-"))
+        .collect();
+    run(&RunArgs {
+        scenarios,
+        timeout_secs: 180,
+        keep_going: true,
+        accel: vm::Accel::Auto,
+        results: None,
+        build: false,
+    })
+}
+
 /// One `lab run`, summarised for callers that count results.
 pub struct Report {
     /// Scenarios that passed.
@@ -440,7 +462,25 @@ pub fn run_report(args: &RunArgs) -> Result<Report> {
         "not_run": not_run,
         "aborted": outcome.aborted,
     });
+    lines.extend(
+        outcome
+            .kinds
+            .iter()
+            .map(|k| xtask::format_line(xtask::tag::KIND, k)),
+    );
     lines.push(format!("LAB-RUN {run_line}"));
+    // The device-kind tables follow the suite's latest complete run.
+    let suite: Vec<&String> = known
+        .iter()
+        .filter(|s| s.0.starts_with("kinds-"))
+        .map(|s| &s.0)
+        .collect();
+    if !suite.is_empty() && suite.iter().all(|s| ran.contains(&s.as_str())) {
+        let kernel = manifest.json["kernel_release"].as_str().unwrap_or("?");
+        if let Err(e) = kinds::write(&workspace(), &outcome.kinds, kernel) {
+            eprintln!("lab: device-kind tables not written: {e:#}");
+        }
+    }
     let results_file = args
         .results
         .clone()

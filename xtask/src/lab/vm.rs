@@ -69,6 +69,8 @@ pub struct Boot<'a> {
 pub struct Outcome {
     /// One `LAB-RESULT` object per scenario that ran (synthesised if the guest died in one).
     pub results: Vec<Value>,
+    /// The `LAB-KIND` objects of the device-kind suite, in run order.
+    pub kinds: Vec<Value>,
     /// QEMU start to the guest's `LAB-BOOT` line.
     pub boot_secs: Option<f64>,
     /// QEMU start to exit.
@@ -199,6 +201,7 @@ struct Follow<'a> {
     b: &'a Boot<'a>,
     started: Instant,
     results: Vec<Value>,
+    kinds: Vec<Value>,
     boot_secs: Option<f64>,
     current: Option<Running>,
     tail: VecDeque<String>,
@@ -213,6 +216,7 @@ impl<'a> Follow<'a> {
             b,
             started,
             results: Vec::new(),
+            kinds: Vec::new(),
             boot_secs: None,
             current: None,
             tail: VecDeque::new(),
@@ -305,6 +309,7 @@ impl<'a> Follow<'a> {
         }
         Ok(Outcome {
             results: std::mem::take(&mut self.results),
+            kinds: std::mem::take(&mut self.kinds),
             boot_secs: self.boot_secs,
             wall_secs: round2(self.started.elapsed().as_secs_f64()),
             peak_rss_mib: self.peak_rss_kib.map(|k| k / 1024),
@@ -348,6 +353,7 @@ impl<'a> Follow<'a> {
                 self.current = None;
                 self.results.push(v);
             }
+            tag::KIND => self.kinds.push(v),
             tag::SUMMARY => self.completed_at = Some(Instant::now()),
             _ => {}
         }

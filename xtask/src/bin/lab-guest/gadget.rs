@@ -1,9 +1,9 @@
 //! configfs USB gadgets on dummy_hcd: a real USB device the guest's own host stack enumerates.
 //!
 //! Debian's kernel has no legacy `g_mass_storage`/`g_zero`, so every device kind is a
-//! configfs gadget with one function. A [`Gadget`] is torn down (unbound, configfs entries
-//! removed in reverse) when dropped, so a failing scenario does not leave the UDC busy for
-//! the next one.
+//! configfs gadget with one function, or several in one configuration ([`Gadget::composite`]).
+//! A [`Gadget`] is torn down (unbound, configfs entries removed in reverse) when dropped, so a
+//! failing scenario does not leave the UDC busy for the next one.
 
 use std::fs;
 use std::os::unix::fs::symlink;
@@ -32,17 +32,32 @@ pub const PID_OTHER: u16 = 0x0107;
 
 /// The HID report descriptor of a boot-protocol keyboard (USB HID spec, appendix E.6):
 /// 8-byte input reports (modifiers, reserved, six key codes), 1-byte LED output report.
-const KEYBOARD_REPORT_DESC: &[u8] = &[
+pub const KEYBOARD_REPORT_DESC: &[u8] = &[
     0x05, 0x01, 0x09, 0x06, 0xa1, 0x01, 0x05, 0x07, 0x19, 0xe0, 0x29, 0xe7, 0x15, 0x00, 0x25, 0x01,
     0x75, 0x01, 0x95, 0x08, 0x81, 0x02, 0x95, 0x01, 0x75, 0x08, 0x81, 0x03, 0x95, 0x05, 0x75, 0x01,
     0x05, 0x08, 0x19, 0x01, 0x29, 0x05, 0x91, 0x02, 0x95, 0x01, 0x75, 0x03, 0x91, 0x03, 0x95, 0x06,
     0x75, 0x08, 0x15, 0x00, 0x25, 0x65, 0x05, 0x07, 0x19, 0x00, 0x29, 0x65, 0x81, 0x00, 0xc0,
 ];
 
-/// One configfs gadget with one function, bound to the dummy UDC while plugged.
+/// One function of a gadget: its module, its configfs directory (`"acm.usb0"`) and the
+/// attributes written into it in order. An attribute in a sub-directory (`"lun.1/file"`)
+/// creates that directory first.
+pub struct Function<'a> {
+    /// The kernel module that provides the function, e.g. `usb_f_acm`.
+    pub module: &'a str,
+    /// The function's configfs directory name, `<function>.<instance>`.
+    pub instance: &'a str,
+    /// `(attribute, value)` pairs written in order.
+    pub attrs: &'a [(&'a str, &'a [u8])],
+}
+
+/// One configfs gadget bound to the dummy UDC while plugged.
 pub struct Gadget {
     dir: PathBuf,
-    function: String,
+    /// Function directories, in the order they were linked into the configuration.
+    functions: Vec<String>,
+    /// Sub-directories made inside function directories (`lun.1`), removed first.
+    subdirs: Vec<PathBuf>,
     /// Vendor id the host side sees.
     pub vid: u16,
     /// Product id the host side sees.
@@ -115,22 +130,38 @@ impl Gadget {
         instance: &str,
         attrs: &[(&str, &[u8])],
     ) -> Result<Gadget> {
+        let function = Function {
+            module,
+            instance,
+            attrs,
+        };
+        Gadget::composite(name, VID, pid, &[function])
+    }
+
+    /// A gadget with every function of `functions` in its one configuration, as `vid:pid`
+    /// (some host drivers match only the ids of the devices they were written for, such as
+    /// usbtest's gadget zero or cdc_subset's Linux-USB Ethernet gadget). Skips the scenario
+    /// if a function's module is missing.
+    pub fn composite(name: &str, vid: u16, pid: u16, functions: &[Function<'_>]) -> Result<Gadget> {
         modules::load(modules::GADGET)?;
-        modules::load(&[module])?;
+        for f in functions {
+            modules::load(&[f.module])?;
+        }
         let dir = Path::new(GADGETS).join(name);
         if dir.exists() {
             bail!("gadget {name} already exists; an earlier scenario did not clean up");
         }
         // Created before the configfs entries so a half-built gadget is still torn down.
-        let g = Gadget {
+        let mut g = Gadget {
             dir: dir.clone(),
-            function: instance.to_owned(),
-            vid: VID,
+            functions: Vec::new(),
+            subdirs: Vec::new(),
+            vid,
             pid,
             plugged: false,
         };
         mkdir(&dir)?;
-        sys::write(dir.join("idVendor"), format!("{VID:#06x}"))?;
+        sys::write(dir.join("idVendor"), format!("{vid:#06x}"))?;
         sys::write(dir.join("idProduct"), format!("{pid:#06x}"))?;
         sys::write(dir.join("bcdUSB"), "0x0200")?;
         sys::write(dir.join("bcdDevice"), "0x0100")?;
@@ -144,14 +175,32 @@ impl Gadget {
         mkdir(&config.join("strings/0x409"))?;
         sys::write(config.join("strings/0x409/configuration"), "lab")?;
         sys::write(config.join("MaxPower"), "120")?;
-        let function = dir.join("functions").join(instance);
-        mkdir(&function)
-            .with_context(|| format!("creating function {instance} (module {module})"))?;
-        for (attr, value) in attrs {
-            sys::write(function.join(attr), value)?;
+        for f in functions {
+            let function = dir.join("functions").join(f.instance);
+            mkdir(&function).with_context(|| {
+                format!("creating function {} (module {})", f.instance, f.module)
+            })?;
+            g.functions.push(f.instance.to_owned());
+            for (attr, value) in f.attrs {
+                let file = function.join(attr);
+                if let Some(parent) = file.parent()
+                    && !parent.is_dir()
+                {
+                    mkdir(parent)?;
+                    g.subdirs.push(parent.to_path_buf());
+                }
+                sys::write(&file, value)?;
+            }
+            symlink(&function, config.join(f.instance))
+                .with_context(|| format!("linking {} into c.1", f.instance))?;
         }
-        symlink(&function, config.join(instance)).context("linking the function into c.1")?;
         Ok(g)
+    }
+
+    /// The configfs directory of function `instance`, for attributes the kernel fills in
+    /// (`ifname`, `port_num`).
+    pub fn function_dir(&self, instance: &str) -> PathBuf {
+        self.dir.join("functions").join(instance)
     }
 
     /// Binds the gadget to the first free dummy UDC: the host side sees a device plugged in.
@@ -228,14 +277,24 @@ impl Drop for Gadget {
     fn drop(&mut self) {
         let _ = self.unplug();
         let config = self.dir.join("configs/c.1");
-        let _ = fs::remove_file(config.join(&self.function));
-        for dir in [
-            config.join("strings/0x409"),
-            config.clone(),
-            self.dir.join("functions").join(&self.function),
-            self.dir.join("strings/0x409"),
-            self.dir.clone(),
-        ] {
+        for f in self.functions.iter().rev() {
+            let _ = fs::remove_file(config.join(f));
+        }
+        let dirs = self
+            .subdirs
+            .iter()
+            .rev()
+            .cloned()
+            .chain([config.join("strings/0x409"), config.clone()]);
+        let functions = self
+            .functions
+            .iter()
+            .rev()
+            .map(|f| self.dir.join("functions").join(f));
+        for dir in dirs
+            .chain(functions)
+            .chain([self.dir.join("strings/0x409"), self.dir.clone()])
+        {
             if dir.exists()
                 && let Err(e) = fs::remove_dir(&dir)
             {
@@ -252,19 +311,36 @@ pub fn remove_leftovers() {
         return;
     };
     for dir in gadgets.flatten().map(|e| e.path()) {
-        let function = fs::read_dir(dir.join("functions"))
-            .ok()
-            .and_then(|mut f| f.next())
-            .and_then(|f| f.ok())
+        let functions: Vec<String> = fs::read_dir(dir.join("functions"))
+            .into_iter()
+            .flatten()
+            .flatten()
             .map(|f| f.file_name().to_string_lossy().into_owned())
-            .unwrap_or_default();
+            .collect();
+        // Sub-directories a function made room for (mass storage's extra LUNs).
+        let subdirs = functions
+            .iter()
+            .flat_map(|f| {
+                fs::read_dir(dir.join("functions").join(f))
+                    .into_iter()
+                    .flatten()
+            })
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n != "lun.0"))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("lun."))
+            })
+            .collect();
         log!(
             "removing gadget {} left by the scenario before",
             dir.display()
         );
         drop(Gadget {
             dir,
-            function,
+            functions,
+            subdirs,
             vid: 0,
             pid: 0,
             plugged: true,

@@ -71,8 +71,9 @@ pub fn wait_block_device(vid: u16, pid: u16, via: Via, timeout: Duration) -> Res
     )
 }
 
-/// A class device whose sysfs ancestry contains the USB device `vid:pid` under `via`.
-fn find_node(class_dir: &str, prefix: &str, vid: u16, pid: u16, via: Via) -> Option<PathBuf> {
+/// A class device whose sysfs ancestry contains the USB device `vid:pid` under `via`, as
+/// `/dev/<name>` (for `/sys/class/net` only the name is meaningful).
+pub fn find_node(class_dir: &str, prefix: &str, vid: u16, pid: u16, via: Via) -> Option<PathBuf> {
     let mut names: Vec<String> = fs::read_dir(class_dir)
         .ok()?
         .filter_map(|e| e.ok())

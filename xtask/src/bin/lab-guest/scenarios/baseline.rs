@@ -2,18 +2,18 @@
 //! guest loopback. Every benchmark of this project is read against these numbers, measured
 //! in the same boot, kernel and VM.
 
-use std::fs;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
+
+use super::usbip::{Attached, Usbipd};
 
 use crate::bench::{self, MIB};
 use crate::gadget::Gadget;
 use crate::report::{log, metric};
 use crate::usbdev::{self, Via};
-use crate::{modules, netem, sys};
+use crate::{modules, netem};
 
 /// Size of the backing file, and of each read or write run.
 const SIZE: usize = 64 * MIB;
@@ -21,40 +21,6 @@ const SIZE: usize = 64 * MIB;
 const RUNS: usize = 3;
 /// Read size under netem: at ~10 MiB/s a full run would take too long for its value.
 const NETEM_SIZE: usize = 16 * MIB;
-/// usbipd's TCP port, 3240, as it appears in /proc/net/tcp.
-const USBIP_PORT_HEX: &str = ":0CA8";
-
-/// usbipd in the foreground as our child, so the scenario (not a pid file) owns its lifetime.
-struct Usbipd(Child);
-
-impl Drop for Usbipd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Imported port and bus id, detached and unbound on drop.
-struct Attached {
-    busid: String,
-}
-
-impl Drop for Attached {
-    fn drop(&mut self) {
-        if let Ok(out) = sys::run(Command::new("/usr/sbin/usbip").arg("port")) {
-            for port in out
-                .lines()
-                .filter_map(|l| l.strip_prefix("Port "))
-                .filter_map(|l| l.split(':').next())
-            {
-                let _ =
-                    sys::run(Command::new("/usr/sbin/usbip").args(["detach", "-p", port.trim()]));
-            }
-        }
-        let _ = sys::run(Command::new("/usr/sbin/usbip").args(["unbind", "-b", &self.busid]));
-    }
-}
-
 /// Export, import, verify, measure.
 pub fn run() -> Result<()> {
     modules::load(modules::USBIP)?;
@@ -70,31 +36,9 @@ pub fn run() -> Result<()> {
     let busid = g.busid()?;
     log!("baseline: gadget {busid} is {} locally", local.display());
 
-    let usbipd = Command::new("/usr/sbin/usbipd")
-        .arg("-4")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting usbipd")?;
-    let _usbipd = Usbipd(usbipd);
-    sys::wait_for(
-        "usbipd to listen on port 3240",
-        Duration::from_secs(10),
-        || {
-            let tcp = fs::read_to_string("/proc/net/tcp").ok()?;
-            // State 0A is LISTEN.
-            tcp.lines()
-                .any(|l| l.contains(USBIP_PORT_HEX) && l.split_whitespace().nth(3) == Some("0A"))
-                .then_some(())
-        },
-    )?;
-
-    sys::run(Command::new("/usr/sbin/usbip").args(["bind", "-b", &busid]))?;
-    let _attached = Attached {
-        busid: busid.clone(),
-    };
+    let _usbipd = Usbipd::start()?;
     let t0 = Instant::now();
-    sys::run(Command::new("/usr/sbin/usbip").args(["attach", "-r", "127.0.0.1", "-b", &busid]))?;
+    let _attached = Attached::import(&busid)?;
     let disk = usbdev::wait_block_device(g.vid, g.pid, Via::Vhci, Duration::from_secs(20))?;
     let attach_secs = t0.elapsed().as_secs_f64();
     log!(

@@ -16,6 +16,7 @@ mod faults;
 mod hid;
 mod hid_remote;
 mod hiding;
+mod kinds;
 mod multi;
 mod project;
 mod reconnect;
@@ -25,6 +26,7 @@ mod soak;
 mod sourcesink;
 mod telemetry;
 mod tunnel;
+mod usbip;
 
 /// One runnable scenario.
 pub struct Scenario {
@@ -141,6 +143,36 @@ pub const ALL: &[Scenario] = &[
         about: "eBPF probes time every URB in vhci: probe/client URB counts agree, latency-report split + SVG, budgets exit 2/0, netem 5 ms shows as network, probe cost",
         default: true,
         run: telemetry::run,
+    },
+    Scenario {
+        name: "kinds-serial",
+        about: "device kinds, kernel USB/IP beside ours: CDC ACM, generic serial, OBEX (tty lines both ways, reopen, unbind/rebind)",
+        default: true,
+        run: kinds::serial,
+    },
+    Scenario {
+        name: "kinds-net",
+        about: "device kinds, kernel USB/IP beside ours: ECM, ECM subset, EEM (ping, TCP both ways byte-exact, link down/up < 1 s, unbind/rebind)",
+        default: true,
+        run: kinds::net_cdc,
+    },
+    Scenario {
+        name: "kinds-net2",
+        about: "device kinds, kernel USB/IP beside ours: NCM, RNDIS (ping, TCP both ways byte-exact, link down/up < 1 s, unbind/rebind)",
+        default: true,
+        run: kinds::net_more,
+    },
+    Scenario {
+        name: "kinds-misc",
+        about: "device kinds, kernel USB/IP beside ours: HID keyboard and mouse, printer, MIDI (reports, LED, bytes both ways, unbind/rebind)",
+        default: true,
+        run: kinds::misc,
+    },
+    Scenario {
+        name: "kinds-storage",
+        about: "device kinds, kernel USB/IP beside ours: mass storage with 2 LUNs (stall and clear), SourceSink, Loopback, ACM+ECM+storage composite",
+        default: true,
+        run: kinds::storage,
     },
     Scenario {
         name: "soak-cycles",
