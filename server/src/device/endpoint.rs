@@ -147,6 +147,8 @@ struct EndpointState<E> {
     /// Transfers still to be reaped after a `cancel_all`; new work waits until then so the
     /// resubmitted ones keep their order.
     reaping: usize,
+    /// An unlink arrived for a URB already requeued in this round: cancel again after it.
+    recancel: bool,
     held: VecDeque<EpCmd>,
 }
 
@@ -173,19 +175,26 @@ pub async fn run_endpoint<E: EndpointIo>(
         pending: VecDeque::new(),
         rescan,
         reaping: 0,
+        recancel: false,
         held: VecDeque::new(),
     };
     loop {
+        // Commands first: the unlinks a driver sends together then join one cancel round
+        // before its reaping requeues the URBs they name.
         let event = poll_fn(|cx| {
-            if st.ep.pending() > 0
-                && let Poll::Ready(c) = st.ep.poll_next_complete(cx)
-            {
-                return Poll::Ready(Event::Done(c));
+            if let Poll::Ready(cmd) = rx.poll_recv(cx) {
+                return Poll::Ready(Event::Cmd(cmd));
             }
-            rx.poll_recv(cx).map(Event::Cmd)
+            if st.ep.pending() > 0 {
+                return st.ep.poll_next_complete(cx).map(Event::Done);
+            }
+            Poll::Pending
         })
         .await;
         match event {
+            // Unlinks join the round in progress: a driver stopping an endpoint unlinks every
+            // URB on it (usbnet ~60), and a round each would requeue the rest 60 times.
+            Event::Cmd(Some(EpCmd::Cancel(id))) => st.cancel(id),
             Event::Cmd(Some(cmd)) if st.reaping > 0 => st.held.push_back(cmd),
             Event::Cmd(Some(cmd)) => st.command(cmd).await,
             Event::Cmd(None) => break,
@@ -193,6 +202,9 @@ pub async fn run_endpoint<E: EndpointIo>(
                 let was_reaping = st.reaping > 0;
                 st.reaping = st.reaping.saturating_sub(1);
                 st.completed(c);
+                if was_reaping && st.reaping == 0 && std::mem::take(&mut st.recancel) {
+                    st.cancel_round();
+                }
                 if was_reaping && st.reaping == 0 {
                     while st.reaping == 0
                         && let Some(cmd) = st.held.pop_front()
@@ -223,17 +235,7 @@ impl<E: EndpointIo> EndpointState<E> {
     async fn command(&mut self, cmd: EpCmd) {
         match cmd {
             EpCmd::Submit(urb, done) => self.submit(urb, done),
-            EpCmd::Cancel(id) => {
-                let mut found = false;
-                for p in self.pending.iter_mut().filter(|p| p.id == id) {
-                    p.unlink_asked = true;
-                    found = true;
-                }
-                if found && self.reaping == 0 {
-                    self.reaping = self.ep.pending();
-                    self.ep.cancel_all();
-                }
-            }
+            EpCmd::Cancel(id) => self.cancel(id),
             EpCmd::ClearHalt(id, done) => {
                 // The kernel clears a halt with the endpoint idle; anything still queued is
                 // ended first so usbfs accepts the request.
@@ -258,6 +260,28 @@ impl<E: EndpointIo> EndpointState<E> {
                 let _ = done.send(completion(id, status));
             }
         }
+    }
+
+    /// Ends one URB early. nusb cancels the whole endpoint, so a round cancels all and requeues
+    /// the others as they are reaped; an unlink during a round joins it.
+    fn cancel(&mut self, id: UrbId) {
+        let Some(pos) = self.pending.iter().position(|p| p.id == id) else {
+            return; // already finished: the tracker answers the unlink
+        };
+        for p in self.pending.iter_mut().filter(|p| p.id == id) {
+            p.unlink_asked = true;
+        }
+        if self.reaping == 0 {
+            self.cancel_round();
+        } else if pos >= self.reaping {
+            // Requeued (or queued) after this round's cancel: it needs another round.
+            self.recancel = true;
+        }
+    }
+
+    fn cancel_round(&mut self) {
+        self.reaping = self.ep.pending();
+        self.ep.cancel_all();
     }
 
     fn submit(&mut self, urb: UrbSubmit, done: CompletionSender) {

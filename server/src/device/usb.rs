@@ -514,7 +514,11 @@ impl UsbDevice {
             let _ = done.send(completion(urb.id, UrbStatus::Invalid));
             return;
         };
-        match Intercepted::of(&setup) {
+        let intercepted = Intercepted::of(&setup);
+        if let Some(request) = intercepted {
+            debug!(id = ?urb.id, ?request, "standard request carried out by the server");
+        }
+        match intercepted {
             Some(Intercepted::SetConfiguration(value)) => {
                 self.set_configuration(urb.id, value, done)
             }
@@ -580,6 +584,10 @@ impl UsbDevice {
             for task in stopped {
                 let _ = task.await;
             }
+            debug!(
+                interface,
+                alt, "SET_INTERFACE: the interface's endpoints are idle"
+            );
             let status = match iface {
                 Some(i) => match i.set_alt_setting(alt).await {
                     Ok(()) => UrbStatus::Ok,
@@ -595,6 +603,7 @@ impl UsbDevice {
                 // Not an interface of the active configuration: what a device answers.
                 None => UrbStatus::Stall,
             };
+            debug!(interface, alt, ?status, "SET_INTERFACE done");
             let _ = done.send(completion(id, status));
         });
     }

@@ -384,3 +384,33 @@ async fn a_full_packet_out_transfer_with_zero_packet_ends_in_a_zero_length_packe
     assert_eq!((c.status, c.actual_length), (UrbStatus::Ok, 512));
     h.nothing_more().await;
 }
+
+#[tokio::test]
+async fn a_driver_unlinking_all_sixty_urbs_costs_two_cancel_rounds_not_sixty() {
+    let mut h = Harness::new(0x81);
+    for id in 0..60 {
+        h.submit(id, 1514, Vec::new(), 0);
+    }
+    h.settle().await;
+    // usbnet stopping: an unlink for each, as fast as they come, the last first.
+    h.command(EpCmd::Cancel(UrbId(59)));
+    h.settle().await;
+    for id in 0..59 {
+        h.command(EpCmd::Cancel(UrbId(id)));
+    }
+    let mut ended = Vec::new();
+    for _ in 0..60 {
+        let c = h.next().await;
+        assert_eq!(c.status, UrbStatus::Unlinked);
+        ended.push(c.id.0);
+    }
+    ended.sort();
+    assert_eq!(ended, (0..60).collect::<Vec<_>>());
+    assert!(
+        h.device.state().cancels <= 2,
+        "{} rounds",
+        h.device.state().cancels
+    );
+    assert_eq!(h.device.running(), 0);
+    h.nothing_more().await;
+}
