@@ -3,6 +3,9 @@
 //! - `bench lab` (the default): one VM boot runs the guest's `bench` scenario, the kernel's own
 //!   USB/IP and our tunnel side by side on the same gadget, at netem round trips of 0, 2 and
 //!   20 ms; the table gives each figure for both and the ratio ours/kernel.
+//! - `bench net`: USB network adapters (the configfs ECM, ECM subset, EEM, NCM and RNDIS
+//!   functions) through the kernel's USB/IP and through ours in one boot: ping round trip and
+//!   TCP MiB/s each way across the adapter, from the device-kind suite's network scenarios.
 //! - `bench tunnel`: on this host's loopback, our whole userspace path (client → iroh → server →
 //!   simulated disk → back) against a bare iroh round trip, so what we add per URB is visible.
 //!
@@ -24,6 +27,8 @@ use crate::{RunArgs, lab};
 pub enum Target {
     /// The kernel's USB/IP and ours side by side in the lab VM (the default).
     Lab,
+    /// USB network adapters through the kernel's USB/IP and ours: ping RTT, TCP MiB/s.
+    Net,
     /// Our userspace path on host loopback against a bare iroh round trip.
     Tunnel,
 }
@@ -34,8 +39,75 @@ pub fn bench(target: Option<Target>) -> Result<()> {
     fs::create_dir_all(&out)?;
     match target.unwrap_or(Target::Lab) {
         Target::Lab => lab_bench(&out),
+        Target::Net => net_bench(&out),
         Target::Tunnel => tunnel_bench(&out),
     }
+}
+
+/// The network kinds of the device-kind suite, in its order.
+const NET_KINDS: &[&str] = &["ecm", "ecm-subset", "eem", "ncm", "rndis"];
+
+fn net_bench(out: &Path) -> Result<()> {
+    let args = RunArgs {
+        scenarios: vec!["kinds-net".into(), "kinds-net2".into()],
+        timeout_secs: 600,
+        keep_going: true,
+        accel: lab::vm::Accel::Auto,
+        results: None,
+        build: true,
+    };
+    let report = lab::run_report(&args)?;
+    let metrics: BTreeMap<String, f64> = report
+        .results
+        .iter()
+        .filter_map(|r| r["metrics"].as_object())
+        .flatten()
+        .filter_map(|(k, v)| v.as_f64().map(|v| (k.clone(), v)))
+        .collect();
+    println!();
+    println!(
+        "{:<34} {:>10} {:>10} {:>8}",
+        "USB network adapters (TCG lab)", "kernel", "ours", "ours/k"
+    );
+    let mut rows = Vec::new();
+    for kind in NET_KINDS {
+        for (figure, unit, higher_is_better) in [
+            ("ping_ms", "ping RTT ms", false),
+            ("to_gadget_mib_s", "TCP to device MiB/s", true),
+            ("from_gadget_mib_s", "TCP from device MiB/s", true),
+        ] {
+            let key = |route: &str| format!("kind_{}_{route}_{figure}", kind.replace('-', "_"));
+            let (k, o) = (
+                metrics.get(&key("kernel")).copied(),
+                metrics.get(&key("ours")).copied(),
+            );
+            let ratio = match (k, o) {
+                (Some(k), Some(o)) if k > 0.0 => Some(o / k),
+                _ => None,
+            };
+            println!(
+                "{:<34} {:>10} {:>10} {:>8}",
+                format!("{kind} {unit}"),
+                fmt(k),
+                fmt(o),
+                ratio.map_or("-".into(), |r| format!("{r:.2}x"))
+            );
+            rows.push(
+                json!({"kind": kind, "metric": figure, "kernel": k, "ours": o,
+                "ratio": ratio, "higher_is_better": higher_is_better}),
+            );
+        }
+    }
+    let json_path = out.join("net.json");
+    fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&json!({"rows": rows}))?,
+    )?;
+    println!("\nwrote {}", json_path.display());
+    if let Some(failure) = report.failure {
+        bail!("a network kind failed: {failure}");
+    }
+    Ok(())
 }
 
 fn lab_bench(out: &Path) -> Result<()> {
