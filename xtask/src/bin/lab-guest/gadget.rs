@@ -197,6 +197,13 @@ impl Gadget {
         Ok(g)
     }
 
+    /// Whether one of its functions is an instance of `function` (`SourceSink`, `acm`, ...).
+    pub fn has_function(&self, function: &str) -> bool {
+        self.functions
+            .iter()
+            .any(|f| f.split('.').next() == Some(function))
+    }
+
     /// The configfs directory of function `instance`, for attributes the kernel fills in
     /// (`ifname`, `port_num`).
     pub fn function_dir(&self, instance: &str) -> PathBuf {

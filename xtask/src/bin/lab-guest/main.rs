@@ -20,6 +20,7 @@ mod runner;
 mod scenarios;
 mod sys;
 mod usbdev;
+mod usbfs;
 
 use std::process::ExitCode;
 
