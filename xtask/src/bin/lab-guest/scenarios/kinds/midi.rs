@@ -72,20 +72,11 @@ fn gadget_node() -> Result<PathBuf> {
 /// Note on host -> gadget, note off gadget -> host.
 fn exchange(host: &Path, note: u8) -> Result<Done> {
     let gp = gadget_node()?;
-    let open = |p: &Path| {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(p)
-            .with_context(|| format!("opening {}", p.display()))
-    };
-    let mut h = open(host)?;
-    let mut g = open(&gp)?;
     let on = [0x90, note, 0x64];
-    let got = read_after(&g, 3, || h.write_all(&on))?;
+    let got = read_after(&gp, 3, || write_to(host, &on))?;
     ensure!(got == on, "the gadget read {got:02x?}, sent {on:02x?}");
     let off = [0x80, note, 0x00];
-    let got = read_after(&h, 3, || g.write_all(&off))?;
+    let got = read_after(host, 3, || write_to(&gp, &off))?;
     ensure!(got == off, "the host read {got:02x?}, sent {off:02x?}");
     Ok(Done::new(format!(
         "{} <-> {}: note {note:#04x} on and off",
@@ -94,18 +85,27 @@ fn exchange(host: &Path, note: u8) -> Result<Done> {
     )))
 }
 
-/// Starts reading `n` bytes from `from`, runs `send`, returns them (10 s at most).
-fn read_after(
-    from: &File,
-    n: usize,
-    send: impl FnOnce() -> std::io::Result<()>,
-) -> Result<Vec<u8>> {
-    let mut reader = from.try_clone()?;
+fn write_to(node: &Path, bytes: &[u8]) -> Result<()> {
+    OpenOptions::new()
+        .write(true)
+        .open(node)
+        .with_context(|| format!("opening {} to write", node.display()))?
+        .write_all(bytes)
+        .with_context(|| format!("writing to {}", node.display()))
+}
+
+/// Starts reading `n` bytes from `node`, runs `send`, returns them (10 s at most).
+///
+/// A rawmidi input drops what arrives before its first read() triggers it (`f_midi` and
+/// `snd-usb-audio` both check their trigger bit), so `send` waits until the reader is in read().
+fn read_after(node: &Path, n: usize, send: impl FnOnce() -> Result<()>) -> Result<Vec<u8>> {
+    let mut reader = File::open(node).with_context(|| format!("opening {}", node.display()))?;
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         let mut got = vec![0u8; n];
         let _ = tx.send(reader.read_exact(&mut got).map(|()| got));
     });
+    thread::sleep(Duration::from_millis(300));
     send()?;
     Ok(rx
         .recv_timeout(Duration::from_secs(10))
