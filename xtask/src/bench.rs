@@ -57,13 +57,7 @@ fn net_bench(out: &Path) -> Result<()> {
         build: true,
     };
     let report = lab::run_report(&args)?;
-    let metrics: BTreeMap<String, f64> = report
-        .results
-        .iter()
-        .filter_map(|r| r["metrics"].as_object())
-        .flatten()
-        .filter_map(|(k, v)| v.as_f64().map(|v| (k.clone(), v)))
-        .collect();
+    let metrics = metrics_of(&report.results);
     println!();
     println!(
         "{:<34} {:>10} {:>10} {:>8}",
@@ -123,13 +117,7 @@ fn lab_bench(out: &Path) -> Result<()> {
     if let Some(failure) = report.failure {
         bail!("the bench scenario failed: {failure}");
     }
-    let metrics: BTreeMap<String, f64> = report
-        .results
-        .iter()
-        .filter_map(|r| r["metrics"].as_object())
-        .flatten()
-        .filter_map(|(k, v)| v.as_f64().map(|v| (k.clone(), v)))
-        .collect();
+    let metrics = metrics_of(&report.results);
     let get = |k: &str| metrics.get(k).copied();
 
     let mut rows = Vec::new();
@@ -180,6 +168,16 @@ fn lab_bench(out: &Path) -> Result<()> {
     fs::write(&svg_path, chart(&metrics))?;
     println!("\nwrote {} and {}", json_path.display(), svg_path.display());
     Ok(())
+}
+
+/// Every scenario's metrics, by name.
+fn metrics_of(results: &[Value]) -> BTreeMap<String, f64> {
+    results
+        .iter()
+        .filter_map(|r| r["metrics"].as_object())
+        .flatten()
+        .filter_map(|(k, v)| v.as_f64().map(|v| (k.clone(), v)))
+        .collect()
 }
 
 fn fmt(v: Option<f64>) -> String {

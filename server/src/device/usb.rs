@@ -795,6 +795,40 @@ where
 
 #[cfg(test)]
 mod tests {
+    use super::Intercepted;
+    use protocol::usb::SetupPacket;
+
+    #[test]
+    fn the_server_carries_out_exactly_the_requests_that_change_its_claims() {
+        let of = |setup: [u8; 8]| Intercepted::of(&SetupPacket(setup));
+        assert_eq!(
+            of([0x00, 0x09, 0x02, 0, 0, 0, 0, 0]),
+            Some(Intercepted::SetConfiguration(2))
+        );
+        assert_eq!(
+            of([0x01, 0x0b, 0x01, 0, 0x01, 0, 0, 0]),
+            Some(Intercepted::SetInterface {
+                interface: 1,
+                alt: 1
+            })
+        );
+        assert_eq!(
+            of([0x02, 0x01, 0x00, 0, 0x81, 0, 0, 0]),
+            Some(Intercepted::ClearHalt { endpoint: 0x81 })
+        );
+        // Everything else goes to the device as it is: CLEAR_FEATURE of another feature,
+        // SET_FEATURE(ENDPOINT_HALT), class and vendor requests, GET_STATUS.
+        for setup in [
+            [0x02, 0x01, 0x01, 0, 0x81, 0, 0, 0],
+            [0x02, 0x03, 0x00, 0, 0x81, 0, 0, 0],
+            [0x21, 0x0b, 0x01, 0, 0x01, 0, 0, 0],
+            [0x41, 0x09, 0x02, 0, 0, 0, 0, 0],
+            [0x80, 0x00, 0x00, 0, 0, 0, 2, 0],
+        ] {
+            assert_eq!(of(setup), None, "{setup:02x?}");
+        }
+    }
+
     /// nusb's blocking calls (SET_INTERFACE, CLEAR_HALT, opening) are `MaybeFuture`s that
     /// panicked when awaited unless nusb's `tokio` feature is on: every SET_INTERFACE of a
     /// network adapter killed a runtime worker. Opening /dev/null is such a call that fails

@@ -428,3 +428,28 @@ pub fn storage() -> Result<()> {
         .collect();
     run_family("kinds-storage", &kinds)
 }
+
+/// Starts reading a line from `from`, runs `send`, returns the line (10 s at most).
+pub fn read_line_after(
+    from: &std::fs::File,
+    send: impl FnOnce() -> std::io::Result<()>,
+) -> Result<Vec<u8>> {
+    let mut reader = from.try_clone()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        while !got.ends_with(b"\n") {
+            match std::io::Read::read(&mut reader, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = tx.send(got);
+    });
+    send()?;
+    anyhow::Context::context(
+        rx.recv_timeout(Duration::from_secs(10)),
+        "no line arrived within 10 s",
+    )
+}

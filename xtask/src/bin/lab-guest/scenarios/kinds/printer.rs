@@ -2,16 +2,14 @@
 //! `/dev/g_printerN`, and a status line back (the function is bidirectional, protocol 2);
 //! the node is closed and reopened; `usblp` is unbound and bound again.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::fs::{self, OpenOptions};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::thread;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 
-use super::{Checks, Ctx, Done, Kind, no_setup, unbind_rebind};
+use super::{Checks, Ctx, Done, Kind, no_setup, read_line_after, unbind_rebind};
 use crate::gadget::{Function, Gadget, VID};
 use crate::sys;
 use crate::usbdev::{self, Via};
@@ -102,26 +100,6 @@ fn exchange(lp: &Path, n: u32) -> Result<Done> {
         lp.display(),
         gp.display()
     )))
-}
-
-/// Starts reading a line from `from`, runs `send`, returns the line (10 s at most).
-fn read_line_after(from: &File, send: impl FnOnce() -> std::io::Result<()>) -> Result<Vec<u8>> {
-    let mut reader = from.try_clone()?;
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut got = Vec::new();
-        let mut buf = [0u8; 64];
-        while !got.ends_with(b"\n") {
-            match reader.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-        let _ = tx.send(got);
-    });
-    send()?;
-    rx.recv_timeout(Duration::from_secs(10))
-        .context("no line arrived within 10 s")
 }
 
 fn lossy(b: &[u8]) -> String {

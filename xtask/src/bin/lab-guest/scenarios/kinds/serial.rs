@@ -4,15 +4,13 @@
 //! ACM drops and raises DTR); the driver is unbound and bound again.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::thread;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 
-use super::{Checks, Ctx, Done, Kind, no_setup, unbind_rebind};
+use super::{Checks, Ctx, Done, Kind, no_setup, read_line_after, unbind_rebind};
 use crate::gadget::{Function, Gadget, VID};
 use crate::sys;
 use crate::usbdev::{self, Via};
@@ -165,22 +163,7 @@ pub fn exchange(host: &Path, gadget: &Path, n: u32) -> Result<Done> {
 
 /// Writes `line` to `to` and reads a line from `from` within 10 s.
 fn send_line(to: &mut File, from: &File, line: &[u8]) -> Result<Vec<u8>> {
-    let mut reader = from.try_clone()?;
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut got = Vec::new();
-        let mut buf = [0u8; 64];
-        while !got.ends_with(b"\n") {
-            match reader.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-        let _ = tx.send(got);
-    });
-    to.write_all(line)?;
-    rx.recv_timeout(Duration::from_secs(10))
-        .context("no line arrived within 10 s")
+    read_line_after(from, || to.write_all(line))
 }
 
 fn lossy(b: &[u8]) -> String {
