@@ -185,14 +185,10 @@ impl Configuration {
                     // An endpoint before any interface belongs to nothing; skip it as the
                     // kernel does.
                     if let Some(interface) = interfaces.last_mut() {
+                        let (number, direction) = EndpointNumber::from_address(address);
                         interface.endpoints.push(Endpoint {
-                            number: EndpointNumber::new(address & 0x0f)
-                                .unwrap_or(EndpointNumber::CONTROL),
-                            direction: if address & 0x80 != 0 {
-                                Direction::In
-                            } else {
-                                Direction::Out
-                            },
+                            number,
+                            direction,
                             transfer_type: TransferType::from_attributes(attributes),
                             max_packet_size: u16::from_le_bytes([mps_lo, mps_hi]) & 0x07ff,
                             interval,

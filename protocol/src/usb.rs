@@ -128,6 +128,17 @@ impl EndpointNumber {
             Direction::Out => self.0,
         }
     }
+
+    /// The number and direction a `bEndpointAddress` byte (or a request's `wIndex` naming an
+    /// endpoint) names; the reserved bits 4-6 are ignored, as the kernel does.
+    pub fn from_address(address: u8) -> (EndpointNumber, Direction) {
+        let direction = if address & 0x80 != 0 {
+            Direction::In
+        } else {
+            Direction::Out
+        };
+        (EndpointNumber(address & 0x0f), direction)
+    }
 }
 
 /// The error a decoder reports for an endpoint number outside 0..=15.
@@ -305,6 +316,21 @@ pub mod transfer_flags {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endpoint_address_splits_into_number_and_direction_and_back() {
+        for n in 0..16 {
+            for dir in [Direction::In, Direction::Out] {
+                let ep = EndpointNumber::new(n).unwrap();
+                assert_eq!(EndpointNumber::from_address(ep.address(dir)), (ep, dir));
+            }
+        }
+        assert_eq!(
+            EndpointNumber::from_address(0xf2),
+            (EndpointNumber::new(2).unwrap(), Direction::In),
+            "reserved bits ignored"
+        );
+    }
 
     #[test]
     fn every_status_maps_to_one_errno_and_back() {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use nusb::transfer::{Buffer, BulkOrInterrupt, Completion, EndpointDirection, TransferError};
-use protocol::usb::{Direction, UrbStatus, transfer_flags};
+use protocol::usb::{Direction, EndpointNumber, UrbStatus, transfer_flags};
 use protocol::wire::{UrbComplete, UrbId, UrbSubmit};
 use tokio::sync::mpsc;
 use tracing::warn;
@@ -164,11 +164,7 @@ pub async fn run_endpoint<E: EndpointIo>(
     mut rx: mpsc::UnboundedReceiver<EpCmd>,
     rescan: Arc<tokio::sync::Notify>,
 ) {
-    let direction = if ep.address() & 0x80 != 0 {
-        Direction::In
-    } else {
-        Direction::Out
-    };
+    let (_, direction) = EndpointNumber::from_address(ep.address());
     let mut st = EndpointState {
         ep,
         direction,
@@ -202,10 +198,10 @@ pub async fn run_endpoint<E: EndpointIo>(
                 let was_reaping = st.reaping > 0;
                 st.reaping = st.reaping.saturating_sub(1);
                 st.completed(c);
-                if was_reaping && st.reaping == 0 && std::mem::take(&mut st.recancel) {
-                    st.cancel_round();
-                }
                 if was_reaping && st.reaping == 0 {
+                    if std::mem::take(&mut st.recancel) {
+                        st.cancel_round();
+                    }
                     while st.reaping == 0
                         && let Some(cmd) = st.held.pop_front()
                     {

@@ -468,19 +468,19 @@ impl UsbDevice {
         let claimed = lock(&self.claimed);
         claimed.interfaces.iter().find_map(|iface| {
             let (tx, rx) = mpsc::unbounded_channel();
-            let input = address & 0x80 != 0;
+            let (_, direction) = EndpointNumber::from_address(address);
             let rescan = self.rescan.clone();
-            let task = match (kind, input) {
-                (TransferType::Bulk, true) => {
+            let task = match (kind, direction) {
+                (TransferType::Bulk, Direction::In) => {
                     spawn_worker(iface.endpoint::<Bulk, In>(address), rx, rescan)?
                 }
-                (TransferType::Bulk, false) => {
+                (TransferType::Bulk, Direction::Out) => {
                     spawn_worker(iface.endpoint::<Bulk, Out>(address), rx, rescan)?
                 }
-                (TransferType::Interrupt, true) => {
+                (TransferType::Interrupt, Direction::In) => {
                     spawn_worker(iface.endpoint::<Interrupt, In>(address), rx, rescan)?
                 }
-                (TransferType::Interrupt, false) => {
+                (TransferType::Interrupt, Direction::Out) => {
                     spawn_worker(iface.endpoint::<Interrupt, Out>(address), rx, rescan)?
                 }
                 _ => return None,
@@ -611,12 +611,7 @@ impl UsbDevice {
     /// CLEAR_FEATURE(ENDPOINT_HALT) goes to the endpoint's worker, which owns the endpoint and
     /// ends what is queued on it first.
     fn clear_halt(&mut self, id: UrbId, address: u8, done: CompletionSender) {
-        let number = EndpointNumber::new(address & 0x0f).unwrap_or(EndpointNumber::CONTROL);
-        let direction = if address & 0x80 != 0 {
-            Direction::In
-        } else {
-            Direction::Out
-        };
+        let (number, direction) = EndpointNumber::from_address(address);
         let kind = lock(&self.claimed)
             .config
             .as_ref()
