@@ -279,6 +279,7 @@ async fn run_port_recorded(
         link,
         streams: HashMap::new(),
         windows: HashMap::new(),
+        released: Vec::new(),
         from_server: mpsc::unbounded_channel(),
         recorder,
     };
@@ -317,6 +318,8 @@ struct PortRun {
     streams: HashMap<StreamKey, mpsc::UnboundedSender<UrbClientMessage>>,
     /// Each stream's URB window: what may be outstanding, what waits here.
     windows: HashMap<StreamKey, UrbWindow>,
+    /// Windows a completion opened since the last `drive`, with frames to send.
+    released: Vec<StreamKey>,
     from_server: (
         mpsc::UnboundedSender<FromServer>,
         mpsc::UnboundedReceiver<FromServer>,
@@ -375,8 +378,10 @@ impl PortRun {
     fn on_server(&mut self, msg: FromServer) -> Option<AttachEnd> {
         if let FromServer::Message(key, msg) = &msg
             && let Some(window) = self.windows.get_mut(key)
+            && window.on_server(msg)
+            && !self.released.contains(key)
         {
-            window.on_server(msg);
+            self.released.push(*key);
         }
         self.deliver(msg)
     }
@@ -401,9 +406,8 @@ impl PortRun {
 
     /// Carries out everything the session asked for.
     async fn drive(&mut self) -> Option<AttachEnd> {
-        // A completion may have opened a window: send what it held.
-        let keys: Vec<StreamKey> = self.windows.keys().copied().collect();
-        for key in keys {
+        // Completions that opened a window: send what it held.
+        for key in std::mem::take(&mut self.released) {
             if let Err(end) = self.flush_window(key).await {
                 return Some(end);
             }

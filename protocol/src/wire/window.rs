@@ -83,14 +83,16 @@ impl UrbWindow {
         }
     }
 
-    /// A message from the server on this stream: a completion frees its room.
-    pub fn on_server(&mut self, msg: &UrbServerMessage) {
+    /// A message from the server on this stream: a completion frees its room. True when that
+    /// let a held submission out, so the caller knows this window has frames to send.
+    pub fn on_server(&mut self, msg: &UrbServerMessage) -> bool {
         if let UrbServerMessage::Complete(c) = msg
             && let Some(bytes) = self.outstanding.remove(&c.id)
         {
             self.bytes -= bytes;
             self.release();
         }
+        !self.to_send.is_empty()
     }
 
     /// The next frame to send on the stream.
