@@ -296,7 +296,8 @@ fn to_gadget() -> Result<f64> {
         "the gadget-side nc to see the end of the stream",
         Duration::from_secs(40),
         || nc.0.try_wait().ok().flatten(),
-    )?;
+    )
+    .with_context(link_stats)?;
     let secs = t.elapsed().as_secs_f64();
     let got = fs::read(out)?;
     ensure!(
@@ -306,6 +307,56 @@ fn to_gadget() -> Result<f64> {
         data.len()
     );
     Ok(STREAM_BYTES as f64 / (1 << 20) as f64 / secs)
+}
+
+/// Both ends' interface counters and TCP retransmissions, for a failed stream's message: they
+/// tell a lossy link (drops, errors, retransmits) from a stalled one.
+fn link_stats() -> String {
+    // Each namespace has `lo` and the one USB network interface.
+    let side = |ns: Option<&str>| -> String {
+        let run = |args: &[&str]| {
+            let mut cmd = match ns {
+                Some(ns) => {
+                    let mut c = Command::new(IP);
+                    c.args(["netns", "exec", ns]).args(args);
+                    c
+                }
+                None => {
+                    let mut c = Command::new(args[0]);
+                    c.args(&args[1..]);
+                    c
+                }
+            };
+            cmd.output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        let links = run(&[IP, "-s", "-o", "link", "show"]);
+        let links: Vec<String> = links
+            .lines()
+            .filter(|l| !l.contains(" lo:"))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        let snmp = run(&["/bin/busybox", "cat", "/proc/net/snmp"]);
+        format!(
+            "{}; TCP RetransSegs {}",
+            links.join(" | "),
+            retrans(&snmp).unwrap_or_else(|| "?".into())
+        )
+    };
+    format!(
+        "client side: {}; gadget side: {}",
+        side(None),
+        side(Some(NETNS))
+    )
+}
+
+/// `RetransSegs` out of /proc/net/snmp's two Tcp: lines (names, then values).
+fn retrans(snmp: &str) -> Option<String> {
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next()?, tcp.next()?);
+    let at = names.split_whitespace().position(|n| n == "RetransSegs")?;
+    values.split_whitespace().nth(at).map(str::to_owned)
 }
 
 /// Reads [`STREAM_BYTES`] a listener on the gadget side sends; MiB/s.
@@ -318,8 +369,22 @@ fn from_gadget() -> Result<f64> {
     s.set_read_timeout(Some(Duration::from_secs(20)))?;
     let t = Instant::now();
     let mut got = vec![0u8; data.len()];
-    s.read_exact(&mut got)
-        .context("the stream from the gadget stopped short")?;
+    let mut at = 0;
+    while at < got.len() {
+        match s.read(&mut got[at..]) {
+            Ok(0) => bail!(
+                "the gadget closed the stream after {at} bytes; {}",
+                link_stats()
+            ),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => bail!(
+                "the stream from the gadget stopped after {at} of {} bytes ({e}); {}",
+                got.len(),
+                link_stats()
+            ),
+        }
+    }
     let secs = t.elapsed().as_secs_f64();
     ensure!(
         got == data,
