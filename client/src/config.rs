@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+pub use transport::daemon::ConfigError;
 
 use serde::{Deserialize, Deserializer};
 use transport::Ticket;
@@ -125,41 +126,6 @@ fn scsi_max_sectors<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::E
     }
 }
 
-/// A config file that could not be used, pointing at the spot.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("{path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Not valid TOML, a value that is not what its key expects, or rules that do not fit.
-    #[error("{path}:{line}:{column}: {message}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line.
-        line: usize,
-        /// 1-based column.
-        column: usize,
-        /// What was expected.
-        message: String,
-    },
-    /// `pair` could not write the file.
-    #[error("{path}: could not write: {source}")]
-    Write {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-}
-
 impl Config {
     /// Reads `path`, or an empty config if it does not exist.
     pub fn load_or_default(path: &Path) -> Result<Config, ConfigError> {
@@ -177,14 +143,14 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| {
             let at = e.span().map_or(0, |s| s.start);
-            invalid(text, path, at, e.message().trim())
+            ConfigError::invalid(text, path, at, e.message())
         })?;
         for rule in &config.auto_attach {
             if !config.servers.contains_key(&rule.server) {
                 // Point at the rule's `server = ...` line.
                 let at = find_value(text, "server", &rule.server).unwrap_or(0);
                 let known: Vec<&str> = config.servers.keys().map(String::as_str).collect();
-                return Err(invalid(
+                return Err(ConfigError::invalid(
                     text,
                     path,
                     at,
@@ -203,7 +169,7 @@ impl Config {
         }
         if config.telemetry.enabled && config.telemetry.file.is_none() {
             let at = text.find("[telemetry]").unwrap_or(0);
-            return Err(invalid(
+            return Err(ConfigError::invalid(
                 text,
                 path,
                 at,
@@ -245,16 +211,6 @@ fn find_value(text: &str, key: &str, value: &str) -> Option<usize> {
         let quoted = rest.strip_prefix('"').or_else(|| rest.strip_prefix('\''))?;
         quoted.starts_with(value).then_some(i)
     })
-}
-
-fn invalid(text: &str, path: &Path, at: usize, message: &str) -> ConfigError {
-    let before = &text[..at.min(text.len())];
-    ConfigError::Invalid {
-        path: path.to_owned(),
-        line: before.matches('\n').count() + 1,
-        column: before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1,
-        message: message.to_owned(),
-    }
 }
 
 /// The commented header a new config file starts with.

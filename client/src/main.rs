@@ -13,6 +13,7 @@ use client::probe::Probe;
 use client::supervisor::{Backoff, Rule};
 use client::vhci::{RealSys, Vhci};
 use protocol::wire::{Capabilities, DeviceInfo, Event};
+use transport::daemon::{self, Role};
 use transport::{NetConfig, ServerConnection, Ticket, bind_endpoint, load_or_create_secret_key};
 
 /// Bytes between `probe`'s progress lines.
@@ -41,7 +42,7 @@ struct Cli {
     #[arg(long, global = true, env = "P2P_USB_CLIENT_KEY")]
     key_file: Option<PathBuf>,
     /// The config file.
-    #[arg(long, global = true, env = "P2P_USB_CLIENT_CONFIG", default_value_os_t = default_config_path())]
+    #[arg(long, global = true, env = "P2P_USB_CLIENT_CONFIG", default_value_os_t = daemon::default_config_path(Role::Client))]
     config: PathBuf,
     /// Use n0's public relays to reach servers behind NAT.
     #[arg(long, global = true)]
@@ -158,27 +159,6 @@ enum Command {
     },
 }
 
-fn default_key_path() -> PathBuf {
-    let state = std::env::var_os("XDG_STATE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-        .unwrap_or_else(|| PathBuf::from("/var/lib"));
-    state.join("p2p-usb/client.key")
-}
-
-fn default_config_path() -> PathBuf {
-    use std::os::unix::fs::MetadataExt;
-    // /proc/self belongs to the process's effective user.
-    if std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
-        return PathBuf::from("/etc/p2p-usb/client.toml");
-    }
-    std::env::var_os("XDG_CONFIG_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
-        .unwrap_or_else(|| PathBuf::from("/etc"))
-        .join("p2p-usb/client.toml")
-}
-
 fn config(cli: &Cli) -> anyhow::Result<Config> {
     Ok(Config::load_or_default(&cli.config)?)
 }
@@ -186,7 +166,9 @@ fn config(cli: &Cli) -> anyhow::Result<Config> {
 fn key_path(cli: &Cli) -> anyhow::Result<PathBuf> {
     Ok(match &cli.key_file {
         Some(k) => k.clone(),
-        None => config(cli)?.key_file.unwrap_or_else(default_key_path),
+        None => config(cli)?
+            .key_file
+            .unwrap_or_else(|| daemon::default_key_path(Role::Client)),
     })
 }
 
@@ -392,7 +374,7 @@ async fn main() -> anyhow::Result<()> {
                         "round_trips": trips.len(),
                         "round_trip_p50_us": percentile_us(&trips, 0.5),
                         "round_trip_p99_us": percentile_us(&trips, 0.99),
-                        "peak_rss_mib": peak_rss_mib(),
+                        "peak_rss_mib": daemon::peak_rss_mib(),
                     })
                 );
             } else {
@@ -484,7 +466,7 @@ async fn attach(
         attached.push(a);
     }
     let stop = tokio::spawn(async move {
-        let _ = shutdown_signal().await;
+        let _ = daemon::shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
     let mut failed = false;
@@ -519,7 +501,7 @@ async fn bridge(cli: &Cli, ticket: &str, addr: std::net::SocketAddr) -> anyhow::
     let events_tx = forward_events(&conn);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
-        let _ = shutdown_signal().await;
+        let _ = daemon::shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
     println!(
@@ -539,19 +521,6 @@ fn percentile_us(sorted: &[Duration], q: f64) -> f64 {
     sorted.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
 }
 
-/// This process's peak resident set size, in MiB (0 where /proc is missing).
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 /// Fans the connection's server events out to every attachment.
 fn forward_events(conn: &ServerConnection) -> tokio::sync::broadcast::Sender<Event> {
     let (events_tx, _) = tokio::sync::broadcast::channel(64);
@@ -564,14 +533,6 @@ fn forward_events(conn: &ServerConnection) -> tokio::sync::broadcast::Sender<Eve
         });
     }
     events_tx
-}
-
-async fn shutdown_signal() -> std::io::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r,
-        _ = term.recv() => Ok(()),
-    }
 }
 
 async fn connect(cli: &Cli, server: &str) -> anyhow::Result<Arc<ServerConnection>> {
@@ -651,7 +612,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         ));
     }
     tracing::info!(servers = supervisors.len(), "keeping devices attached");
-    let _ = shutdown_signal().await;
+    let _ = daemon::shutdown_signal().await;
     let _ = stop_tx.send(true);
     while supervisors.join_next().await.is_some() {}
     endpoint.close().await;

@@ -10,6 +10,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+pub use transport::daemon::ConfigError;
 
 use iroh::EndpointId;
 use protocol::wire::DeviceInfo;
@@ -42,41 +43,6 @@ pub struct Config {
     pub deny: Vec<DeviceMatch>,
 }
 
-/// A config file that could not be used, pointing at the spot.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("{path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML, or a value is not what the key expects.
-    #[error("{path}:{line}:{column}: {message}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line of the offending key or value.
-        line: usize,
-        /// 1-based column.
-        column: usize,
-        /// What was expected.
-        message: String,
-    },
-    /// An edit (`share`, `allow`, ...) could not be written back.
-    #[error("{path}: could not write: {source}")]
-    Write {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-}
-
 impl Config {
     /// Reads and checks `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -101,7 +67,9 @@ impl Config {
 
     /// Parses `text`; `path` only names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| located(text, path, &e))
+        toml::from_str(text).map_err(|e| {
+            ConfigError::invalid(text, path, e.span().map_or(0, |s| s.start), e.message())
+        })
     }
 
     /// The PIN a device needs, if a matching share rule sets one. The first matching rule
@@ -112,20 +80,6 @@ impl Config {
             .iter()
             .filter(|r| r.matcher.matches(&facts))
             .find_map(|r| r.pin.as_deref())
-    }
-}
-
-/// Turns toml's byte span into the file:line:column an editor jumps to.
-fn located(text: &str, path: &Path, e: &toml::de::Error) -> ConfigError {
-    let at = e.span().map_or(0, |s| s.start).min(text.len());
-    let before = &text[..at];
-    let line = before.matches('\n').count() + 1;
-    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-    ConfigError::Invalid {
-        path: path.to_owned(),
-        line,
-        column,
-        message: e.message().trim().to_owned(),
     }
 }
 

@@ -16,6 +16,7 @@ use server::device::DeviceSource;
 use server::device::usb::{DeviceFilter, UsbSource};
 use server::session::{Allowlist, Policy, Server, ServerConfig};
 use server::status::{self, Status, StatusError};
+use transport::daemon::{self, Role};
 use transport::{NetConfig, Ticket, bind_endpoint, load_or_create_secret_key};
 
 /// Share USB devices plugged into this machine with allowed peers, peer to peer over iroh.
@@ -34,7 +35,7 @@ use transport::{NetConfig, Ticket, bind_endpoint, load_or_create_secret_key};
 #[command(version, about, long_about, verbatim_doc_comment)]
 struct Cli {
     /// The config file.
-    #[arg(long, global = true, env = "P2P_USB_SERVER_CONFIG", default_value_os_t = default_config_path())]
+    #[arg(long, global = true, env = "P2P_USB_SERVER_CONFIG", default_value_os_t = daemon::default_config_path(Role::Server))]
     config: PathBuf,
     /// Where a running server publishes its status (read by `status`, `ticket`, `tui`).
     #[arg(long, global = true, env = "P2P_USB_SERVER_STATUS", default_value_os_t = status::default_path())]
@@ -143,25 +144,6 @@ struct RunArgs {
     /// Also write the ticket to this file (for scripts).
     #[arg(global = true, long)]
     ticket_file: Option<PathBuf>,
-}
-
-fn default_key_path() -> PathBuf {
-    let state = std::env::var_os("XDG_STATE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-        .unwrap_or_else(|| PathBuf::from("/var/lib"));
-    state.join("p2p-usb/server.key")
-}
-
-fn default_config_path() -> PathBuf {
-    if status::running_as_root() {
-        return PathBuf::from("/etc/p2p-usb/server.toml");
-    }
-    std::env::var_os("XDG_CONFIG_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
-        .unwrap_or_else(|| PathBuf::from("/etc"))
-        .join("p2p-usb/server.toml")
 }
 
 fn main() -> std::process::ExitCode {
@@ -273,7 +255,7 @@ fn key_path(cli: &Cli) -> anyhow::Result<PathBuf> {
         .key_file
         .clone()
         .or(config.key_file)
-        .unwrap_or_else(default_key_path))
+        .unwrap_or_else(|| daemon::default_key_path(Role::Server)))
 }
 
 /// The settings in force: the config file with the command line's flags on top.
@@ -513,7 +495,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let serving = server.clone().run(endpoint.clone());
     tokio::pin!(serving);
-    let shutdown = shutdown_signal();
+    let shutdown = daemon::shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -690,12 +672,4 @@ fn tui(path: &Path) -> anyhow::Result<()> {
     })();
     ratatui::restore();
     result
-}
-
-async fn shutdown_signal() -> std::io::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r,
-        _ = term.recv() => Ok(()),
-    }
 }

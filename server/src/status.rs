@@ -115,16 +115,9 @@ impl Status {
     }
 }
 
-/// Whether this process runs as root: system paths (/etc, /run) instead of per-user ones.
-pub fn running_as_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    // /proc/self belongs to the process's effective user.
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
-}
-
 /// `/run/p2p-usb/server.json` for root (and the systemd unit), else under `$XDG_RUNTIME_DIR`.
 pub fn default_path() -> PathBuf {
-    if running_as_root() {
+    if transport::daemon::running_as_root() {
         return PathBuf::from("/run/p2p-usb/server.json");
     }
     std::env::var_os("XDG_RUNTIME_DIR")

@@ -2,11 +2,12 @@
 //!
 //! `protocol` turns bytes into messages and never touches a socket; this crate is where the
 //! bytes come from: iroh endpoints configured the one safe way ([`endpoint`]), the secret key
-//! on disk ([`key`]), connection tickets ([`ticket`]), and frames read from and written to QUIC
+//! on disk ([`key`]), what both daemons share around their work ([`daemon`]), connection tickets ([`ticket`]), and frames read from and written to QUIC
 //! streams ([`framed`]). [`alloc`] sets the allocator policy both daemons run with.
 
 pub mod alloc;
 pub mod client;
+pub mod daemon;
 pub mod endpoint;
 pub mod framed;
 pub mod key;
