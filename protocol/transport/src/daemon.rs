@@ -185,27 +185,27 @@ mod tests {
         let home = env(&[("HOME", "/home/u")]);
         let none = env(&[]);
         assert_eq!(
-            key_path_from(Role::Client, &xdg),
+            key_path_from(Role::Client, xdg),
             Path::new("/x/state/p2p-usb/client.key")
         );
         assert_eq!(
-            key_path_from(Role::Server, &home),
+            key_path_from(Role::Server, home),
             Path::new("/home/u/.local/state/p2p-usb/server.key")
         );
         assert_eq!(
-            key_path_from(Role::Server, &none),
+            key_path_from(Role::Server, none),
             Path::new("/var/lib/p2p-usb/server.key")
         );
         assert_eq!(
-            config_path_from(Role::Server, false, &xdg),
+            config_path_from(Role::Server, false, xdg),
             Path::new("/x/config/p2p-usb/server.toml")
         );
         assert_eq!(
-            config_path_from(Role::Client, false, &home),
+            config_path_from(Role::Client, false, home),
             Path::new("/home/u/.config/p2p-usb/client.toml")
         );
         assert_eq!(
-            config_path_from(Role::Client, true, &xdg),
+            config_path_from(Role::Client, true, xdg),
             Path::new("/etc/p2p-usb/client.toml")
         );
     }
