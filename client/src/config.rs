@@ -8,10 +8,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-pub use transport::daemon::ConfigError;
 
+use protocol::select::DeviceSpec;
 use serde::{Deserialize, Deserializer};
 use transport::Ticket;
+pub use transport::daemon::ConfigError;
 
 /// The whole file; every key is optional.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -29,6 +30,10 @@ pub struct Config {
     pub auto_attach: Vec<AutoAttach>,
     /// Back-off between reconnection attempts.
     pub reconnect: Reconnect,
+    /// What loaded but should be written differently (an old device spelling), each with its
+    /// file:line:column.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 /// Telemetry on or off, and where it goes.
@@ -56,8 +61,8 @@ pub struct Server {
 pub struct AutoAttach {
     /// A server name from `[servers]`.
     pub server: String,
-    /// Which device: bus id, `vid:pid`, serial or product name.
-    pub device: String,
+    /// Which device, in the grammar of [`protocol::select`].
+    pub device: DeviceSpec,
     /// Its PIN, if the server asks for one.
     pub pin: Option<String>,
     /// Mass-storage read-ahead (one round trip per SCSI command instead of three); off unless
@@ -141,7 +146,7 @@ impl Config {
 
     /// Parses `text` and checks that rules name known servers; `path` only names the file.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| {
+        let mut config: Config = toml::from_str(text).map_err(|e| {
             let at = e.span().map_or(0, |s| s.start);
             ConfigError::invalid(text, path, at, e.message())
         })?;
@@ -165,6 +170,16 @@ impl Config {
                         }
                     ),
                 ));
+            }
+        }
+        for rule in &config.auto_attach {
+            if let (Some(note), Some(word)) = (
+                &rule.device.deprecated,
+                &rule.device.matcher.serial_or_product,
+            ) {
+                let at = find_value(text, "device", word).unwrap_or(0);
+                let warning = ConfigError::invalid(text, path, at, note).to_string();
+                config.warnings.push(warning);
             }
         }
         if config.telemetry.enabled && config.telemetry.file.is_none() {
@@ -276,9 +291,37 @@ mod tests {
         assert!(!c.servers.is_empty());
         assert!(!c.auto_attach.is_empty());
         assert_eq!(c.reconnect.max(), Duration::from_secs(30));
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     }
 
     /// Every mistake names file, line and column, and says what was expected.
+    #[test]
+    fn an_old_device_spelling_loads_with_a_located_warning() {
+        let text = format!(
+            "[servers.pi]\nticket = \"{TICKET}\"\n[[auto_attach]]\nserver = \"pi\"\ndevice = \"Ultra\"\n"
+        );
+        let c = Config::parse(&text, Path::new("client.toml")).unwrap();
+        assert_eq!(
+            c.auto_attach[0].device.matcher.serial_or_product.as_deref(),
+            Some("Ultra")
+        );
+        let [w] = &c.warnings[..] else {
+            panic!("{:?}", c.warnings)
+        };
+        assert!(w.starts_with("client.toml:5:1:"), "{w}");
+        assert!(
+            w.contains("serial=Ultra") && w.contains("product=Ultra"),
+            "{w}"
+        );
+        // A spec that names nothing is an error at its line, like every other.
+        let text = text.replace("Ultra", "vendor=1");
+        let e = Config::parse(&text, Path::new("client.toml")).unwrap_err();
+        assert!(
+            e.to_string().contains("`vendor=1` is not a criterion"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn every_error_points_at_its_line() {
         let cases: &[(&str, &str, &str)] = &[

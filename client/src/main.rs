@@ -12,6 +12,7 @@ use client::config::Config;
 use client::probe::Probe;
 use client::supervisor::{Backoff, Rule};
 use client::vhci::{RealSys, Vhci};
+use protocol::select::{DeviceFacts, DeviceMatch};
 use protocol::wire::{Capabilities, DeviceInfo, Event};
 use transport::daemon::{self, Role};
 use transport::{NetConfig, ServerConnection, Ticket, bind_endpoint, load_or_create_secret_key};
@@ -87,8 +88,8 @@ enum Command {
     Attach {
         /// The server: its ticket or a name given to `pair`.
         ticket: String,
-        /// Which devices: bus id, `vid:pid`, serial or product name (repeatable; default: the
-        /// first one the server lists).
+        /// Which devices: `vid:pid`, a port like `1-1.2`, `serial=S`, `product=P`, `class=N`
+        /// (joined by commas, all must hold; repeatable; default: the first one listed).
         #[arg(long = "device")]
         devices: Vec<String>,
         /// The devices' PIN, if the server asks for one.
@@ -144,7 +145,8 @@ enum Command {
     Probe {
         /// The server: its ticket or a name given to `pair`.
         ticket: String,
-        /// Which device: bus id, `vid:pid`, serial, or product name (default: the first one).
+        /// Which device: `vid:pid`, a port like `1-1.2`, `serial=S`, `product=P`, `class=N`
+        /// (joined by commas; default: the first one listed).
         #[arg(long)]
         device: Option<String>,
         /// MiB to read from the start of the disk.
@@ -564,6 +566,9 @@ async fn client_endpoint(cli: &Cli) -> anyhow::Result<iroh::Endpoint> {
 /// `run`: one supervisor per server that an auto-attach rule names, until Ctrl-C/SIGTERM.
 async fn run(cli: &Cli) -> anyhow::Result<()> {
     let config = config(cli)?;
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     if config.auto_attach.is_empty() {
         bail!(
             "{} has no [[auto_attach]] rules: nothing to keep attached (see client/examples/client.toml)",
@@ -581,7 +586,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             .iter()
             .filter(|r| &r.server == name)
             .map(|r| Rule {
-                device: r.device.clone(),
+                device: r.device.matcher.clone(),
                 pin: r.pin.clone(),
                 tuning: client::attach::Tuning {
                     read_ahead: r.read_ahead || cli.read_ahead,
@@ -748,28 +753,28 @@ fn lock(app: &std::sync::Mutex<client::tui::App>) -> std::sync::MutexGuard<'_, c
     app.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The device `spec` names: bus id, `vid:pid`, serial or product; the first device if none.
+/// The device `spec` names (the grammar of `protocol::select`); the first device if none.
 fn choose<'a>(devices: &'a [DeviceInfo], spec: Option<&str>) -> anyhow::Result<&'a DeviceInfo> {
     let Some(spec) = spec else {
         return devices
             .first()
             .context("the server shares no devices with us");
     };
+    let parsed = DeviceMatch::parse(spec)?;
+    if let Some(note) = &parsed.deprecated {
+        eprintln!("warning: {note}");
+    }
     let matching: Vec<&DeviceInfo> = devices
         .iter()
-        .filter(|d| {
-            d.bus_id == spec
-                || format!("{:04x}:{:04x}", d.vendor_id, d.product_id).eq_ignore_ascii_case(spec)
-                || d.serial.as_deref() == Some(spec)
-                || d.product.as_deref() == Some(spec)
-        })
+        .filter(|d| parsed.matcher.matches(&DeviceFacts::from_wire(d)))
         .collect();
     match matching[..] {
         [one] => Ok(one),
         [] => bail!("no shared device matches `{spec}` (see `p2p-usb-client list <ticket>`)"),
         _ => bail!(
-            "`{spec}` matches {} devices; name one by its bus id",
-            matching.len()
+            "`{spec}` matches {} devices; name one by its port (e.g. {})",
+            matching.len(),
+            matching[0].bus_id
         ),
     }
 }

@@ -13,6 +13,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use protocol::select::{DeviceFacts, DeviceMatch};
 use protocol::wire::{DeviceId, DeviceInfo, Event};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinSet;
@@ -21,14 +22,6 @@ use transport::{ClientError, ServerConnection};
 
 use crate::attach::AttachEnd;
 use crate::vhci::{RealSys, Vhci};
-
-/// Whether `spec` names `d`: its bus id, `vid:pid`, serial or product name.
-pub fn device_matches(d: &DeviceInfo, spec: &str) -> bool {
-    d.bus_id == spec
-        || format!("{:04x}:{:04x}", d.vendor_id, d.product_id).eq_ignore_ascii_case(spec)
-        || d.serial.as_deref() == Some(spec)
-        || d.product.as_deref() == Some(spec)
-}
 
 /// Exponential back-off: each failure doubles the wait, up to a cap; a success starts over.
 #[derive(Debug, Clone)]
@@ -64,8 +57,8 @@ impl Backoff {
 /// A device to keep attached.
 #[derive(Debug, Clone)]
 pub struct Rule {
-    /// Bus id, `vid:pid`, serial or product name.
-    pub device: String,
+    /// Which devices.
+    pub device: DeviceMatch,
     /// Its PIN, if it has one.
     pub pin: Option<String>,
     /// How its port hides the round trip.
@@ -206,7 +199,8 @@ async fn start(
     attached: &mut HashSet<DeviceId>,
     d: DeviceInfo,
 ) {
-    let Some(rule) = rules.iter().find(|r| device_matches(&d, &r.device)) else {
+    let facts = DeviceFacts::from_wire(&d);
+    let Some(rule) = rules.iter().find(|r| r.device.matches(&facts)) else {
         return;
     };
     if attached.contains(&d.id) {
@@ -298,10 +292,16 @@ mod tests {
             "4C53",
             "Ultra",
         ] {
-            assert!(device_matches(&d, spec), "{spec}");
+            assert!(names(&d, spec), "{spec}");
         }
         for spec in ["1-1", "0781:5582", "ultra", ""] {
-            assert!(!device_matches(&d, spec), "{spec}");
+            assert!(!names(&d, spec), "{spec}");
         }
+    }
+
+    /// What a rule's spec names, through the shared grammar; a spec that does not parse
+    /// names nothing.
+    fn names(d: &DeviceInfo, spec: &str) -> bool {
+        DeviceMatch::parse(spec).is_ok_and(|p| p.matcher.matches(&DeviceFacts::from_wire(d)))
     }
 }

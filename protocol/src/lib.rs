@@ -8,9 +8,11 @@
 //! - [`usbip`]: the kernel's USB/IP protocol, as vhci-hcd and `usbip` tools speak it.
 //! - [`usb`]: the USB vocabulary both share (directions, speeds, statuses as errnos).
 //! - [`descriptors`]: the descriptor parsing both sides need to tell endpoint types apart.
+//! - [`select`]: the one grammar people use to name a device, on either side.
 
 mod buf;
 pub mod descriptors;
+pub mod select;
 pub mod usb;
 pub mod usbip;
 pub mod wire;

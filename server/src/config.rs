@@ -6,6 +6,7 @@
 //! A mistake must point at the exact spot: every error names the file, line and column and
 //! says what was expected, because the person reading it is often on a headless Pi over SSH.
 
+pub use protocol::select::{DeviceFacts, DeviceMatch, VidPid};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -126,218 +127,17 @@ impl<'de> Deserialize<'de> for ClientId {
     }
 }
 
-/// `vid:pid` in hex, e.g. `0781:5581`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct VidPid {
-    /// idVendor.
-    pub vendor: u16,
-    /// idProduct.
-    pub product: u16,
-}
-
-impl FromStr for VidPid {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || {
-            format!(
-                "`{s}` is not a vid:pid; expected four hex digits, a colon, four hex digits (e.g. 0781:5581)"
-            )
-        };
-        let (v, p) = s.split_once(':').ok_or_else(bad)?;
-        let hex = |x: &str| {
-            (x.len() == 4)
-                .then(|| u16::from_str_radix(x, 16).ok())
-                .flatten()
-        };
-        Ok(VidPid {
-            vendor: hex(v).ok_or_else(bad)?,
-            product: hex(p).ok_or_else(bad)?,
-        })
+/// The rule a `--share`/`share`/`unshare` spec means (the grammar of [`protocol::select`]).
+/// The client's old bare serial-or-product word is refused here: the server never took it, and
+/// a rule written to the config file must say which one it means.
+pub fn rule_from_spec(spec: &str) -> Result<DeviceMatch, String> {
+    let parsed = DeviceMatch::parse(spec).map_err(|e| e.to_string())?;
+    if let Some(word) = &parsed.matcher.serial_or_product {
+        return Err(format!(
+            "`{word}` names no device; write serial={word} or product={word}"
+        ));
     }
-}
-
-impl fmt::Display for VidPid {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:04x}:{:04x}", self.vendor, self.product)
-    }
-}
-
-impl<'de> Deserialize<'de> for VidPid {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-}
-
-/// Which devices a rule names. Every criterion given must hold; `all` names every device
-/// (hubs and imported devices are never shared, whatever the rules say).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, try_from = "RawMatch")]
-pub struct DeviceMatch {
-    /// `vid:pid`.
-    pub vid_pid: Option<VidPid>,
-    /// `iSerialNumber`, exactly.
-    pub serial: Option<String>,
-    /// The port path (sysfs bus id), e.g. `1-1.2`: whatever is plugged into that port.
-    pub port: Option<String>,
-    /// A USB class code, of the device or of any of its interfaces (8 = mass storage, 3 = HID,
-    /// 2 = CDC).
-    pub class: Option<u8>,
-    /// Every device.
-    pub all: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMatch {
-    vid_pid: Option<VidPid>,
-    serial: Option<String>,
-    port: Option<String>,
-    class: Option<u8>,
-    #[serde(default)]
-    all: bool,
-}
-
-impl TryFrom<RawMatch> for DeviceMatch {
-    type Error = String;
-
-    fn try_from(r: RawMatch) -> Result<Self, String> {
-        let m = DeviceMatch {
-            vid_pid: r.vid_pid,
-            serial: r.serial,
-            port: r.port,
-            class: r.class,
-            all: r.all,
-        };
-        let criteria = m.criteria();
-        if criteria == 0 && !m.all {
-            return Err("a rule names no device; expected at least one of vid_pid, serial, port, class, or `all = true`".into());
-        }
-        if criteria > 0 && m.all {
-            return Err("`all = true` names every device; drop it or the other criteria".into());
-        }
-        Ok(m)
-    }
-}
-
-/// What a rule can be checked against, from either nusb's listing or the wire's description.
-#[derive(Debug, Clone, Default)]
-pub struct DeviceFacts {
-    /// idVendor, idProduct.
-    pub vid_pid: VidPid,
-    /// sysfs bus id.
-    pub port: String,
-    /// iSerialNumber.
-    pub serial: Option<String>,
-    /// The device class and every interface class.
-    pub classes: Vec<u8>,
-}
-
-impl DeviceFacts {
-    /// Facts from a device as the server describes it to clients.
-    pub fn from_wire(d: &DeviceInfo) -> DeviceFacts {
-        let mut classes = vec![d.class.class];
-        // Interface descriptors (type 4) carry bInterfaceClass at offset 5.
-        let mut rest = d.active_configuration_bytes().unwrap_or_default();
-        while let [len, kind, ..] = *rest {
-            let len = usize::from(len);
-            if len < 2 || len > rest.len() {
-                break;
-            }
-            if kind == 4 && len >= 9 {
-                classes.push(rest[5]);
-            }
-            rest = &rest[len..];
-        }
-        DeviceFacts {
-            vid_pid: VidPid {
-                vendor: d.vendor_id,
-                product: d.product_id,
-            },
-            port: d.bus_id.clone(),
-            serial: d.serial.clone(),
-            classes,
-        }
-    }
-}
-
-impl DeviceMatch {
-    fn criteria(&self) -> usize {
-        usize::from(self.vid_pid.is_some())
-            + usize::from(self.serial.is_some())
-            + usize::from(self.port.is_some())
-            + usize::from(self.class.is_some())
-    }
-
-    /// Whether the device is one this rule names.
-    pub fn matches(&self, d: &DeviceFacts) -> bool {
-        if self.all {
-            return true;
-        }
-        self.vid_pid.is_none_or(|v| v == d.vid_pid)
-            && self
-                .serial
-                .as_ref()
-                .is_none_or(|s| d.serial.as_ref() == Some(s))
-            && self.port.as_ref().is_none_or(|p| *p == d.port)
-            && self.class.is_none_or(|c| d.classes.contains(&c))
-    }
-
-    /// The rule a `--share`/`share` spec means: `all`, `vid:pid`, `serial=S`, `class=N`, or a
-    /// port path such as `1-1.2`.
-    pub fn from_spec(spec: &str) -> Result<DeviceMatch, String> {
-        let mut m = DeviceMatch::default();
-        if spec == "all" {
-            m.all = true;
-        } else if let Some(serial) = spec.strip_prefix("serial=") {
-            m.serial = Some(serial.to_owned());
-        } else if let Some(class) = spec.strip_prefix("class=") {
-            let parsed = match class.strip_prefix("0x") {
-                Some(hex) => u8::from_str_radix(hex, 16),
-                None => class.parse(),
-            };
-            m.class = Some(parsed.map_err(|_| {
-                format!("`{class}` is not a USB class code; expected 0 to 255 (e.g. class=8)")
-            })?);
-        } else if spec.contains(':') {
-            m.vid_pid = Some(spec.parse()?);
-        } else if !spec.is_empty()
-            && spec
-                .chars()
-                .all(|c| c.is_ascii_digit() || c == '-' || c == '.')
-        {
-            m.port = Some(spec.to_owned());
-        } else {
-            return Err(format!(
-                "`{spec}` names no device; expected all, vid:pid, serial=S, class=N or a port like 1-1.2"
-            ));
-        }
-        Ok(m)
-    }
-}
-
-impl fmt::Display for DeviceMatch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.all {
-            return f.write_str("all");
-        }
-        let mut parts = Vec::new();
-        if let Some(v) = self.vid_pid {
-            parts.push(format!("vid_pid {v}"));
-        }
-        if let Some(s) = &self.serial {
-            parts.push(format!("serial {s}"));
-        }
-        if let Some(p) = &self.port {
-            parts.push(format!("port {p}"));
-        }
-        if let Some(c) = self.class {
-            parts.push(format!("class {c:#04x}"));
-        }
-        f.write_str(&parts.join(", "))
-    }
+    Ok(parsed.matcher)
 }
 
 /// One `[[share]]` rule: the devices it names, and the PIN a client must give to attach them.
@@ -355,6 +155,7 @@ pub struct ShareRule {
 struct RawShare {
     vid_pid: Option<VidPid>,
     serial: Option<String>,
+    product: Option<String>,
     port: Option<String>,
     class: Option<u8>,
     #[serde(default)]
@@ -366,13 +167,17 @@ impl TryFrom<RawShare> for ShareRule {
     type Error = String;
 
     fn try_from(r: RawShare) -> Result<Self, String> {
-        let matcher = DeviceMatch::try_from(RawMatch {
+        let matcher = DeviceMatch {
             vid_pid: r.vid_pid,
             serial: r.serial,
+            product: r.product,
             port: r.port,
             class: r.class,
+            serial_or_product: None,
             all: r.all,
-        })?;
+        }
+        .checked()
+        .map_err(|e| e.to_string())?;
         if r.pin.as_deref().is_some_and(|p| p.trim().is_empty()) {
             return Err("pin is empty; expected a non-empty string, or no pin key".into());
         }
@@ -472,6 +277,9 @@ pub mod edit {
         }
         if let Some(s) = &rule.serial {
             t["serial"] = value(s.as_str());
+        }
+        if let Some(p) = &rule.product {
+            t["product"] = value(p.as_str());
         }
         if let Some(p) = &rule.port {
             t["port"] = value(p.as_str());
@@ -662,6 +470,7 @@ mod tests {
             },
             port: port.into(),
             serial: serial.map(Into::into),
+            product: None,
             classes: classes.to_vec(),
         }
     }
@@ -686,7 +495,7 @@ mod tests {
 
     #[test]
     fn specs_from_the_command_line() {
-        let spec = |s| DeviceMatch::from_spec(s).unwrap();
+        let spec = |s| rule_from_spec(s).unwrap();
         assert!(spec("all").all);
         assert_eq!(
             spec("0781:5581").vid_pid,
@@ -699,16 +508,22 @@ mod tests {
         assert_eq!(spec("serial=A1").serial.as_deref(), Some("A1"));
         assert_eq!(spec("class=0x08").class, Some(8));
         assert_eq!(spec("class=3").class, Some(3));
-        assert!(DeviceMatch::from_spec("class=x").is_err());
-        assert!(DeviceMatch::from_spec("07:1").is_err());
-        assert!(DeviceMatch::from_spec("sandisk").is_err());
+        assert_eq!(spec("product=Ultra").product.as_deref(), Some("Ultra"));
+        assert!(rule_from_spec("class=x").is_err());
+        assert!(rule_from_spec("07:1").is_err());
+        // The client's old bare word was never a server spelling: the error says which to use.
+        let e = rule_from_spec("sandisk").unwrap_err();
+        assert!(
+            e.contains("serial=sandisk") && e.contains("product=sandisk"),
+            "{e}"
+        );
     }
 
     #[test]
     fn edits_keep_comments_and_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/server.toml");
-        let rule = DeviceMatch::from_spec("0781:5581").unwrap();
+        let rule = rule_from_spec("0781:5581").unwrap();
         assert!(edit::share(&path, &rule, Some("1234")).unwrap());
         assert!(!edit::share(&path, &rule, Some("1234")).unwrap());
         assert!(edit::allow(&path, ID).unwrap());

@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use clap::{CommandFactory, Parser, Subcommand};
 use iroh::EndpointId;
 use protocol::wire::ALPN;
-use server::config::{Config, DeviceMatch, SharePolicy, edit};
+use server::config::{Config, DeviceMatch, SharePolicy, edit, rule_from_spec};
 use server::device::DeviceSource;
 use server::device::usb::{DeviceFilter, UsbSource};
 use server::session::{Allowlist, Policy, Server, ServerConfig};
@@ -67,7 +67,8 @@ enum Command {
         #[arg(long)]
         qr: bool,
     },
-    /// Share devices: `vid:pid`, a port path like `1-1.2`, `serial=S`, `class=N`, or `all`.
+    /// Share devices: `vid:pid`, a port path like `1-1.2`, `serial=S`, `product=P`, `class=N`
+    /// (joined by commas, all must hold), or `all`.
     Share {
         /// What to share.
         spec: String,
@@ -116,8 +117,8 @@ struct RunArgs {
     /// Let any client that knows the ticket connect. For demos on a network you trust.
     #[arg(global = true, long)]
     allow_any: bool,
-    /// A device to share: `vid:pid`, a port path like `1-1.2`, `serial=S`, `class=N`, or
-    /// `all` (repeatable; replaces the config's share rules, its deny rules still apply).
+    /// A device to share: `vid:pid`, a port path like `1-1.2`, `serial=S`, `product=P`,
+    /// `class=N` (joined by commas) or `all` (repeatable; replaces the config's share rules, its deny rules still apply).
     #[arg(global = true, long = "share", value_name = "SPEC")]
     share: Vec<String>,
     /// Share a simulated USB disk backed by FILE (created with --simulate-size if missing),
@@ -200,7 +201,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Share { spec, pin } => {
-            let rule = DeviceMatch::from_spec(spec).map_err(anyhow::Error::msg)?;
+            let rule = rule_from_spec(spec).map_err(anyhow::Error::msg)?;
             let added = edit::share(&cli.config, &rule, pin.as_deref())?;
             let what = if added {
                 "now shares"
@@ -211,7 +212,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
             reload_running(&cli)
         }
         Command::Unshare { spec } => {
-            let rule = DeviceMatch::from_spec(spec).map_err(anyhow::Error::msg)?;
+            let rule = rule_from_spec(spec).map_err(anyhow::Error::msg)?;
             match edit::unshare(&cli.config, &rule)? {
                 0 => bail!(
                     "{} has no share rule for exactly `{rule}` (see the file)",
@@ -273,7 +274,7 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
         cli.run
             .share
             .iter()
-            .map(|s| DeviceMatch::from_spec(s))
+            .map(|s| rule_from_spec(s))
             .collect::<Result<_, _>>()
             .map_err(anyhow::Error::msg)?
     };
@@ -333,7 +334,10 @@ async fn list(cli: &Cli, all: bool) -> anyhow::Result<()> {
     let settings = settings(cli)?;
     let devices = if all {
         let everything = SharePolicy {
-            share: vec![DeviceMatch::from_spec("all").map_err(anyhow::Error::msg)?],
+            share: vec![DeviceMatch {
+                all: true,
+                ..DeviceMatch::default()
+            }],
             deny: vec![],
         };
         source(cli, everything).await?.shared().devices()

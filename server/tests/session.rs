@@ -12,7 +12,7 @@ use protocol::wire::{
     ALPN, AttachRefusal, Capabilities, ClassTriple, DeviceId, DeviceInfo, Event, UrbClientMessage,
     UrbComplete, UrbId, UrbServerMessage, UrbStreamOpen, UrbSubmit,
 };
-use server::config::{DeviceMatch, ShareRule};
+use server::config::{ShareRule, rule_from_spec};
 use server::device::{CompletionSender, DeviceEvent, DeviceSource, OpenError, OpenedDevice};
 use server::session::{Allowlist, Policy, Server, ServerConfig};
 use tokio::sync::broadcast;
@@ -559,7 +559,7 @@ async fn of_clients_racing_for_one_device_exactly_one_wins() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_behind_a_pin_needs_the_right_one() {
     let rule = ShareRule {
-        matcher: DeviceMatch::from_spec("1209:0001").unwrap(),
+        matcher: rule_from_spec("1209:0001").unwrap(),
         pin: Some("2468".into()),
     };
     let lab = lab_with(None, vec![rule]).await;

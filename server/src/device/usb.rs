@@ -59,6 +59,7 @@ fn facts(info: &nusb::DeviceInfo) -> DeviceFacts {
         },
         port: bus_id(info),
         serial: info.serial_number().map(str::to_owned),
+        product: info.product_string().map(str::to_owned),
         classes: std::iter::once(info.class())
             .chain(info.interfaces().map(|i| i.class()))
             .collect(),

@@ -75,6 +75,7 @@ fn run_all() -> Result<()> {
     );
     let mut req = request()?;
     let scale = pace::timeout_scale(boot_uptime);
+    sys::set_pace(scale);
     if scale > 1.0 {
         req.timeout = req.timeout.mul_f64(scale);
         log!(

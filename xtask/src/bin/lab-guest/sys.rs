@@ -96,6 +96,21 @@ pub fn wait_for<T>(
     }
 }
 
+/// How much slower than the reference this guest runs (1.0 to [`xtask::pace::MAX_SCALE`]),
+/// set once at boot: the factor every timeout gets, and the one a scenario's wall-clock limit
+/// on a user-visible promise ("gone within 1 s") is stretched by, so the promise is checked
+/// at the pace it was made for and a slower host is not a failure.
+pub fn pace() -> f64 {
+    PACE.get().copied().unwrap_or(1.0)
+}
+
+/// Records the guest's pace; the first call wins.
+pub fn set_pace(scale: f64) {
+    let _ = PACE.set(scale);
+}
+
+static PACE: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+
 /// Seconds since boot, from /proc/uptime.
 pub fn uptime() -> f64 {
     fs::read_to_string("/proc/uptime")

@@ -101,9 +101,10 @@ pub fn run() -> Result<()> {
         "unplug during dd: remote disk gone after {gone:.2}s, dd failed with an I/O error, no user process in D state"
     );
     metric("unplug_to_disk_gone_secs", gone);
+    let limit = sys::pace();
     ensure!(
-        gone <= 1.0,
-        "the remote disk took {gone:.2}s to go (more than 1 s)"
+        gone <= limit,
+        "the remote disk took {gone:.2}s to go (more than 1 s at this guest's pace, {limit:.2} s)"
     );
     ensure!(
         server.alive(),
