@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use protocol::bot::{CBW_LEN, CSW_LEN, Cbw, Csw, CswStatus};
 use protocol::descriptors::{Configuration, DEVICE_DESCRIPTOR_LEN};
 use protocol::usb::{Direction, EndpointNumber, SetupPacket, TransferType, UrbStatus};
 use protocol::wire::{
@@ -186,16 +187,10 @@ impl Probe {
     async fn command(&mut self, cdb: &[u8], data_len: u32) -> Result<Vec<u8>, ProbeError> {
         let tag = self.next_tag;
         self.next_tag = self.next_tag.wrapping_add(1);
-        let mut cbw = Vec::with_capacity(31);
-        cbw.extend_from_slice(b"USBC");
-        cbw.extend_from_slice(&tag.to_le_bytes());
-        cbw.extend_from_slice(&data_len.to_le_bytes());
-        cbw.extend_from_slice(&[0x80, 0, cdb.len() as u8]);
-        let mut block = [0u8; 16];
-        block[..cdb.len()].copy_from_slice(cdb);
-        cbw.extend_from_slice(&block);
-        let mut out = self.urb(self.out_ep, Direction::Out, 31);
-        out.data = cbw;
+        let cbw =
+            Cbw::new(tag, data_len, true, 0, cdb).map_err(|e| ProbeError::Device(e.to_string()))?;
+        let mut out = self.urb(self.out_ep, Direction::Out, CBW_LEN as u32);
+        out.data = cbw.to_bytes().to_vec();
         // The data and status URBs are queued together with the command: the device sees them
         // all waiting, as the kernel's own pipeline would have them.
         let mut ins = Vec::new();
@@ -205,7 +200,7 @@ impl Probe {
             ins.push(self.urb(self.in_ep, Direction::In, n));
             left -= n;
         }
-        let csw = self.urb(self.in_ep, Direction::In, 13);
+        let csw = self.urb(self.in_ep, Direction::In, CSW_LEN as u32);
         ins.push(csw);
         let (out_done, in_done) = tokio::join!(
             run(&mut self.bulk_out, vec![out]),
@@ -218,20 +213,15 @@ impl Probe {
         for c in &in_done {
             data.extend_from_slice(&expect_ok("data phase", c)?.data);
         }
-        let csw = expect_ok("CSW", &csw)?;
-        if csw.data.len() != 13 || &csw.data[..4] != b"USBS" {
-            return Err(ProbeError::Device(format!(
-                "CSW of {} bytes without its signature",
-                csw.data.len()
-            )));
-        }
-        if csw.data[4..8] != tag.to_le_bytes() {
+        let csw = Csw::parse(&expect_ok("CSW", &csw)?.data)
+            .map_err(|e| ProbeError::Device(e.to_string()))?;
+        if csw.tag != tag {
             return Err(ProbeError::Device("CSW tag does not match the CBW".into()));
         }
-        if csw.data[12] != 0 {
+        if csw.status != CswStatus::Passed {
             return Err(ProbeError::Device(format!(
-                "SCSI command {:#04x} failed (CSW status {})",
-                cdb[0], csw.data[12]
+                "SCSI command {:#04x} failed (CSW status {:?})",
+                cdb[0], csw.status
             )));
         }
         Ok(data)

@@ -838,13 +838,11 @@ proptest! {
 
 /// A CBW for `length` bytes in `direction`, as usb-storage sends it on the bulk OUT endpoint.
 fn cbw_pdu(seqnum: u32, length: u32, direction: Direction) -> Vec<u8> {
-    let mut cbw = vec![0u8; 31];
-    cbw[..4].copy_from_slice(b"USBC");
-    cbw[4..8].copy_from_slice(&seqnum.to_le_bytes());
-    cbw[8..12].copy_from_slice(&length.to_le_bytes());
-    cbw[12] = if direction == Direction::In { 0x80 } else { 0 };
-    cbw[14] = 10;
-    cbw[15] = 0x28; // READ(10)
+    let read10 = [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+    let cbw = protocol::bot::Cbw::new(seqnum, length, direction == Direction::In, 0, &read10)
+        .unwrap()
+        .to_bytes()
+        .to_vec();
     submit_pdu(seqnum, 2, SubmitBuffer::Out(cbw), [0; 8], None)
 }
 

@@ -8,8 +8,10 @@
 //! - [`usbip`]: the kernel's USB/IP protocol, as vhci-hcd and `usbip` tools speak it.
 //! - [`usb`]: the USB vocabulary both share (directions, speeds, statuses as errnos).
 //! - [`descriptors`]: the descriptor parsing both sides need to tell endpoint types apart.
+//! - [`bot`]: mass storage's Bulk-Only wrappers (CBW, CSW), read and written on both sides.
 //! - [`select`]: the one grammar people use to name a device, on either side.
 
+pub mod bot;
 mod buf;
 pub mod descriptors;
 pub mod select;

@@ -149,13 +149,10 @@ impl Host {
     /// Sends a CBW and checks the device took all 31 bytes.
     fn cbw(&mut self, data_len: u32, data_in: bool, cdb: &[u8]) -> u32 {
         self.tag += 1;
-        let mut b = vec![0u8; 31];
-        b[0..4].copy_from_slice(b"USBC");
-        b[4..8].copy_from_slice(&self.tag.to_le_bytes());
-        b[8..12].copy_from_slice(&data_len.to_le_bytes());
-        b[12] = if data_in { 0x80 } else { 0 };
-        b[14] = cdb.len() as u8;
-        b[15..15 + cdb.len()].copy_from_slice(cdb);
+        let b = protocol::bot::Cbw::new(self.tag, data_len, data_in, 0, cdb)
+            .unwrap()
+            .to_bytes()
+            .to_vec();
         let id = self.bulk_out(b);
         assert_eq!(self.ok(id).actual_length, 31);
         self.tag

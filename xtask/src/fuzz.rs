@@ -19,6 +19,7 @@ pub const TARGETS: &[&str] = &[
     "wire_frames",
     "config_files",
     "urb_streams",
+    "bot_wrappers",
 ];
 
 /// Fuzzes `targets` (all when empty) for `secs` seconds each.

@@ -33,16 +33,13 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use protocol::bot;
 use protocol::usb::{EndpointNumber, TransferType, UrbStatus, transfer_flags};
 use protocol::usbip::CmdSubmit;
 use protocol::wire::UrbComplete;
 
-/// The length of a Command Block Wrapper.
-pub const CBW_LEN: usize = 31;
-/// The length of a Command Status Wrapper.
-pub const CSW_LEN: u32 = 13;
-const CBW_SIGNATURE: &[u8; 4] = b"USBC";
-const CBW_FLAG_IN: u8 = 0x80;
+/// The length of a Command Status Wrapper, as an URB length.
+pub const CSW_LEN: u32 = bot::CSW_LEN as u32;
 /// The largest data phase read ahead: what usb-storage asks for at most on a SuperSpeed disk
 /// (2,048 sectors). Longer phases are left to the kernel's own URBs.
 pub const MAX_DATA_LEN: u32 = 1024 * 1024;
@@ -68,14 +65,12 @@ pub struct Cbw {
     pub data_in: Option<u32>,
 }
 
-/// Reads `data` as a CBW, if it is one.
+/// Reads `data` as a CBW, if it is a valid one (anything else is forwarded as it is).
 pub fn parse_cbw(data: &[u8]) -> Option<Cbw> {
-    if data.len() != CBW_LEN || &data[..4] != CBW_SIGNATURE {
-        return None;
-    }
-    let length = u32::from_le_bytes([data[8], data[9], data[10], data[11]]);
-    let data_in = (data[12] & CBW_FLAG_IN != 0 && length > 0).then_some(length);
-    Some(Cbw { data_in })
+    let cbw = bot::Cbw::parse(data).ok()?;
+    Some(Cbw {
+        data_in: cbw.data_in_len(),
+    })
 }
 
 /// A speculative IN URB for the port to send to the server.
@@ -517,11 +512,11 @@ mod tests {
     }
 
     fn cbw(length: u32, dir_in: bool) -> Vec<u8> {
-        let mut b = vec![0u8; CBW_LEN];
-        b[..4].copy_from_slice(CBW_SIGNATURE);
-        b[8..12].copy_from_slice(&length.to_le_bytes());
-        b[12] = if dir_in { CBW_FLAG_IN } else { 0 };
-        b
+        let read10 = [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+        protocol::bot::Cbw::new(1, length, dir_in, 0, &read10)
+            .unwrap()
+            .to_bytes()
+            .to_vec()
     }
 
     fn kernel_in(seqnum: u32, len: u32, flags: u32) -> CmdSubmit {

@@ -11,91 +11,10 @@
 //!
 //! No I/O happens here except through the [`Storage`] the SCSI device owns.
 
+pub use protocol::bot::{CBW_LEN, CSW_LEN, Cbw, Csw, CswStatus};
 use protocol::usb::{Direction, MAX_TRANSFER_LEN};
 
 use super::scsi::{CommandStatus, Plan, Scsi, Storage};
-
-/// Length of a Command Block Wrapper.
-pub const CBW_LEN: usize = 31;
-/// Length of a Command Status Wrapper.
-pub const CSW_LEN: usize = 13;
-/// "USBC", little-endian.
-const CBW_SIGNATURE: u32 = 0x4342_5355;
-/// "USBS", little-endian.
-const CSW_SIGNATURE: u32 = 0x5342_5355;
-
-/// Why bytes on bulk OUT are not a valid CBW (spec 6.2.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum CbwError {
-    /// Not exactly 31 bytes.
-    #[error("a CBW is 31 bytes, got {0}")]
-    Length(usize),
-    /// Wrong `dCBWSignature`.
-    #[error("bad CBW signature {0:#010x}")]
-    Signature(u32),
-    /// `bCBWCBLength` outside 1..=16.
-    #[error("CBW command block length {0} is outside 1..=16")]
-    CommandLength(u8),
-}
-
-/// A Command Block Wrapper.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cbw {
-    /// `dCBWTag`, echoed in the CSW.
-    pub tag: u32,
-    /// `dCBWDataTransferLength`: the bytes the host expects to move.
-    pub data_len: u32,
-    /// `bmCBWFlags` bit 7: the data phase is device to host.
-    pub data_in: bool,
-    /// `bCBWLUN`.
-    pub lun: u8,
-    cb_len: u8,
-    cb: [u8; 16],
-}
-
-impl Cbw {
-    /// Parses and validates a CBW.
-    pub fn parse(bytes: &[u8]) -> Result<Cbw, CbwError> {
-        let b: &[u8; CBW_LEN] = bytes
-            .try_into()
-            .map_err(|_| CbwError::Length(bytes.len()))?;
-        let le32 = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-        let signature = le32(0);
-        if signature != CBW_SIGNATURE {
-            return Err(CbwError::Signature(signature));
-        }
-        let cb_len = b[14] & 0x1f;
-        if !(1..=16).contains(&cb_len) {
-            return Err(CbwError::CommandLength(cb_len));
-        }
-        let mut cb = [0u8; 16];
-        cb.copy_from_slice(&b[15..31]);
-        Ok(Cbw {
-            tag: le32(4),
-            data_len: le32(8),
-            data_in: b[12] & 0x80 != 0,
-            lun: b[13] & 0x0f,
-            cb_len,
-            cb,
-        })
-    }
-
-    /// The SCSI command block, `bCBWCBLength` bytes.
-    pub fn command(&self) -> &[u8] {
-        &self.cb[..usize::from(self.cb_len)]
-    }
-}
-
-/// `bCSWStatus`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CswStatus {
-    /// Command passed.
-    Passed = 0,
-    /// Command failed; the host asks REQUEST SENSE next.
-    Failed = 1,
-    /// Host and device disagreed about the data phase; the host does reset recovery.
-    PhaseError = 2,
-}
 
 impl From<CommandStatus> for CswStatus {
     fn from(s: CommandStatus) -> Self {
@@ -103,29 +22,6 @@ impl From<CommandStatus> for CswStatus {
             CommandStatus::Passed => CswStatus::Passed,
             CommandStatus::Failed => CswStatus::Failed,
         }
-    }
-}
-
-/// A Command Status Wrapper.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Csw {
-    /// The CBW's tag.
-    pub tag: u32,
-    /// `dCSWDataResidue`: expected minus processed bytes.
-    pub residue: u32,
-    /// `bCSWStatus`.
-    pub status: CswStatus,
-}
-
-impl Csw {
-    /// The 13 bytes on the wire.
-    pub fn to_bytes(self) -> [u8; CSW_LEN] {
-        let mut b = [0u8; CSW_LEN];
-        b[0..4].copy_from_slice(&CSW_SIGNATURE.to_le_bytes());
-        b[4..8].copy_from_slice(&self.tag.to_le_bytes());
-        b[8..12].copy_from_slice(&self.residue.to_le_bytes());
-        b[12] = self.status as u8;
-        b
     }
 }
 
@@ -449,6 +345,7 @@ impl<S: Storage> Bot<S> {
 mod tests {
     use super::super::scsi::{MemStorage, Sense};
     use super::*;
+    use protocol::bot::WrapperError;
 
     const TUR: &[u8] = &[0x00, 0, 0, 0, 0, 0];
     const INQUIRY_36: &[u8] = &[0x12, 0, 0, 0, 36, 0];
@@ -458,14 +355,10 @@ mod tests {
     }
 
     fn cbw(tag: u32, len: u32, data_in: bool, cdb: &[u8]) -> Vec<u8> {
-        let mut b = vec![0u8; CBW_LEN];
-        b[0..4].copy_from_slice(&CBW_SIGNATURE.to_le_bytes());
-        b[4..8].copy_from_slice(&tag.to_le_bytes());
-        b[8..12].copy_from_slice(&len.to_le_bytes());
-        b[12] = if data_in { 0x80 } else { 0 };
-        b[14] = cdb.len() as u8;
-        b[15..15 + cdb.len()].copy_from_slice(cdb);
-        b
+        Cbw::new(tag, len, data_in, 0, cdb)
+            .unwrap()
+            .to_bytes()
+            .to_vec()
     }
 
     fn read10(lba: u32, blocks: u16) -> Vec<u8> {
@@ -495,19 +388,7 @@ mod tests {
 
     fn csw(bot: &mut Bot<MemStorage>) -> Csw {
         let b = take(bot, CSW_LEN as u32);
-        assert_eq!(b.len(), CSW_LEN);
-        assert_eq!(&b[0..4], b"USBS");
-        let status = match b[12] {
-            0 => CswStatus::Passed,
-            1 => CswStatus::Failed,
-            2 => CswStatus::PhaseError,
-            other => panic!("bad status {other}"),
-        };
-        Csw {
-            tag: u32::from_le_bytes(b[4..8].try_into().unwrap()),
-            residue: u32::from_le_bytes(b[8..12].try_into().unwrap()),
-            status,
-        }
+        Csw::parse(&b).expect("a valid CSW")
     }
 
     fn expect_csw(bot: &mut Bot<MemStorage>, tag: u32, residue: u32, status: CswStatus) {
@@ -534,19 +415,26 @@ mod tests {
     #[test]
     fn invalid_cbws_are_refused() {
         let good = cbw(1, 0, false, TUR);
-        assert_eq!(Cbw::parse(&good[..30]), Err(CbwError::Length(30)));
-        assert_eq!(
-            Cbw::parse(&[good.clone(), vec![0]].concat()),
-            Err(CbwError::Length(32))
-        );
+        let length = |got| {
+            Err(WrapperError::Length {
+                what: "CBW",
+                want: 31,
+                got,
+            })
+        };
+        assert_eq!(Cbw::parse(&good[..30]), length(30));
+        assert_eq!(Cbw::parse(&[good.clone(), vec![0]].concat()), length(32));
         let mut bad = good.clone();
         bad[0] = b'X';
-        assert!(matches!(Cbw::parse(&bad), Err(CbwError::Signature(_))));
+        assert!(matches!(
+            Cbw::parse(&bad),
+            Err(WrapperError::Signature { .. })
+        ));
         bad = good.clone();
         bad[14] = 0;
-        assert_eq!(Cbw::parse(&bad), Err(CbwError::CommandLength(0)));
+        assert_eq!(Cbw::parse(&bad), Err(WrapperError::CommandLength(0)));
         bad[14] = 17;
-        assert_eq!(Cbw::parse(&bad), Err(CbwError::CommandLength(17)));
+        assert_eq!(Cbw::parse(&bad), Err(WrapperError::CommandLength(17)));
     }
 
     #[test]

@@ -464,14 +464,10 @@ mod tests {
     }
 
     fn cbw(tag: u32, len: u32, data_in: bool, cdb: &[u8]) -> Vec<u8> {
-        let mut b = vec![0u8; 31];
-        b[0..4].copy_from_slice(b"USBC");
-        b[4..8].copy_from_slice(&tag.to_le_bytes());
-        b[8..12].copy_from_slice(&len.to_le_bytes());
-        b[12] = if data_in { 0x80 } else { 0 };
-        b[14] = cdb.len() as u8;
-        b[15..15 + cdb.len()].copy_from_slice(cdb);
-        b
+        protocol::bot::Cbw::new(tag, len, data_in, 0, cdb)
+            .unwrap()
+            .to_bytes()
+            .to_vec()
     }
 
     struct Rig {
