@@ -12,6 +12,10 @@ pub const CSW_LEN: usize = 13;
 const CBW_SIGNATURE: u32 = 0x4342_5355;
 /// `dCSWSignature`, "USBS" little-endian.
 const CSW_SIGNATURE: u32 = 0x5342_5355;
+/// Bulk-Only Mass Storage Reset (class request to the interface, §3.1).
+pub const MASS_STORAGE_RESET: u8 = 0xff;
+/// Get Max LUN (class request to the interface, §3.2).
+pub const GET_MAX_LUN: u8 = 0xfe;
 /// `bmCBWFlags` bit 7: the data phase is device to host.
 const FLAG_IN: u8 = 0x80;
 

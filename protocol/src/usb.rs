@@ -187,6 +187,97 @@ impl SetupPacket {
     }
 }
 
+/// `bRequest` codes of the standard requests (USB 2.0 table 9-4).
+pub mod request {
+    /// GET_STATUS.
+    pub const GET_STATUS: u8 = 0;
+    /// CLEAR_FEATURE.
+    pub const CLEAR_FEATURE: u8 = 1;
+    /// SET_FEATURE.
+    pub const SET_FEATURE: u8 = 3;
+    /// SET_ADDRESS.
+    pub const SET_ADDRESS: u8 = 5;
+    /// GET_DESCRIPTOR.
+    pub const GET_DESCRIPTOR: u8 = 6;
+    /// GET_CONFIGURATION.
+    pub const GET_CONFIGURATION: u8 = 8;
+    /// SET_CONFIGURATION.
+    pub const SET_CONFIGURATION: u8 = 9;
+    /// GET_INTERFACE.
+    pub const GET_INTERFACE: u8 = 10;
+    /// SET_INTERFACE.
+    pub const SET_INTERFACE: u8 = 11;
+    /// The ENDPOINT_HALT feature selector (`wValue` of CLEAR_FEATURE/SET_FEATURE).
+    pub const ENDPOINT_HALT: u16 = 0;
+}
+
+/// `bmRequestType` values: direction, type (standard or class) and recipient.
+pub mod request_type {
+    /// Standard, host to device, to the device.
+    pub const OUT_DEVICE: u8 = 0x00;
+    /// Standard, host to device, to an interface.
+    pub const OUT_INTERFACE: u8 = 0x01;
+    /// Standard, host to device, to an endpoint.
+    pub const OUT_ENDPOINT: u8 = 0x02;
+    /// Standard, device to host, from the device.
+    pub const IN_DEVICE: u8 = 0x80;
+    /// Standard, device to host, from an interface.
+    pub const IN_INTERFACE: u8 = 0x81;
+    /// Standard, device to host, from an endpoint.
+    pub const IN_ENDPOINT: u8 = 0x82;
+    /// Class, host to device, to an interface.
+    pub const CLASS_OUT_INTERFACE: u8 = 0x21;
+    /// Class, device to host, from an interface.
+    pub const CLASS_IN_INTERFACE: u8 = 0xa1;
+}
+
+/// The standard requests that change which endpoints a device has or whether one is halted.
+/// Whoever sits between a host and a device must act on these three and not merely pass
+/// them: the client's session follows them (its endpoint table), the server carries them out
+/// through its claims, and the simulated disk's bulk endpoints start over on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateChange {
+    /// SET_CONFIGURATION(`bConfigurationValue`).
+    SetConfiguration(u8),
+    /// SET_INTERFACE: `interface` to alternate setting `alt`.
+    SetInterface {
+        /// `bInterfaceNumber`.
+        interface: u8,
+        /// `bAlternateSetting`.
+        alt: u8,
+    },
+    /// CLEAR_FEATURE(ENDPOINT_HALT) of `endpoint` (its `bEndpointAddress`).
+    ClearHalt {
+        /// `bEndpointAddress`.
+        endpoint: u8,
+    },
+}
+
+impl SetupPacket {
+    /// The state change this request asks for, if it is one of the three. Values past a
+    /// byte (which no device accepts) are truncated, as the kernel's own `usb_set_interface`
+    /// callers never send them.
+    pub fn state_change(&self) -> Option<StateChange> {
+        use request::*;
+        use request_type::*;
+        match (self.request_type(), self.request()) {
+            (OUT_DEVICE, SET_CONFIGURATION) => {
+                Some(StateChange::SetConfiguration(self.value() as u8))
+            }
+            (OUT_INTERFACE, SET_INTERFACE) => Some(StateChange::SetInterface {
+                interface: self.index() as u8,
+                alt: self.value() as u8,
+            }),
+            (OUT_ENDPOINT, CLEAR_FEATURE) if self.value() == ENDPOINT_HALT => {
+                Some(StateChange::ClearHalt {
+                    endpoint: self.index() as u8,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
 /// How a URB ended, one variant per Linux errno a host controller driver gives back.
 ///
 /// The client hands this to the kernel as `-errno` in RET_SUBMIT, so every variant maps to
@@ -316,6 +407,37 @@ pub mod transfer_flags {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exactly_three_requests_change_state() {
+        let of = |setup: [u8; 8]| SetupPacket(setup).state_change();
+        assert_eq!(
+            of([0x00, 0x09, 0x02, 0, 0, 0, 0, 0]),
+            Some(StateChange::SetConfiguration(2))
+        );
+        assert_eq!(
+            of([0x01, 0x0b, 0x01, 0, 0x01, 0, 0, 0]),
+            Some(StateChange::SetInterface {
+                interface: 1,
+                alt: 1
+            })
+        );
+        assert_eq!(
+            of([0x02, 0x01, 0x00, 0, 0x81, 0, 0, 0]),
+            Some(StateChange::ClearHalt { endpoint: 0x81 })
+        );
+        // Everything else passes through to the device: CLEAR_FEATURE of another feature,
+        // SET_FEATURE(ENDPOINT_HALT), class and vendor requests, GET_STATUS.
+        for setup in [
+            [0x02, 0x01, 0x01, 0, 0x81, 0, 0, 0],
+            [0x02, 0x03, 0x00, 0, 0x81, 0, 0, 0],
+            [0x21, 0x0b, 0x01, 0, 0x01, 0, 0, 0],
+            [0x41, 0x09, 0x02, 0, 0, 0, 0, 0],
+            [0x80, 0x00, 0x00, 0, 0, 0, 2, 0],
+        ] {
+            assert_eq!(of(setup), None, "{setup:02x?}");
+        }
+    }
 
     #[test]
     fn an_endpoint_address_splits_into_number_and_direction_and_back() {

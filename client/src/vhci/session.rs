@@ -16,7 +16,8 @@ use std::collections::{HashMap, VecDeque};
 
 use protocol::descriptors::Configuration;
 use protocol::usb::{
-    Direction, EndpointNumber, IsoPacket, SetupPacket, TransferType, UrbStatus, transfer_flags,
+    Direction, EndpointNumber, IsoPacket, SetupPacket, StateChange, TransferType, UrbStatus,
+    transfer_flags,
 };
 use protocol::usbip::{
     CmdSubmit, CmdUnlink, Pdu, PduDecoder, RetSubmit, RetUnlink, SubmitBuffer, Transferred,
@@ -40,10 +41,6 @@ pub const MAX_UNLINKS_PER_URB: usize = 4;
 /// header: the pump gathers both into one send, so a copy is only worth it for small results.
 const SPLIT_MIN: usize = 16 * 1024;
 const ENOMEM: i32 = 12;
-const REQ_SET_CONFIGURATION: u8 = 0x09;
-const REQ_SET_INTERFACE: u8 = 0x0b;
-const RT_STANDARD_DEVICE_OUT: u8 = 0x00;
-const RT_STANDARD_INTERFACE_OUT: u8 = 0x01;
 const CLASS_MASS_STORAGE: u8 = 0x08;
 const PROTOCOL_BULK_ONLY: u8 = 0x50;
 
@@ -308,14 +305,13 @@ impl EndpointTable {
 
     /// Follows a control request that the device accepted.
     fn follow(&mut self, setup: &SetupPacket) {
-        match (setup.request_type(), setup.request()) {
-            (RT_STANDARD_DEVICE_OUT, REQ_SET_CONFIGURATION) => {
-                self.set_configuration(setup.value() as u8);
+        match setup.state_change() {
+            Some(StateChange::SetConfiguration(value)) => self.set_configuration(value),
+            Some(StateChange::SetInterface { interface, alt }) => {
+                self.set_interface(interface, alt);
             }
-            (RT_STANDARD_INTERFACE_OUT, REQ_SET_INTERFACE) => {
-                self.set_interface(setup.index() as u8, setup.value() as u8);
-            }
-            _ => {}
+            // A cleared halt changes no endpoint's type or number.
+            Some(StateChange::ClearHalt { .. }) | None => {}
         }
     }
 }

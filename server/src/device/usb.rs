@@ -19,7 +19,7 @@ use nusb::transfer::{
 };
 use nusb::{Endpoint, MaybeFuture};
 use protocol::descriptors::Configuration;
-use protocol::usb::{Direction, EndpointNumber, Speed, TransferType, UrbStatus};
+use protocol::usb::{Direction, EndpointNumber, Speed, StateChange, TransferType, UrbStatus};
 use protocol::wire::{ClassTriple, DeviceId, DeviceInfo, UrbComplete, UrbId, UrbSubmit};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -417,36 +417,6 @@ fn claim_active(device: &nusb::Device) -> Result<Claimed, String> {
     Ok(claimed)
 }
 
-/// A standard request the server carries out itself instead of passing it to usbfs, which
-/// refuses them or would let the device and our claims disagree (as usbip-host does, see
-/// `drivers/usb/usbip/stub_rx.c`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Intercepted {
-    SetConfiguration(u8),
-    SetInterface { interface: u8, alt: u8 },
-    ClearHalt { endpoint: u8 },
-}
-
-impl Intercepted {
-    fn of(setup: &protocol::usb::SetupPacket) -> Option<Self> {
-        const SET_CONFIGURATION: (u8, u8) = (0x00, 9);
-        const SET_INTERFACE: (u8, u8) = (0x01, 11);
-        const CLEAR_FEATURE_ENDPOINT: (u8, u8) = (0x02, 1);
-        const ENDPOINT_HALT: u16 = 0;
-        match (setup.request_type(), setup.request()) {
-            SET_CONFIGURATION => Some(Self::SetConfiguration(setup.value() as u8)),
-            SET_INTERFACE => Some(Self::SetInterface {
-                interface: setup.index() as u8,
-                alt: setup.value() as u8,
-            }),
-            CLEAR_FEATURE_ENDPOINT if setup.value() == ENDPOINT_HALT => Some(Self::ClearHalt {
-                endpoint: setup.index() as u8,
-            }),
-            _ => None,
-        }
-    }
-}
-
 impl UsbDevice {
     fn transfer_type(&self, urb: &UrbSubmit) -> TransferType {
         lock(&self.claimed)
@@ -515,18 +485,18 @@ impl UsbDevice {
             let _ = done.send(completion(urb.id, UrbStatus::Invalid));
             return;
         };
-        let intercepted = Intercepted::of(&setup);
+        let intercepted = setup.state_change();
         if let Some(request) = intercepted {
             debug!(id = ?urb.id, ?request, "standard request carried out by the server");
         }
         match intercepted {
-            Some(Intercepted::SetConfiguration(value)) => {
+            Some(StateChange::SetConfiguration(value)) => {
                 self.set_configuration(urb.id, value, done)
             }
-            Some(Intercepted::SetInterface { interface, alt }) => {
+            Some(StateChange::SetInterface { interface, alt }) => {
                 self.set_interface(urb.id, interface, alt, done)
             }
-            Some(Intercepted::ClearHalt { endpoint }) => self.clear_halt(urb.id, endpoint, done),
+            Some(StateChange::ClearHalt { endpoint }) => self.clear_halt(urb.id, endpoint, done),
             None => self.pass_through_control(urb, setup, done),
         }
     }
@@ -791,40 +761,6 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::Intercepted;
-    use protocol::usb::SetupPacket;
-
-    #[test]
-    fn the_server_carries_out_exactly_the_requests_that_change_its_claims() {
-        let of = |setup: [u8; 8]| Intercepted::of(&SetupPacket(setup));
-        assert_eq!(
-            of([0x00, 0x09, 0x02, 0, 0, 0, 0, 0]),
-            Some(Intercepted::SetConfiguration(2))
-        );
-        assert_eq!(
-            of([0x01, 0x0b, 0x01, 0, 0x01, 0, 0, 0]),
-            Some(Intercepted::SetInterface {
-                interface: 1,
-                alt: 1
-            })
-        );
-        assert_eq!(
-            of([0x02, 0x01, 0x00, 0, 0x81, 0, 0, 0]),
-            Some(Intercepted::ClearHalt { endpoint: 0x81 })
-        );
-        // Everything else goes to the device as it is: CLEAR_FEATURE of another feature,
-        // SET_FEATURE(ENDPOINT_HALT), class and vendor requests, GET_STATUS.
-        for setup in [
-            [0x02, 0x01, 0x01, 0, 0x81, 0, 0, 0],
-            [0x02, 0x03, 0x00, 0, 0x81, 0, 0, 0],
-            [0x21, 0x0b, 0x01, 0, 0x01, 0, 0, 0],
-            [0x41, 0x09, 0x02, 0, 0, 0, 0, 0],
-            [0x80, 0x00, 0x00, 0, 0, 0, 2, 0],
-        ] {
-            assert_eq!(of(setup), None, "{setup:02x?}");
-        }
-    }
-
     /// nusb's blocking calls (SET_INTERFACE, CLEAR_HALT, opening) are `MaybeFuture`s that
     /// panicked when awaited unless nusb's `tokio` feature is on: every SET_INTERFACE of a
     /// network adapter killed a runtime worker. Opening /dev/null is such a call that fails

@@ -13,35 +13,14 @@ use super::descriptors::{
     Strings,
 };
 
-/// `bRequest` values, from USB 2.0 table 9-4 and the BOT spec section 3.
+/// `bRequest` values: the standard ones, and the Bulk-Only class's two.
 mod req {
-    pub const GET_STATUS: u8 = 0;
-    pub const CLEAR_FEATURE: u8 = 1;
-    pub const SET_FEATURE: u8 = 3;
-    pub const SET_ADDRESS: u8 = 5;
-    pub const GET_DESCRIPTOR: u8 = 6;
-    pub const GET_CONFIGURATION: u8 = 8;
-    pub const SET_CONFIGURATION: u8 = 9;
-    pub const GET_INTERFACE: u8 = 10;
-    pub const SET_INTERFACE: u8 = 11;
-    pub const GET_MAX_LUN: u8 = 0xfe;
-    pub const MASS_STORAGE_RESET: u8 = 0xff;
+    pub use protocol::bot::{GET_MAX_LUN, MASS_STORAGE_RESET};
+    pub use protocol::usb::request::*;
 }
 
-/// `bmRequestType` values: direction, type (standard or class) and recipient.
-mod rt {
-    pub const OUT_DEVICE: u8 = 0x00;
-    pub const OUT_INTERFACE: u8 = 0x01;
-    pub const OUT_ENDPOINT: u8 = 0x02;
-    pub const IN_DEVICE: u8 = 0x80;
-    pub const IN_INTERFACE: u8 = 0x81;
-    pub const IN_ENDPOINT: u8 = 0x82;
-    pub const CLASS_OUT_INTERFACE: u8 = 0x21;
-    pub const CLASS_IN_INTERFACE: u8 = 0xa1;
-}
-
-/// The ENDPOINT_HALT feature selector.
-const ENDPOINT_HALT: u16 = 0;
+use protocol::usb::request::ENDPOINT_HALT;
+use protocol::usb::request_type as rt;
 
 /// How endpoint 0 answers a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
