@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use protocol::usb::{Direction, EndpointNumber};
 use protocol::wire::{
-    AttachHandle, DeviceInfo, Event, UrbClientMessage, UrbServerMessage, UrbWindow,
+    AttachHandle, DeviceInfo, EndReason, Event, UrbClientMessage, UrbServerMessage, UrbWindow,
 };
 use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{debug, info, warn};
@@ -51,8 +51,11 @@ pub enum AttachEnd {
     /// The port was detached on this machine (`p2p-usb-client detach`, or the kernel dropped
     /// it).
     KernelDetached,
-    /// The device was unplugged from the server, or the server ended the attachment.
-    ServerEnded(String),
+    /// The server ended the attachment, and said why (unplugged, revoked, shutting down, a
+    /// device error): the supervisor waits for the device to be announced again.
+    ServerEnded(EndReason),
+    /// The server closed the attachment's URB stream without an event saying why.
+    StreamEnded(String),
     /// The connection to the server is gone.
     ConnectionLost(String),
     /// We were asked to stop (Ctrl-C, SIGTERM).
@@ -158,7 +161,7 @@ pub async fn attach(
         let _ = link_handle.finished().await;
         if !matches!(
             end,
-            AttachEnd::ServerEnded(_) | AttachEnd::ConnectionLost(_)
+            AttachEnd::ServerEnded(_) | AttachEnd::StreamEnded(_) | AttachEnd::ConnectionLost(_)
         ) {
             let _ = conn.detach(handle).await;
         }
@@ -359,7 +362,7 @@ impl PortRun {
                 }
                 event = events.recv() => match event {
                     Ok(Event::AttachmentEnded { handle, reason }) if handle == self.handle => {
-                        return AttachEnd::ServerEnded(format!("{reason:?}"));
+                        return AttachEnd::ServerEnded(reason);
                     }
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => {
@@ -399,7 +402,7 @@ impl PortRun {
             FromServer::Message(_, UrbServerMessage::UnlinkDone { id, cancelled }) => {
                 self.session.on_unlink_done(id, cancelled)
             }
-            FromServer::StreamEnded(why) => return Some(AttachEnd::ServerEnded(why)),
+            FromServer::StreamEnded(why) => return Some(AttachEnd::StreamEnded(why)),
         }
         None
     }

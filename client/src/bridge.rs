@@ -177,7 +177,9 @@ async fn handle(
             let _ = link_handle.finished().await;
             if !matches!(
                 end,
-                AttachEnd::ServerEnded(_) | AttachEnd::ConnectionLost(_)
+                AttachEnd::ServerEnded(_)
+                    | AttachEnd::StreamEnded(_)
+                    | AttachEnd::ConnectionLost(_)
             ) {
                 let _ = conn.detach(handle).await;
             }

@@ -380,8 +380,10 @@ impl Server {
             lock(&self.claims).remove(&device);
             match e {
                 OpenError::Gone(_) => AttachRefusal::Gone,
-                OpenError::Claim(why) => {
-                    AttachRefusal::ClaimFailed(why.chars().take(200).collect())
+                // The reason crosses to the client, which shows it: the whole message, with
+                // what to do, cut to a bound.
+                e @ (OpenError::Permission(_) | OpenError::Busy(_) | OpenError::Claim(_)) => {
+                    AttachRefusal::ClaimFailed(e.to_string().chars().take(200).collect())
                 }
             }
         })

@@ -32,7 +32,16 @@ pub enum OpenError {
     /// The id names no device (it was unplugged, or never existed).
     #[error("no device with id {0:?}")]
     Gone(DeviceId),
-    /// The OS refused: permissions, or a kernel driver that would not let go.
+    /// The OS refused us the device node or an interface: what fixes it is the operator's.
+    #[error(
+        "no permission to claim the device ({0}); run the server as root, or install its udev rule (server/deploy/70-p2p-usb.rules)"
+    )]
+    Permission(String),
+    /// Someone else holds it: a kernel driver that would not let go, another program, or
+    /// (for a simulated disk) another attachment.
+    #[error("the device is in use: {0}")]
+    Busy(String),
+    /// Anything else the OS said.
     #[error("could not claim the device: {0}")]
     Claim(String),
 }

@@ -248,8 +248,8 @@ impl DeviceSource for UsbSource {
         let device = nusb_info
             .open()
             .wait()
-            .map_err(|e| OpenError::Claim(e.to_string()))?;
-        let claimed = claim_active(&device).map_err(OpenError::Claim)?;
+            .map_err(|e| open_error(id, "opening it", e))?;
+        let claimed = claim_active(&device)?;
         Ok(Box::new(UsbDevice {
             device,
             info,
@@ -397,11 +397,28 @@ struct UsbDevice {
 }
 
 /// Detaches the kernel drivers from, and claims, every interface of the active configuration.
+/// An OS error while opening device `id`, by what the operator can do about it.
+fn open_error(id: DeviceId, doing: &str, e: nusb::Error) -> OpenError {
+    match e.kind() {
+        nusb::ErrorKind::Disconnected | nusb::ErrorKind::NotFound => OpenError::Gone(id),
+        _ => open_error_at(doing, e),
+    }
+}
+
+fn open_error_at(doing: &str, e: nusb::Error) -> OpenError {
+    let why = format!("{doing}: {e}");
+    match e.kind() {
+        nusb::ErrorKind::PermissionDenied => OpenError::Permission(why),
+        nusb::ErrorKind::Busy => OpenError::Busy(why),
+        _ => OpenError::Claim(why),
+    }
+}
+
 /// Blocking: each claim is an ioctl that may wait on a driver's unbind.
-fn claim_active(device: &nusb::Device) -> Result<Claimed, String> {
+fn claim_active(device: &nusb::Device) -> Result<Claimed, OpenError> {
     let config = device
         .active_configuration()
-        .map_err(|e| format!("device is not configured: {e}"))?;
+        .map_err(|e| OpenError::Claim(format!("the device is not configured: {e}")))?;
     let numbers: Vec<u8> = config.interfaces().map(|i| i.interface_number()).collect();
     let mut claimed = Claimed {
         interfaces: Vec::new(),
@@ -411,7 +428,7 @@ fn claim_active(device: &nusb::Device) -> Result<Claimed, String> {
         let iface = device
             .detach_and_claim_interface(n)
             .wait()
-            .map_err(|e| format!("interface {n}: {e}"))?;
+            .map_err(|e| open_error_at(&format!("claiming interface {n}"), e))?;
         claimed.interfaces.push(iface);
     }
     Ok(claimed)
@@ -523,7 +540,7 @@ impl UsbDevice {
                     .set_configuration(value)
                     .wait()
                     .map_err(|e| e.to_string())?;
-                claim_active(&device)
+                claim_active(&device).map_err(|e| e.to_string())
             })
             .await;
             let status = match switched {

@@ -223,7 +223,7 @@ impl DeviceSource for SimSource {
             .find(|d| d.info.id == id)
             .ok_or(OpenError::Gone(id))?;
         if disk.claimed.swap(true, Ordering::AcqRel) {
-            return Err(OpenError::Claim(format!(
+            return Err(OpenError::Busy(format!(
                 "simulated disk {} is already open",
                 disk.info.bus_id
             )));
@@ -561,7 +561,7 @@ mod tests {
         let rig = Rig::new();
         assert!(matches!(
             rig.source.open(DeviceId(1)),
-            Err(OpenError::Claim(_))
+            Err(OpenError::Busy(_))
         ));
         assert!(matches!(
             rig.source.open(DeviceId(9)),
