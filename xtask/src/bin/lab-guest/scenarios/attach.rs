@@ -8,14 +8,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 
 use super::project::{
-    attach_disk, client, client_id, show_client_log, show_server_log, start_server,
-    vhci_port_in_use, vhci_ports_in_use,
+    SharedDisk, attach_disk, client, show_client_log, show_server_log, vhci_port_in_use,
+    vhci_ports_in_use,
 };
 use crate::bench::{self, MIB};
-use crate::gadget::Gadget;
 use crate::report::{log, metric};
+use crate::sys;
 use crate::usbdev::{self, Via};
-use crate::{modules, sys};
 
 const SIZE: usize = 64 * MIB;
 const WRITE: usize = 16 * MIB;
@@ -23,15 +22,14 @@ const BUFFERED: usize = 4 * MIB;
 
 /// Attach, read, write, read back, detach, check the gadget is local again.
 pub fn run() -> Result<()> {
-    modules::load(modules::STORAGE)?;
-    modules::load(modules::USBIP)?;
-    let backing = Path::new("/tmp/attach.img");
-    bench::pattern_file(backing, SIZE, 0xa7)?;
-    let gadget = Gadget::local_disk(backing)?;
-    let vid_pid = gadget.vid_pid();
-
-    let friend = client_id("friend")?;
-    let (mut server, ticket) = start_server(&["--share", &vid_pid, "--allow", &friend])?;
+    let SharedDisk {
+        gadget,
+        backing,
+        vid_pid,
+        ticket,
+        mut server,
+    } = SharedDisk::start("attach", SIZE, 0xa7)?;
+    let backing = backing.as_path();
     let t0 = Instant::now();
     let (mut attached, disk) = attach_disk("friend", &ticket, &vid_pid, gadget.vid, gadget.pid)?;
     let secs = t0.elapsed().as_secs_f64();

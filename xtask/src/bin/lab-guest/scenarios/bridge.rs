@@ -1,34 +1,31 @@
 //! `--usbip-listen`: Linux's own `usbip attach` imports the exported gadget through our
 //! tunnel, as an unmodified USB/IP client would.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 
-use super::project::{client_id, show_client_log, show_server_log, spawn_client, start_server};
+use super::project::{SharedDisk, show_client_log, show_server_log, spawn_client};
 use crate::bench::{self, MIB};
-use crate::gadget::Gadget;
 use crate::report::{log, metric};
+use crate::sys;
 use crate::usbdev::{self, Via};
-use crate::{modules, sys};
 
 const SIZE: usize = 32 * MIB;
 const USBIP: &str = "/usr/sbin/usbip";
 
 /// Bridge, list, import with `usbip attach`, read byte-exact, detach.
 pub fn run() -> Result<()> {
-    modules::load(modules::STORAGE)?;
-    modules::load(modules::USBIP)?;
-    let backing = Path::new("/tmp/bridge.img");
-    bench::pattern_file(backing, SIZE, 0xb1)?;
-    let gadget = Gadget::local_disk(backing)?;
+    let SharedDisk {
+        gadget,
+        backing,
+        ticket,
+        mut server,
+        ..
+    } = SharedDisk::start("bridge", SIZE, 0xb1)?;
+    let backing = backing.as_path();
     let busid = gadget.busid()?;
-    let vid_pid = gadget.vid_pid();
-
-    let friend = client_id("friend")?;
-    let (mut server, ticket) = start_server(&["--share", &vid_pid, "--allow", &friend])?;
     let _bridge = spawn_client(
         "friend",
         &["attach", &ticket, "--usbip-listen", "127.0.0.1:3240"],

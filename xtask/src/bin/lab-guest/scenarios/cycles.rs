@@ -2,17 +2,15 @@
 //! the vhci ports in use, must be the same after the last cycle as after the first. (CI runs
 //! a few dozen cycles; that is enough to see a leak of one fd or one port per cycle.)
 
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 
-use super::project::{attach_disk, client_id, detach_and_wait, start_server, vhci_ports_in_use};
+use super::project::{SharedDisk, attach_disk, detach_and_wait, vhci_ports_in_use};
 use crate::bench::{self, MIB};
-use crate::gadget::Gadget;
 use crate::report::{log, metric};
+use crate::sys;
 use crate::usbdev::{self, Via};
-use crate::{modules, sys};
 
 const CYCLES: usize = 12;
 /// Cycles before the baseline is taken: allocator arenas and caches fill during the first few.
@@ -29,14 +27,13 @@ pub fn soak() -> Result<()> {
 }
 
 fn cycles(count: usize) -> Result<()> {
-    modules::load(modules::STORAGE)?;
-    modules::load(modules::USBIP)?;
-    let backing = Path::new("/tmp/cycles.img");
-    bench::pattern_file(backing, 16 * MIB, 0xc1)?;
-    let gadget = Gadget::local_disk(backing)?;
-    let vid_pid = gadget.vid_pid();
-    let friend = client_id("friend")?;
-    let (mut server, ticket) = start_server(&["--share", &vid_pid, "--allow", &friend])?;
+    let SharedDisk {
+        gadget,
+        vid_pid,
+        ticket,
+        mut server,
+        ..
+    } = SharedDisk::start("cycles", 16 * MIB, 0xc1)?;
     let mut first = None;
     let mut first_fds = None;
     for cycle in 1..=count {

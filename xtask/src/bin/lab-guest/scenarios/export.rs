@@ -8,29 +8,26 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 
 use super::project::{
-    client, client_id, show_client_log, show_server_log, spawn_client, start_server,
+    SharedDisk, client, client_id, show_client_log, show_server_log, spawn_client,
 };
 
 use crate::bench::{self, MIB};
-use crate::gadget::Gadget;
 
 const SIZE: usize = 64 * MIB;
-use crate::modules;
 use crate::report::{log, metric};
 use crate::sys;
 use crate::usbdev::{self, Via};
 
 /// Export the gadget, refuse a stranger, read it byte-exact, give it back, unplug mid-read.
 pub fn run() -> Result<()> {
-    modules::load(modules::STORAGE)?;
-    let backing = Path::new("/tmp/export.img");
-    bench::pattern_file(backing, SIZE, 0xe4)?;
-    let expected = bench::md5(backing, None)?;
-    let mut gadget = Gadget::local_disk(backing)?;
-    let vid_pid = gadget.vid_pid();
-
-    let friend = client_id("friend")?;
-    let (mut server, ticket) = start_server(&["--share", &vid_pid, "--allow", &friend])?;
+    let SharedDisk {
+        mut gadget,
+        backing,
+        vid_pid,
+        ticket,
+        mut server,
+    } = SharedDisk::start("export", SIZE, 0xe4)?;
+    let expected = bench::md5(&backing, None)?;
     log!("server up, ticket {ticket}");
 
     // A peer not on the allowlist learns nothing.

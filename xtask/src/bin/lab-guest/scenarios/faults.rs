@@ -9,11 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 
 use super::project::{
-    attach_disk, client, client_id, show_server_log, start_server, vhci_port_in_use,
-    vhci_ports_in_use,
+    SharedDisk, attach_disk, client, show_server_log, vhci_port_in_use, vhci_ports_in_use,
 };
 use crate::bench::{self, MIB};
-use crate::gadget::Gadget;
 use crate::report::{log, metric};
 use crate::usbdev::{self, Via};
 use crate::{modules, netem, sys};
@@ -24,16 +22,14 @@ const LOSSY: usize = 8 * MIB;
 
 /// Integrity under loss, unplug during dd, SIGKILL of the client.
 pub fn run() -> Result<()> {
-    modules::load(modules::STORAGE)?;
-    modules::load(modules::USBIP)?;
     modules::load(modules::NETEM)?;
-    let backing = Path::new("/tmp/faults.img");
-    bench::pattern_file(backing, SIZE, 0xfa)?;
-    let mut gadget = Gadget::local_disk(backing)?;
-    let vid_pid = gadget.vid_pid();
-    let (first, second) = (client_id("first")?, client_id("second")?);
-    let (mut server, ticket) =
-        start_server(&["--share", &vid_pid, "--allow", &first, "--allow", &second])?;
+    let SharedDisk {
+        mut gadget,
+        vid_pid,
+        ticket,
+        mut server,
+        ..
+    } = SharedDisk::start_for("faults", SIZE, 0xfa, &["first", "second"])?;
 
     // 1. Integrity with 1 % packet loss and 20 ms round trips.
     let (mut attached, disk) = attach_disk("first", &ticket, &vid_pid, gadget.vid, gadget.pid)?;

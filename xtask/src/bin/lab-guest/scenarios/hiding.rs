@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 
-use super::project::{attach_disk_with, client_id, detach_and_wait, show_client_log, start_server};
+use super::project::{SharedDisk, attach_disk_with, detach_and_wait, show_client_log};
 use crate::bench::{self, MIB};
-use crate::gadget::Gadget;
 use crate::report::{log, metric};
 use crate::usbdev::{self, Via};
 use crate::{modules, netem};
@@ -21,16 +20,15 @@ const BUFFERED: usize = 4 * MIB;
 
 /// Attach tuned, check the cap, read, write and read back under netem, detach.
 pub fn run() -> Result<()> {
-    modules::load(modules::STORAGE)?;
-    modules::load(modules::USBIP)?;
     modules::load(modules::NETEM)?;
-    let backing = Path::new("/tmp/hiding.img");
-    bench::pattern_file(backing, SIZE, 0x4d)?;
-    let gadget = Gadget::local_disk(backing)?;
-    let vid_pid = gadget.vid_pid();
-
-    let friend = client_id("friend")?;
-    let (_server, ticket) = start_server(&["--share", &vid_pid, "--allow", &friend])?;
+    let SharedDisk {
+        gadget,
+        backing,
+        vid_pid,
+        ticket,
+        server: _server,
+    } = SharedDisk::start("hiding", SIZE, 0x4d)?;
+    let backing = backing.as_path();
     let flags = ["--read-ahead", "--scsi-max-sectors", "2048"];
     let (mut attached, disk) =
         attach_disk_with("friend", &flags, &ticket, &vid_pid, gadget.vid, gadget.pid)?;

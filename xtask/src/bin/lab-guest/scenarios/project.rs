@@ -258,3 +258,49 @@ pub fn vhci_port_in_use() -> Result<String> {
         .to_owned();
     Ok(if port.is_empty() { "0".into() } else { port })
 }
+
+/// The set-up most scenarios start from: a patterned disk gadget plugged into dummy_hcd and
+/// shared by our server (on loopback) to named clients only. Dropped, it stops the server
+/// first and unplugs the gadget after, the order the scenarios always had.
+pub struct SharedDisk {
+    /// The server daemon.
+    pub server: Daemon,
+    /// Its ticket.
+    pub ticket: String,
+    /// The gadget's `vid:pid`, as `--share` and `--device` take it.
+    pub vid_pid: String,
+    /// The backing file, for comparing what the client reads.
+    pub backing: std::path::PathBuf,
+    /// The disk gadget, enumerated locally.
+    pub gadget: crate::gadget::Gadget,
+}
+
+impl SharedDisk {
+    /// A `size`-byte disk at `/tmp/<name>.img` filled from `seed`, shared to `friend`.
+    pub fn start(name: &str, size: usize, seed: u64) -> Result<SharedDisk> {
+        SharedDisk::start_for(name, size, seed, &["friend"])
+    }
+
+    /// The same, allowed to every client of `clients` (each gets its key now).
+    pub fn start_for(name: &str, size: usize, seed: u64, clients: &[&str]) -> Result<SharedDisk> {
+        crate::modules::load(crate::modules::STORAGE)?;
+        crate::modules::load(crate::modules::USBIP)?;
+        let backing = std::path::PathBuf::from(format!("/tmp/{name}.img"));
+        crate::bench::pattern_file(&backing, size, seed)?;
+        let gadget = crate::gadget::Gadget::local_disk(&backing)?;
+        let vid_pid = gadget.vid_pid();
+        let mut args = vec!["--share".to_owned(), vid_pid.clone()];
+        for who in clients {
+            args.extend(["--allow".to_owned(), client_id(who)?]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (server, ticket) = start_server(&args)?;
+        Ok(SharedDisk {
+            server,
+            ticket,
+            vid_pid,
+            backing,
+            gadget,
+        })
+    }
+}
