@@ -35,6 +35,12 @@ struct Pair {
     most_on_device: usize,
     to_kernel: Vec<u8>,
     now_us: u64,
+    /// Server messages are held on the wire (not delivered) while set.
+    hold_to_client: bool,
+    /// Server messages on the wire, in order.
+    wire: Vec<(Key, UrbServerMessage)>,
+    /// The device ignores cancels while set (it is finishing the transfer anyway).
+    deaf_to_cancels: bool,
 }
 
 impl Pair {
@@ -48,7 +54,20 @@ impl Pair {
             most_on_device: 0,
             to_kernel: Vec::new(),
             now_us: 0,
+            hold_to_client: false,
+            wire: Vec::new(),
+            deaf_to_cancels: false,
         }
+    }
+
+    /// Delivers what the wire holds to the client, in order, and lets both sides settle.
+    fn release_wire(&mut self) {
+        self.hold_to_client = false;
+        for (key, msg) in std::mem::take(&mut self.wire) {
+            self.windows.entry(key).or_default().on_server(&msg);
+            deliver(&mut self.session, msg);
+        }
+        self.settle();
     }
 
     fn kernel(&mut self, bytes: &[u8]) {
@@ -155,12 +174,18 @@ impl Pair {
                 let window = self.windows.get_mut(&key).unwrap();
                 for msg in messages {
                     moved = true;
-                    window.on_server(&msg);
-                    deliver(&mut self.session, msg);
+                    if self.hold_to_client {
+                        self.wire.push((key, msg));
+                    } else {
+                        window.on_server(&msg);
+                        deliver(&mut self.session, msg);
+                    }
                 }
                 for id in cancels {
-                    // The device honours a cancel at once.
-                    self.device_completes(id, UrbStatus::Unlinked);
+                    // The device honours a cancel at once, unless told to finish regardless.
+                    if !self.deaf_to_cancels {
+                        self.device_completes(id, UrbStatus::Unlinked);
+                    }
                 }
             }
             if !moved {
@@ -235,6 +260,74 @@ fn an_unlink_behind_more_urbs_than_the_server_queue_reaches_the_device_at_once()
     assert_eq!(pair.session.in_flight(), 0);
 }
 
+/// How many times the kernel heard about each URB and each unlink: RET_SUBMITs, and
+/// RET_UNLINKs (one that says -ECONNRESET also answers its target).
+fn answers(
+    pair: &Pair,
+    submitted: &[u32],
+    unlinks: &HashMap<u32, u32>,
+) -> (HashMap<u32, usize>, HashMap<u32, usize>) {
+    let mut urbs: HashMap<u32, usize> = HashMap::new();
+    let mut unlinked: HashMap<u32, usize> = HashMap::new();
+    for pdu in pair.kernel_saw(submitted) {
+        match pdu {
+            Pdu::RetSubmit(r) => *urbs.entry(r.seqnum).or_default() += 1,
+            Pdu::RetUnlink(r) => {
+                *unlinked.entry(r.seqnum).or_default() += 1;
+                if r.status.to_errno() == ECONNRESET {
+                    *urbs.entry(unlinks[&r.seqnum]).or_default() += 1;
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    (urbs, unlinked)
+}
+
+/// A kernel unlink racing the device's completion of the same URB, in both orders: the kernel
+/// hears exactly one answer for the URB and one for the unlink either way.
+#[test]
+fn an_unlink_racing_a_completion_is_answered_once_in_both_orders() {
+    let unlinks = HashMap::from([(2, 1)]);
+    let once = HashMap::from([(1, 1)]);
+    let unlink_once = HashMap::from([(2, 1)]);
+
+    // The completion wins: it is on the wire to the client when the kernel's unlink leaves,
+    // so the server no longer knows the URB.
+    let mut pair = Pair::new();
+    pair.kernel(&bulk_in(1, LEN));
+    pair.hold_to_client = true;
+    pair.device_completes(UrbId(1), UrbStatus::Ok);
+    pair.kernel(&unlink_pdu(2, 1));
+    pair.release_wire();
+    let (urbs, unlinked) = answers(&pair, &[1], &unlinks);
+    assert_eq!((urbs, unlinked), (once.clone(), unlink_once.clone()));
+    assert_eq!(pair.session.in_flight(), 0);
+
+    // The unlink wins at the server, but the device finishes the transfer before it acts on
+    // the cancel: its completion is the answer, and the unlink is told it cancelled nothing.
+    let mut pair = Pair::new();
+    pair.kernel(&bulk_in(1, LEN));
+    pair.deaf_to_cancels = true;
+    pair.hold_to_client = true;
+    pair.kernel(&unlink_pdu(2, 1));
+    pair.device_completes(UrbId(1), UrbStatus::Ok);
+    pair.release_wire();
+    let (urbs, unlinked) = answers(&pair, &[1], &unlinks);
+    assert_eq!((urbs, unlinked), (once.clone(), unlink_once.clone()));
+    assert_eq!(pair.session.in_flight(), 0);
+
+    // The unlink wins and the device honours it.
+    let mut pair = Pair::new();
+    pair.kernel(&bulk_in(1, LEN));
+    pair.hold_to_client = true;
+    pair.kernel(&unlink_pdu(2, 1));
+    pair.release_wire();
+    let (urbs, unlinked) = answers(&pair, &[1], &unlinks);
+    assert_eq!((urbs, unlinked), (once, unlink_once));
+    assert_eq!(pair.session.in_flight(), 0);
+}
+
 /// One step of a random interleaving.
 #[derive(Debug, Clone)]
 enum Step {
@@ -244,6 +337,13 @@ enum Step {
     Unlink(u8),
     /// The device completes the n-th URB it runs (if any).
     Complete(u8),
+    /// Server messages stay on the wire from now on (races their answers with the kernel's
+    /// next unlinks).
+    Hold,
+    /// The wire delivers what it holds.
+    Release,
+    /// The device ignores (true) or honours (false) cancels from now on.
+    Deaf(bool),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -251,6 +351,9 @@ fn step() -> impl Strategy<Value = Step> {
         (1u8..40).prop_map(Step::Submit),
         any::<u8>().prop_map(Step::Unlink),
         any::<u8>().prop_map(Step::Complete),
+        Just(Step::Hold),
+        Just(Step::Release),
+        any::<bool>().prop_map(Step::Deaf),
     ]
 }
 
@@ -288,28 +391,20 @@ proptest! {
                     let id = pair.on_device[n as usize % pair.on_device.len()];
                     pair.device_completes(id, UrbStatus::Ok);
                 }
+                Step::Hold => pair.hold_to_client = true,
+                Step::Release => pair.release_wire(),
+                Step::Deaf(deaf) => pair.deaf_to_cancels = deaf,
                 _ => {}
             }
         }
-        // Then the device finishes everything.
+        // Then the wire delivers and the device finishes everything.
+        pair.release_wire();
         while let Some(&id) = pair.on_device.first() {
             pair.device_completes(id, UrbStatus::Ok);
         }
+        pair.release_wire();
         prop_assert!(pair.most_on_device <= DEPTH);
-        let mut answered: HashMap<u32, usize> = HashMap::new();
-        let mut unlink_answers: HashMap<u32, usize> = HashMap::new();
-        for pdu in pair.kernel_saw(&submitted) {
-            match pdu {
-                Pdu::RetSubmit(r) => *answered.entry(r.seqnum).or_default() += 1,
-                Pdu::RetUnlink(r) => {
-                    *unlink_answers.entry(r.seqnum).or_default() += 1;
-                    if r.status.to_errno() == ECONNRESET {
-                        *answered.entry(unlinks[&r.seqnum]).or_default() += 1;
-                    }
-                }
-                other => prop_assert!(false, "unexpected {other:?}"),
-            }
-        }
+        let (answered, unlink_answers) = answers(&pair, &submitted, &unlinks);
         for s in &submitted {
             prop_assert_eq!(answered.get(s).copied(), Some(1), "URB {} answered once", s);
         }
