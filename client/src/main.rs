@@ -402,6 +402,7 @@ async fn attach(
     pin: Option<String>,
     telemetry: &client::telemetry::TelemetryArgs,
 ) -> anyhow::Result<()> {
+    let _stalls = StallWatch(daemon::watch_runtime_stalls());
     let vhci = Arc::new(Vhci::new(RealSys::default()));
     // Fail before touching the network if this machine cannot attach anything.
     vhci.nports()?;
@@ -565,6 +566,7 @@ async fn client_endpoint(cli: &Cli) -> anyhow::Result<iroh::Endpoint> {
 
 /// `run`: one supervisor per server that an auto-attach rule names, until Ctrl-C/SIGTERM.
 async fn run(cli: &Cli) -> anyhow::Result<()> {
+    let _stalls = StallWatch(daemon::watch_runtime_stalls());
     let config = config(cli)?;
     for warning in &config.warnings {
         tracing::warn!("{warning}");
@@ -786,4 +788,13 @@ fn device_json(d: &DeviceInfo) -> serde_json::Value {
         "speed": format!("{:?}", d.speed), "manufacturer": d.manufacturer,
         "product": d.product, "serial": d.serial,
     })
+}
+
+/// Stops the runtime-stall watcher when the command that started it ends.
+struct StallWatch(tokio::task::JoinHandle<()>);
+
+impl Drop for StallWatch {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

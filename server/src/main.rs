@@ -405,6 +405,8 @@ async fn list(cli: &Cli, all: bool) -> anyhow::Result<()> {
 }
 
 async fn run(cli: &Cli) -> anyhow::Result<()> {
+    // Runs until the process ends.
+    daemon::watch_runtime_stalls();
     let Settings {
         config,
         share,

@@ -144,6 +144,42 @@ pub async fn shutdown_signal() -> std::io::Result<()> {
     }
 }
 
+/// How often [`watch_runtime_stalls`] looks at the clock.
+const STALL_TICK: std::time::Duration = std::time::Duration::from_millis(250);
+/// A tick this late is reported: a third of the default idle timeout, so a stall that could
+/// cost the connection is in the log before the connection is lost.
+const STALL_REPORT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Logs a warning whenever the runtime this is spawned on did not get to run for a while.
+/// Keep-alives and acknowledgements are sent by the same runtime, so a stall past the idle
+/// timeout drops every connection; the warning tells a blocking call on a runtime thread or
+/// a starved CPU apart from a network that went quiet. Four wake-ups a second.
+pub fn watch_runtime_stalls() -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async {
+        let mut tick = tokio::time::interval(STALL_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = tokio::time::Instant::now();
+        loop {
+            tick.tick().await;
+            let now = tokio::time::Instant::now();
+            if let Some(late) = stall(now - last) {
+                tracing::warn!(
+                    late_ms = late.as_millis() as u64,
+                    "the runtime did not run for {:.2} s: a blocking call on one of its threads, or no CPU for this process",
+                    (now - last).as_secs_f64()
+                );
+            }
+            last = now;
+        }
+    })
+}
+
+/// How late a tick that came `since` after the previous one is, if worth reporting.
+fn stall(since: std::time::Duration) -> Option<std::time::Duration> {
+    let late = since.saturating_sub(STALL_TICK);
+    (late >= STALL_REPORT).then_some(late)
+}
+
 /// This process's peak resident set size in MiB (`VmHWM`), 0 where /proc is missing: the
 /// memory figure the benchmarks and the status line report.
 pub fn peak_rss_mib() -> f64 {
@@ -220,6 +256,17 @@ mod tests {
         assert_eq!(e.to_string(), "f:3:1: m");
         let e = ConfigError::invalid(text, Path::new("f"), text.find('é').unwrap() + 1, "m");
         assert_eq!(e.to_string(), "f:2:2: m");
+    }
+
+    #[test]
+    fn only_ticks_late_by_half_a_second_are_stalls() {
+        use std::time::Duration;
+        assert_eq!(stall(Duration::from_millis(250)), None);
+        assert_eq!(stall(Duration::from_millis(700)), None);
+        assert_eq!(
+            stall(Duration::from_millis(2250)),
+            Some(Duration::from_secs(2))
+        );
     }
 
     #[test]

@@ -12,6 +12,9 @@ use crate::sys;
 
 pub const SERVER: &str = "/usr/bin/p2p-usb-server";
 pub const CLIENT: &str = "/usr/bin/p2p-usb-client";
+/// The daemons' log filter: our own crates' debug lines (standard requests carried out, port
+/// and stream ends; a few per attachment), everything else at info or quieter.
+const DAEMON_LOG: &str = "info,server=debug,client=debug,transport=debug,iroh=warn,noq=warn";
 
 /// A project daemon running as our child, killed when the scenario ends.
 pub struct Daemon {
@@ -56,7 +59,7 @@ pub fn start_server_on(bind: &str, args: &[&str]) -> Result<(Daemon, String)> {
         .args(["--bind", bind, "--ticket-file"])
         .arg(ticket_file)
         .env("P2P_USB_SERVER_KEY", "/tmp/keys/server.key")
-        .env("RUST_LOG", "info,iroh=warn,noq=warn")
+        .env("RUST_LOG", DAEMON_LOG)
         .stdout(Stdio::null())
         .stderr(log_file)
         .spawn()
@@ -133,7 +136,7 @@ pub fn spawn_client(who: &str, args: &[&str]) -> Result<Daemon> {
     let child = Command::new(CLIENT)
         .args(args)
         .env("P2P_USB_CLIENT_KEY", format!("/tmp/keys/{who}.key"))
-        .env("RUST_LOG", "info,iroh=warn,noq=warn")
+        .env("RUST_LOG", DAEMON_LOG)
         .stdout(log_file.try_clone()?)
         .stderr(log_file)
         .spawn()

@@ -212,6 +212,20 @@ fn run_route(kind: &Kind, g: &Gadget, route: Route) -> Result<(), String> {
         for n in &notes {
             log!("kinds: {} {}: {n}", kind.name, route.name());
         }
+        if route == Route::Ours {
+            // The console gets the daemons' last lines too (timestamps to set beside dmesg's):
+            // whether a daemon stalled, lost its connection or ended a stream, and when.
+            for (file, who) in [
+                ("/tmp/server.log", "server"),
+                ("/tmp/client-friend.log", "client"),
+            ] {
+                let text = fs::read_to_string(file).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                for l in &lines[lines.len().saturating_sub(15)..] {
+                    log!("kinds: {} {who} log: {}", kind.name, strip_ansi(l));
+                }
+            }
+        }
     }
     emit(
         kind,
