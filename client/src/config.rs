@@ -22,6 +22,8 @@ pub struct Config {
     pub key_file: Option<PathBuf>,
     /// Use n0's public relays to reach servers behind NAT.
     pub relay: bool,
+    /// Give up on a silent server after this long (`--idle-timeout-ms`).
+    pub idle_timeout_ms: Option<u64>,
     /// Record per-URB latency telemetry (see `attach --telemetry`); off unless set.
     pub telemetry: Telemetry,
     /// Servers by name.

@@ -48,6 +48,12 @@ struct Cli {
     /// Use n0's public relays to reach servers behind NAT.
     #[arg(long, global = true)]
     relay: bool,
+    /// Give up on a silent server after this many milliseconds without a packet (its devices
+    /// are detached here, and `run` reconnects) [default: the config's idle_timeout_ms, else
+    /// 1500]. Longer rides out network blips; the server's own setting decides when it frees
+    /// the devices of a client that vanished.
+    #[arg(long, global = true, env = "P2P_USB_IDLE_TIMEOUT_MS")]
+    idle_timeout_ms: Option<u64>,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -559,7 +565,11 @@ async fn client_endpoint(cli: &Cli) -> anyhow::Result<iroh::Endpoint> {
         bind: vec![],
         relays: cli.relay || config(cli)?.relay,
         port_mapping: false,
-        idle_timeout: Duration::from_millis(1500),
+        idle_timeout: Duration::from_millis(
+            cli.idle_timeout_ms
+                .or(config(cli)?.idle_timeout_ms)
+                .unwrap_or(1500),
+        ),
     };
     Ok(bind_endpoint(key, vec![], &net).await?)
 }

@@ -37,6 +37,12 @@ pub struct NetConfig {
     pub idle_timeout: Duration,
 }
 
+/// The shortest idle timeout: below it a keep-alive (a sixth of it) would go out every few
+/// milliseconds and a scheduling hiccup would drop the connection.
+const MIN_IDLE_TIMEOUT: Duration = Duration::from_millis(100);
+/// The longest: a vanished peer's devices stay claimed this long.
+const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Keep-alives per idle timeout. QUIC restarts the idle timer at the first ack-eliciting
 /// packet sent after the last one received (RFC 9000 §10.1), and when the peer has gone quiet
 /// that packet is our next keep-alive; so a dead peer is noticed one keep-alive interval after
@@ -79,8 +85,8 @@ pub enum BindError {
         /// iroh's reason.
         reason: String,
     },
-    /// The idle timeout does not fit QUIC's encoding.
-    #[error("idle timeout {0:?} is out of range")]
+    /// The idle timeout is too short to carry keep-alives, or longer than anyone waits.
+    #[error("idle timeout {0:?} is out of range; expected 100 ms to 10 minutes")]
     IdleTimeout(Duration),
     /// iroh failed to bind.
     #[error("could not bind the iroh endpoint: {0}")]
@@ -93,6 +99,9 @@ pub async fn bind_endpoint(
     alpns: Vec<Vec<u8>>,
     config: &NetConfig,
 ) -> Result<Endpoint, BindError> {
+    if !(MIN_IDLE_TIMEOUT..=MAX_IDLE_TIMEOUT).contains(&config.idle_timeout) {
+        return Err(BindError::IdleTimeout(config.idle_timeout));
+    }
     let idle = config
         .idle_timeout
         .try_into()
@@ -137,4 +146,22 @@ pub async fn bind_endpoint(
         .bind()
         .await
         .map_err(|e| BindError::Bind(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_idle_timeout_out_of_range_is_refused_before_binding() {
+        for ms in [0, 99, 600_001] {
+            let config = NetConfig {
+                idle_timeout: Duration::from_millis(ms),
+                ..NetConfig::loopback()
+            };
+            let key = SecretKey::from_bytes(&[7; 32]);
+            let e = bind_endpoint(key, vec![], &config).await.unwrap_err();
+            assert!(matches!(e, BindError::IdleTimeout(_)), "{ms} ms: {e}");
+        }
+    }
 }
