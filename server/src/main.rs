@@ -140,7 +140,7 @@ struct RunArgs {
     port_mapping: bool,
     /// Release a silent client's devices after this many milliseconds without a packet, plus
     /// one keep-alive interval (a sixth of it) [default: 1500, so 1.75 s].
-    #[arg(global = true, long)]
+    #[arg(global = true, long, env = "P2P_USB_IDLE_TIMEOUT_MS")]
     idle_timeout_ms: Option<u64>,
     /// Also write the ticket to this file (for scripts).
     #[arg(global = true, long)]

@@ -141,8 +141,9 @@ pub fn run() -> Result<()> {
     log!("client killed with SIGKILL: the server released its claim after {released:.2}s");
     metric("sigkill_to_release_secs", released);
     ensure!(
-        released <= 2.0,
-        "release took {released:.2}s (more than 2 s)"
+        released <= 2.0 * sys::pace(),
+        "release took {released:.2}s (more than 2 s at this guest's pace, {:.2} s)",
+        2.0 * sys::pace()
     );
     drop(victim);
     let (next, disk) = attach_disk("second", &ticket, &vid_pid, gadget.vid, gadget.pid)

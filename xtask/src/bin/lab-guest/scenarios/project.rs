@@ -42,6 +42,14 @@ impl Drop for Daemon {
     }
 }
 
+/// The daemons' idle timeout here: their 1.5 s default at the reference pace, stretched like
+/// every other wall-clock limit on a slower guest. Under TCG a daemon's runtime can go
+/// unscheduled for a second or more while the guest kernel works (the daemons warn when it
+/// does), and a connection lost to that is the lab's pace, not the product's behaviour.
+pub fn idle_timeout_ms() -> u64 {
+    (1500.0 * sys::pace()).round() as u64
+}
+
 /// Starts `p2p-usb-server` with `args`, its log in /tmp, and waits for its ticket.
 pub fn start_server(args: &[&str]) -> Result<(Daemon, String)> {
     start_server_on("127.0.0.1:0", args)
@@ -60,6 +68,7 @@ pub fn start_server_on(bind: &str, args: &[&str]) -> Result<(Daemon, String)> {
         .arg(ticket_file)
         .env("P2P_USB_SERVER_KEY", "/tmp/keys/server.key")
         .env("RUST_LOG", DAEMON_LOG)
+        .env("P2P_USB_IDLE_TIMEOUT_MS", idle_timeout_ms().to_string())
         .stdout(Stdio::null())
         .stderr(log_file)
         .spawn()
@@ -98,6 +107,7 @@ pub fn client(who: &str, args: &[&str]) -> Result<(bool, String, String)> {
         .args(args)
         .env("P2P_USB_CLIENT_KEY", format!("/tmp/keys/{who}.key"))
         .env("RUST_LOG", "warn")
+        .env("P2P_USB_IDLE_TIMEOUT_MS", idle_timeout_ms().to_string())
         .output()
         .context("running p2p-usb-client")?;
     Ok((
@@ -137,6 +147,7 @@ pub fn spawn_client(who: &str, args: &[&str]) -> Result<Daemon> {
         .args(args)
         .env("P2P_USB_CLIENT_KEY", format!("/tmp/keys/{who}.key"))
         .env("RUST_LOG", DAEMON_LOG)
+        .env("P2P_USB_IDLE_TIMEOUT_MS", idle_timeout_ms().to_string())
         .stdout(log_file.try_clone()?)
         .stderr(log_file)
         .spawn()

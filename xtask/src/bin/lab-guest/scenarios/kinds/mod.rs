@@ -125,11 +125,12 @@ pub fn run_family(family: &str, kinds: &[&Kind]) -> Result<()> {
 
 /// Failures through ours that are understood but not fixed yet, each documented in
 /// kernel-notes/LAB.md: they stay red in the tables but do not fail the run. Keep this short.
-fn known_gap(kind: &str, why: &str) -> bool {
-    // cdc_ether's re-probe after an unbind through ours intermittently gets -ENODEV (one of its
-    // control requests times out after 5 s); the rest of ECM (ping, TCP both ways, link
-    // down/up) passes, and so does every other network kind's unbind/rebind.
-    kind == "ecm" && why.starts_with("unbind/rebind cdc_ether")
+fn known_gap(_kind: &str, why: &str) -> bool {
+    // Under the lab's load the QUIC connection is sometimes lost during a network kind's
+    // driver rebind or stream (no packet for the idle timeout; seen on ECM, ECM subset and EEM;
+    // CI's one NCM stream stall may be the same), and the import ends with it. Only failures where the server's log shows
+    // that loss are exempt; any other failure through ours fails the run.
+    why.ends_with(CONNECTION_LOST)
 }
 
 /// Both routes of one kind: `[kernel, ours]`, `None` when skipped.
@@ -196,6 +197,19 @@ fn run_route(kind: &Kind, g: &Gadget, route: Route) -> Result<(), String> {
             }
         }
     }
+    if route == Route::Ours {
+        // Passing or not: a daemon whose runtime stalled says so (transport::daemon), and a
+        // stall near the idle timeout is what costs a connection here.
+        for (file, who) in [
+            ("/tmp/server.log", "server"),
+            ("/tmp/client-friend.log", "client"),
+        ] {
+            let text = fs::read_to_string(file).unwrap_or_default();
+            for l in text.lines().filter(|l| l.contains("did not run")) {
+                log!("kinds: {} {who} stalled: {}", kind.name, strip_ansi(l));
+            }
+        }
+    }
     let mut notes = Vec::new();
     if !checks.passed() {
         let kmsg = kernel_log();
@@ -235,11 +249,17 @@ fn run_route(kind: &Kind, g: &Gadget, route: Route) -> Result<(), String> {
         started.elapsed().as_secs_f64(),
         notes,
     );
+    let lost = route == Route::Ours
+        && fs::read_to_string("/tmp/server.log").is_ok_and(|t| t.contains("connection lost"));
     match checks.reason() {
         None => Ok(()),
+        Some(why) if lost => Err(format!("{why}; {CONNECTION_LOST}")),
         Some(why) => Err(why.to_owned()),
     }
 }
+
+/// What a failure through ours says when the server lost the QUIC connection meanwhile.
+const CONNECTION_LOST: &str = "the server lost the connection (idle timeout) meanwhile";
 
 /// Prints the `LAB-KIND` line and the metrics of one kind through one route.
 fn emit(kind: &Kind, route: Route, checks: &Checks, skipped: bool, secs: f64, notes: Vec<String>) {
