@@ -64,6 +64,17 @@ pub enum AttachEnd {
     Violation(String),
 }
 
+impl AttachEnd {
+    /// Whether the server may still hold the attachment, so ending it here owes it a detach:
+    /// not when the server ended it, closed its stream, or the connection is gone.
+    pub fn server_still_attached(&self) -> bool {
+        !matches!(
+            self,
+            AttachEnd::ServerEnded(_) | AttachEnd::StreamEnded(_) | AttachEnd::ConnectionLost(_)
+        )
+    }
+}
+
 /// Why a device could not be attached.
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
@@ -159,10 +170,7 @@ pub async fn attach(
         }
         link_handle.shutdown();
         let _ = link_handle.finished().await;
-        if !matches!(
-            end,
-            AttachEnd::ServerEnded(_) | AttachEnd::StreamEnded(_) | AttachEnd::ConnectionLost(_)
-        ) {
+        if end.server_still_attached() {
             let _ = conn.detach(handle).await;
         }
         end

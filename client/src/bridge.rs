@@ -175,12 +175,7 @@ async fn handle(
             .await;
             link_handle.shutdown();
             let _ = link_handle.finished().await;
-            if !matches!(
-                end,
-                AttachEnd::ServerEnded(_)
-                    | AttachEnd::StreamEnded(_)
-                    | AttachEnd::ConnectionLost(_)
-            ) {
+            if end.server_still_attached() {
                 let _ = conn.detach(handle).await;
             }
             Ok(Some(end))

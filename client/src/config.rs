@@ -139,10 +139,7 @@ impl Config {
         match std::fs::read_to_string(path) {
             Ok(text) => Config::parse(&text, path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
-            Err(source) => Err(ConfigError::Read {
-                path: path.to_owned(),
-                source,
-            }),
+            Err(source) => Err(ConfigError::read(path, source)),
         }
     }
 
@@ -245,10 +242,7 @@ pub fn pair(path: &Path, name: &str, ticket: &Ticket) -> Result<(), ConfigError>
             format!("{NEW_FILE_HEADER}\nrelay = false\n")
         }
         Err(source) => {
-            return Err(ConfigError::Read {
-                path: path.to_owned(),
-                source,
-            });
+            return Err(ConfigError::read(path, source));
         }
     };
     Config::parse(&text, path)?;
@@ -267,10 +261,7 @@ pub fn pair(path: &Path, name: &str, ticket: &Ticket) -> Result<(), ConfigError>
     servers.insert(name, toml_edit::Item::Table(entry));
     let text = doc.to_string();
     Config::parse(&text, path)?;
-    let write = |source| ConfigError::Write {
-        path: path.to_owned(),
-        source,
-    };
+    let write = |source| ConfigError::write(path, source);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(write)?;
     }

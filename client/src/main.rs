@@ -408,7 +408,7 @@ async fn attach(
     pin: Option<String>,
     telemetry: &client::telemetry::TelemetryArgs,
 ) -> anyhow::Result<()> {
-    let _stalls = StallWatch(daemon::watch_runtime_stalls());
+    let _stalls = daemon::watch_runtime_stalls();
     let vhci = Arc::new(Vhci::new(RealSys::default()));
     // Fail before touching the network if this machine cannot attach anything.
     vhci.nports()?;
@@ -561,13 +561,14 @@ async fn connect(cli: &Cli, server: &str) -> anyhow::Result<Arc<ServerConnection
 
 async fn client_endpoint(cli: &Cli) -> anyhow::Result<iroh::Endpoint> {
     let key = load_or_create_secret_key(&key_path(cli)?).await?;
+    let config = config(cli)?;
     let net = NetConfig {
         bind: vec![],
-        relays: cli.relay || config(cli)?.relay,
+        relays: cli.relay || config.relay,
         port_mapping: false,
         idle_timeout: Duration::from_millis(
             cli.idle_timeout_ms
-                .or(config(cli)?.idle_timeout_ms)
+                .or(config.idle_timeout_ms)
                 .unwrap_or(1500),
         ),
     };
@@ -576,7 +577,7 @@ async fn client_endpoint(cli: &Cli) -> anyhow::Result<iroh::Endpoint> {
 
 /// `run`: one supervisor per server that an auto-attach rule names, until Ctrl-C/SIGTERM.
 async fn run(cli: &Cli) -> anyhow::Result<()> {
-    let _stalls = StallWatch(daemon::watch_runtime_stalls());
+    let _stalls = daemon::watch_runtime_stalls();
     let config = config(cli)?;
     for warning in &config.warnings {
         tracing::warn!("{warning}");
@@ -798,13 +799,4 @@ fn device_json(d: &DeviceInfo) -> serde_json::Value {
         "speed": format!("{:?}", d.speed), "manufacturer": d.manufacturer,
         "product": d.product, "serial": d.serial,
     })
-}
-
-/// Stops the runtime-stall watcher when the command that started it ends.
-struct StallWatch(tokio::task::JoinHandle<()>);
-
-impl Drop for StallWatch {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }

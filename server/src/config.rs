@@ -47,10 +47,8 @@ pub struct Config {
 impl Config {
     /// Reads and checks `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::read(path, source))?;
         Config::parse(&text, path)
     }
 
@@ -59,10 +57,7 @@ impl Config {
         match std::fs::read_to_string(path) {
             Ok(text) => Config::parse(&text, path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
-            Err(source) => Err(ConfigError::Read {
-                path: path.to_owned(),
-                source,
-            }),
+            Err(source) => Err(ConfigError::read(path, source)),
         }
     }
 
@@ -150,6 +145,9 @@ pub struct ShareRule {
     pub pin: Option<String>,
 }
 
+/// A `[[share]]` table: a rule's keys (as `protocol::select`'s table form) and a `pin`. Spelled
+/// out rather than `#[serde(flatten)]`ed: flattening loses toml's spans, and errors would point
+/// at the table instead of the bad value.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawShare {
@@ -228,10 +226,7 @@ pub mod edit {
                 format!("{NEW_FILE_HEADER}\nallow = []\n")
             }
             Err(source) => {
-                return Err(ConfigError::Read {
-                    path: path.to_owned(),
-                    source,
-                });
+                return Err(ConfigError::read(path, source));
             }
         };
         // Refuse to edit a file that does not load: the edit would hide the real mistake.
@@ -244,10 +239,7 @@ pub mod edit {
     fn save(path: &Path, doc: &DocumentMut) -> Result<(), ConfigError> {
         let text = doc.to_string();
         Config::parse(&text, path)?;
-        let write = |source| ConfigError::Write {
-            path: path.to_owned(),
-            source,
-        };
+        let write = |source| ConfigError::write(path, source);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(write)?;
         }

@@ -118,7 +118,8 @@ struct RunArgs {
     #[arg(global = true, long)]
     allow_any: bool,
     /// A device to share: `vid:pid`, a port path like `1-1.2`, `serial=S`, `product=P`,
-    /// `class=N` (joined by commas) or `all` (repeatable; replaces the config's share rules, its deny rules still apply).
+    /// `class=N` (joined by commas) or `all` (repeatable; replaces the config's share rules,
+    /// its deny rules still apply).
     #[arg(global = true, long = "share", value_name = "SPEC")]
     share: Vec<String>,
     /// Share a simulated USB disk backed by FILE (created with --simulate-size if missing),
@@ -405,8 +406,7 @@ async fn list(cli: &Cli, all: bool) -> anyhow::Result<()> {
 }
 
 async fn run(cli: &Cli) -> anyhow::Result<()> {
-    // Runs until the process ends.
-    daemon::watch_runtime_stalls();
+    let _stalls = daemon::watch_runtime_stalls();
     let Settings {
         config,
         share,

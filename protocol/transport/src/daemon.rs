@@ -153,9 +153,10 @@ const STALL_REPORT: std::time::Duration = std::time::Duration::from_millis(500);
 /// Logs a warning whenever the runtime this is spawned on did not get to run for a while.
 /// Keep-alives and acknowledgements are sent by the same runtime, so a stall past the idle
 /// timeout drops every connection; the warning tells a blocking call on a runtime thread or
-/// a starved CPU apart from a network that went quiet. Four wake-ups a second.
-pub fn watch_runtime_stalls() -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async {
+/// a starved CPU apart from a network that went quiet. Four wake-ups a second, until the
+/// returned guard is dropped.
+pub fn watch_runtime_stalls() -> StallWatch {
+    StallWatch(tokio::spawn(async {
         let mut tick = tokio::time::interval(STALL_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last = tokio::time::Instant::now();
@@ -171,7 +172,18 @@ pub fn watch_runtime_stalls() -> tokio::task::JoinHandle<()> {
             }
             last = now;
         }
-    })
+    }))
+}
+
+/// The running stall watcher; dropping it stops the watch (when the command that started it
+/// ends).
+#[must_use = "the watch stops when this is dropped"]
+pub struct StallWatch(tokio::task::JoinHandle<()>);
+
+impl Drop for StallWatch {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// How late a tick that came `since` after the previous one is, if worth reporting.

@@ -2,8 +2,9 @@
 //!
 //! `protocol` turns bytes into messages and never touches a socket; this crate is where the
 //! bytes come from: iroh endpoints configured the one safe way ([`endpoint`]), the secret key
-//! on disk ([`key`]), what both daemons share around their work ([`daemon`]), connection tickets ([`ticket`]), and frames read from and written to QUIC
-//! streams ([`framed`]). [`alloc`] sets the allocator policy both daemons run with.
+//! on disk ([`key`]), connection tickets ([`ticket`]), and frames read from and written to QUIC
+//! streams ([`framed`]). [`alloc`] sets the allocator policy both daemons run with, and
+//! [`daemon`] holds what else they share around their work (paths, config errors, signals).
 
 pub mod alloc;
 pub mod client;

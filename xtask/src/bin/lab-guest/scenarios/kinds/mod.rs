@@ -197,17 +197,22 @@ fn run_route(kind: &Kind, g: &Gadget, route: Route) -> Result<(), String> {
             }
         }
     }
-    if route == Route::Ours {
-        // Passing or not: a daemon whose runtime stalled says so (transport::daemon), and a
-        // stall near the idle timeout is what costs a connection here.
-        for (file, who) in [
-            ("/tmp/server.log", "server"),
-            ("/tmp/client-friend.log", "client"),
-        ] {
-            let text = fs::read_to_string(file).unwrap_or_default();
-            for l in text.lines().filter(|l| l.contains("did not run")) {
-                log!("kinds: {} {who} stalled: {}", kind.name, strip_ansi(l));
-            }
+    // Our daemons' logs, read once: `(who, text)`, none for the kernel's route.
+    let logs: Vec<(&str, String)> = match route {
+        Route::Ours => [
+            ("server", "/tmp/server.log"),
+            ("client", "/tmp/client-friend.log"),
+        ]
+        .into_iter()
+        .map(|(who, file)| (who, fs::read_to_string(file).unwrap_or_default()))
+        .collect(),
+        Route::Kernel => Vec::new(),
+    };
+    // Passing or not: a daemon whose runtime stalled says so (transport::daemon), and a stall
+    // near the idle timeout is what costs a connection here.
+    for (who, text) in &logs {
+        for l in text.lines().filter(|l| l.contains("did not run")) {
+            log!("kinds: {} {who} stalled: {}", kind.name, strip_ansi(l));
         }
     }
     let mut notes = Vec::new();
@@ -219,25 +224,18 @@ fn run_route(kind: &Kind, g: &Gadget, route: Route) -> Result<(), String> {
                 .iter()
                 .map(|l| format!("dmesg: {l}")),
         );
-        if route == Route::Ours {
-            notes.extend(log_problems("/tmp/server.log", "server"));
-            notes.extend(log_problems("/tmp/client-friend.log", "client"));
+        for (who, text) in &logs {
+            notes.extend(log_problems(text, who));
         }
         for n in &notes {
             log!("kinds: {} {}: {n}", kind.name, route.name());
         }
-        if route == Route::Ours {
-            // The console gets the daemons' last lines too (timestamps to set beside dmesg's):
-            // whether a daemon stalled, lost its connection or ended a stream, and when.
-            for (file, who) in [
-                ("/tmp/server.log", "server"),
-                ("/tmp/client-friend.log", "client"),
-            ] {
-                let text = fs::read_to_string(file).unwrap_or_default();
-                let lines: Vec<&str> = text.lines().collect();
-                for l in &lines[lines.len().saturating_sub(15)..] {
-                    log!("kinds: {} {who} log: {}", kind.name, strip_ansi(l));
-                }
+        // The console gets the daemons' last lines too (timestamps to set beside dmesg's):
+        // whether a daemon stalled, lost its connection or ended a stream, and when.
+        for (who, text) in &logs {
+            let lines: Vec<&str> = text.lines().collect();
+            for l in &lines[lines.len().saturating_sub(15)..] {
+                log!("kinds: {} {who} log: {}", kind.name, strip_ansi(l));
             }
         }
     }
@@ -249,8 +247,9 @@ fn run_route(kind: &Kind, g: &Gadget, route: Route) -> Result<(), String> {
         started.elapsed().as_secs_f64(),
         notes,
     );
-    let lost = route == Route::Ours
-        && fs::read_to_string("/tmp/server.log").is_ok_and(|t| t.contains("connection lost"));
+    let lost = logs
+        .iter()
+        .any(|(who, text)| *who == "server" && text.contains("connection lost"));
     match checks.reason() {
         None => Ok(()),
         Some(why) if lost => Err(format!("{why}; {CONNECTION_LOST}")),
@@ -403,8 +402,7 @@ fn kernel_log() -> Vec<String> {
 }
 
 /// The last warnings, errors and panics in one of our daemons' logs.
-fn log_problems(file: &str, who: &str) -> Vec<String> {
-    let text = fs::read_to_string(file).unwrap_or_default();
+fn log_problems(text: &str, who: &str) -> Vec<String> {
     let all: Vec<&str> = text.lines().collect();
     let mut lines: Vec<String> = Vec::new();
     for (i, l) in all.iter().enumerate() {
