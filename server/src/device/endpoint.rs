@@ -1,30 +1,28 @@
-//! The per-endpoint worker: every URB of one bulk or interrupt endpoint, many in flight.
+//! The per-endpoint worker: carries out [`queue::EndpointQueue`]'s actions on an endpoint.
 //!
 //! The worker owns the endpoint through [`EndpointIo`] (nusb's `Endpoint` on a real device, a
 //! scripted one in tests) and keeps every submitted URB in flight at once (usbfs queues them in
 //! order), so mass storage streams and a network adapter's ~60 receive URBs all wait on the
 //! device together. There is no depth limit here: the session bounds how many URBs a stream
-//! may have.
-//!
-//! nusb can only cancel *all* transfers of an endpoint. To unlink exactly one, the worker cancels
-//! all, reports the one asked for as `Unlinked`, and resubmits the others that had not moved
-//! any data yet, holding back new submissions until they are requeued so order is kept. One that
-//! had moved part of its data cannot be repeated safely; it is reported `Unlinked` with what
-//! moved (a warning is logged). Class drivers unlink when they are aborting the endpoint anyway.
+//! may have. What to do with each submit, unlink and completion (and why unlinking one URB
+//! takes a cancel round) is the queue's business; this file is only the I/O around it.
 
-use std::collections::VecDeque;
+mod queue;
+
 use std::future::{Future, poll_fn};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use nusb::transfer::{Buffer, BulkOrInterrupt, Completion, EndpointDirection, TransferError};
-use protocol::usb::{Direction, EndpointNumber, UrbStatus, transfer_flags};
-use protocol::wire::{UrbComplete, UrbId, UrbSubmit};
+use nusb::transfer::{Buffer, BulkOrInterrupt, Completion, EndpointDirection};
+use protocol::usb::{EndpointNumber, UrbStatus};
+use protocol::wire::{UrbId, UrbSubmit};
 use tokio::sync::mpsc;
 use tracing::warn;
 
 use super::CompletionSender;
 use crate::tracker::completion;
+use queue::{Action, EndpointQueue};
+pub use queue::{status_of, suggests_unplug};
 
 /// What the worker needs of an endpoint: nusb's `Endpoint` API, narrowed so a test can script
 /// a device (stalls, short and oversized packets, disappearance) without a kernel.
@@ -122,303 +120,88 @@ impl EpCmd {
     }
 }
 
-/// One transfer in flight, in submission order.
-struct Pending {
-    id: UrbId,
-    /// The URB's own length (IN requests are rounded up to wMaxPacketSize for nusb).
-    length: u32,
-    done: CompletionSender,
-    /// Bytes moved by an earlier part (the data stage before a zero-length packet).
-    moved_before: u32,
-    /// A zero-length OUT packet follows this part.
-    zlp_follows: bool,
-    /// The client asked for this URB to be cancelled.
-    unlink_asked: bool,
-    /// URB_SHORT_NOT_OK: an IN transfer that ends short is an error (`-EREMOTEIO`).
-    short_not_ok: bool,
-}
-
-struct EndpointState<E> {
-    ep: E,
-    direction: Direction,
-    pending: VecDeque<Pending>,
-    /// Told when the device reports itself gone, so the source notices without udev.
-    rescan: Arc<tokio::sync::Notify>,
-    /// Transfers still to be reaped after a `cancel_all`; new work waits until then so the
-    /// resubmitted ones keep their order.
-    reaping: usize,
-    /// An unlink arrived for a URB already requeued in this round: cancel again after it.
-    recancel: bool,
-    held: VecDeque<EpCmd>,
-}
-
 enum Event {
     Cmd(Option<EpCmd>),
     Done(Completion),
 }
 
 /// Runs one endpoint until its command channel closes, then ends whatever is in flight with
-/// `NoDevice`, each URB exactly once.
+/// `NoDevice` (or `Unlinked` if asked), each URB exactly once.
 pub async fn run_endpoint<E: EndpointIo>(
-    ep: E,
+    mut ep: E,
     mut rx: mpsc::UnboundedReceiver<EpCmd>,
     rescan: Arc<tokio::sync::Notify>,
 ) {
     let (_, direction) = EndpointNumber::from_address(ep.address());
-    let mut st = EndpointState {
-        ep,
-        direction,
-        pending: VecDeque::new(),
-        rescan,
-        reaping: 0,
-        recancel: false,
-        held: VecDeque::new(),
-    };
+    let mut queue = EndpointQueue::new(direction, ep.max_packet_size());
     loop {
+        carry_out(&mut queue, &mut ep, &rescan).await;
+        debug_assert_eq!(
+            queue.in_flight(),
+            ep.pending(),
+            "the queue mirrors the endpoint"
+        );
         // Commands first: the unlinks a driver sends together then join one cancel round
         // before its reaping requeues the URBs they name.
         let event = poll_fn(|cx| {
             if let Poll::Ready(cmd) = rx.poll_recv(cx) {
                 return Poll::Ready(Event::Cmd(cmd));
             }
-            if st.ep.pending() > 0 {
-                return st.ep.poll_next_complete(cx).map(Event::Done);
+            if ep.pending() > 0 {
+                return ep.poll_next_complete(cx).map(Event::Done);
             }
             Poll::Pending
         })
         .await;
         match event {
-            // Unlinks join the round in progress: a driver stopping an endpoint unlinks every
-            // URB on it (usbnet ~60), and a round each would requeue the rest 60 times.
-            Event::Cmd(Some(EpCmd::Cancel(id))) => st.cancel(id),
-            Event::Cmd(Some(cmd)) if st.reaping > 0 => st.held.push_back(cmd),
-            Event::Cmd(Some(cmd)) => st.command(cmd).await,
+            Event::Cmd(Some(EpCmd::Submit(urb, done))) => queue.submit(urb, done),
+            Event::Cmd(Some(EpCmd::Cancel(id))) => queue.cancel(id),
+            Event::Cmd(Some(EpCmd::ClearHalt(id, done))) => queue.clear_halt(id, done),
             Event::Cmd(None) => break,
-            Event::Done(c) => {
-                let was_reaping = st.reaping > 0;
-                st.reaping = st.reaping.saturating_sub(1);
-                st.completed(c);
-                if was_reaping && st.reaping == 0 {
-                    if std::mem::take(&mut st.recancel) {
-                        st.cancel_round();
-                    }
-                    while st.reaping == 0
-                        && let Some(cmd) = st.held.pop_front()
-                    {
-                        st.command(cmd).await;
-                    }
-                }
-            }
+            Event::Done(c) => queue.completed(c),
         }
     }
-    // The device is being released (or the interface's alternate setting changes): end
-    // everything still in flight.
-    st.ep.cancel_all();
-    while st.ep.pending() > 0 {
-        let c = poll_fn(|cx| st.ep.poll_next_complete(cx)).await;
-        st.finish(c, Some(UrbStatus::NoDevice));
+    // The device is being released (or the interface's alternate setting changes).
+    queue.close();
+    carry_out(&mut queue, &mut ep, &rescan).await;
+    while ep.pending() > 0 {
+        let c = poll_fn(|cx| ep.poll_next_complete(cx)).await;
+        queue.completed(c);
+        carry_out(&mut queue, &mut ep, &rescan).await;
     }
-    // Parts whose transfer never reached the device (none in practice) still answer once.
-    while let Some(p) = st.pending.pop_front() {
-        let _ = p.done.send(completion(p.id, UrbStatus::NoDevice));
-    }
-    for cmd in st.held {
-        cmd.refuse(UrbStatus::NoDevice);
-    }
+    queue.abandon();
+    carry_out(&mut queue, &mut ep, &rescan).await;
 }
 
-impl<E: EndpointIo> EndpointState<E> {
-    async fn command(&mut self, cmd: EpCmd) {
-        match cmd {
-            EpCmd::Submit(urb, done) => self.submit(urb, done),
-            EpCmd::Cancel(id) => self.cancel(id),
-            EpCmd::ClearHalt(id, done) => {
-                // The kernel clears a halt with the endpoint idle; anything still queued is
-                // ended first so usbfs accepts the request.
-                if self.ep.pending() > 0 {
-                    self.ep.cancel_all();
-                    while self.ep.pending() > 0 {
-                        let c = poll_fn(|cx| self.ep.poll_next_complete(cx)).await;
-                        self.finish(c, Some(UrbStatus::Unlinked));
-                    }
-                }
-                let status = match self.ep.clear_halt().await {
+/// Does what the queue asked, in order. Clearing a halt is awaited here (off the runtime's
+/// threads, see [`EndpointIo::clear_halt`]): the kernel sends nothing else to the endpoint
+/// until it is answered.
+async fn carry_out<E: EndpointIo>(
+    queue: &mut EndpointQueue<CompletionSender>,
+    ep: &mut E,
+    rescan: &tokio::sync::Notify,
+) {
+    while let Some(action) = queue.poll_action() {
+        match action {
+            Action::Submit(buffer) => ep.submit(buffer),
+            Action::CancelAll => ep.cancel_all(),
+            Action::Complete(done, c) => {
+                let _ = done.send(c);
+            }
+            Action::Rescan => rescan.notify_one(),
+            Action::ClearHalt => {
+                let status = match ep.clear_halt().await {
                     Ok(()) => UrbStatus::Ok,
-                    Err(HaltError::Disconnected) => {
-                        self.rescan.notify_one();
-                        UrbStatus::NoDevice
-                    }
+                    Err(HaltError::Disconnected) => UrbStatus::NoDevice,
                     Err(e) => {
-                        warn!(endpoint = self.ep.address(), "CLEAR_FEATURE(HALT): {e}");
+                        warn!(endpoint = ep.address(), "CLEAR_FEATURE(HALT): {e}");
                         UrbStatus::Stall
                     }
                 };
-                let _ = done.send(completion(id, status));
+                queue.halt_cleared(status);
             }
         }
     }
-
-    /// Ends one URB early. nusb cancels the whole endpoint, so a round cancels all and requeues
-    /// the others as they are reaped; an unlink during a round joins it.
-    fn cancel(&mut self, id: UrbId) {
-        let Some(pos) = self.pending.iter().position(|p| p.id == id) else {
-            return; // already finished: the tracker answers the unlink
-        };
-        for p in self.pending.iter_mut().filter(|p| p.id == id) {
-            p.unlink_asked = true;
-        }
-        if self.reaping == 0 {
-            self.cancel_round();
-        } else if pos >= self.reaping {
-            // Requeued (or queued) after this round's cancel: it needs another round.
-            self.recancel = true;
-        }
-    }
-
-    fn cancel_round(&mut self) {
-        self.reaping = self.ep.pending();
-        self.ep.cancel_all();
-    }
-
-    fn submit(&mut self, urb: UrbSubmit, done: CompletionSender) {
-        let mps = self.ep.max_packet_size().max(1);
-        let part = |length, zlp_follows, done| Pending {
-            id: urb.id,
-            length,
-            done,
-            moved_before: 0,
-            zlp_follows,
-            unlink_asked: false,
-            short_not_ok: urb.flags & transfer_flags::SHORT_NOT_OK != 0,
-        };
-        match self.direction {
-            Direction::In => {
-                // nusb (like usbfs) wants IN requests in whole packets; the true length is
-                // kept to report a device that sends more as an overflow.
-                let requested = (urb.length as usize).div_ceil(mps).max(1) * mps;
-                self.ep.submit(Buffer::new(requested));
-                self.pending.push_back(part(urb.length, false, done));
-            }
-            Direction::Out => {
-                let length = urb.data.len() as u32;
-                let zlp = urb.flags & transfer_flags::ZERO_PACKET != 0
-                    && length > 0
-                    && urb.data.len().is_multiple_of(mps);
-                self.ep.submit(Buffer::from(urb.data));
-                if zlp {
-                    self.pending.push_back(part(length, true, done.clone()));
-                    self.ep.submit(Buffer::new(0));
-                    // It reports for the whole URB: its length is the URB's, not its own 0.
-                    self.pending.push_back(part(length, false, done));
-                } else {
-                    self.pending.push_back(part(length, false, done));
-                }
-            }
-        }
-    }
-
-    /// Handles the endpoint's next completion, which belongs to the front of `pending`.
-    fn completed(&mut self, c: Completion) {
-        let resubmit = matches!(c.status, Err(TransferError::Cancelled))
-            && self.pending.front().is_some_and(|p| !p.unlink_asked)
-            && c.actual_len == 0;
-        if resubmit {
-            // Cancelled only because nusb cancels the whole endpoint: nothing moved, so it is
-            // safe to queue again, behind the others being reaped, in the same order.
-            if let Some(p) = self.pending.pop_front() {
-                let mut buffer = c.buffer;
-                if self.direction == Direction::In {
-                    buffer.clear();
-                }
-                self.ep.submit(buffer);
-                self.pending.push_back(p);
-            }
-            return;
-        }
-        self.finish(c, None);
-    }
-
-    /// Reports a completion to the client (or holds it for the zero-length packet that ends
-    /// the URB). `forced` is the status a transfer cancelled by the worker itself gets.
-    fn finish(&mut self, c: Completion, forced: Option<UrbStatus>) {
-        let Some(p) = self.pending.pop_front() else {
-            return;
-        };
-        let moved = p.moved_before + c.actual_len as u32;
-        let mut status = match (c.status, forced) {
-            (Ok(()), _) => UrbStatus::Ok,
-            (Err(TransferError::Cancelled), _) if p.unlink_asked => UrbStatus::Unlinked,
-            (Err(TransferError::Cancelled), Some(forced)) => forced,
-            (Err(TransferError::Cancelled), None) => {
-                warn!(id = ?p.id, moved, "URB cancelled with the endpoint after moving data; reported as unlinked");
-                UrbStatus::Unlinked
-            }
-            (Err(e), _) => status_of(e),
-        };
-        if suggests_unplug(status) {
-            self.rescan.notify_one();
-        }
-        if p.zlp_follows && status == UrbStatus::Ok {
-            if let Some(next) = self.pending.front_mut() {
-                next.moved_before = moved;
-            }
-            return;
-        }
-        if p.zlp_follows {
-            // The data stage failed; its zero-length packet must not report a second time.
-            if let Some(next) = self.pending.front_mut() {
-                next.done = closed_sender();
-            }
-        }
-        let result = if self.direction == Direction::In {
-            let mut data = c.buffer.into_vec();
-            data.truncate(c.actual_len);
-            if data.len() > p.length as usize {
-                data.truncate(p.length as usize);
-                status = UrbStatus::Overflow;
-            } else if p.short_not_ok && status == UrbStatus::Ok && data.len() < p.length as usize {
-                // What a host controller does for URB_SHORT_NOT_OK; nusb has no such flag.
-                status = UrbStatus::ShortPacket;
-            }
-            UrbComplete {
-                actual_length: data.len() as u32,
-                data,
-                ..completion(p.id, status)
-            }
-        } else {
-            UrbComplete {
-                actual_length: moved.min(p.length),
-                ..completion(p.id, status)
-            }
-        };
-        let _ = p.done.send(result);
-    }
-}
-
-/// Statuses a host controller gives transfers of a device that is being unplugged (dummy_hcd
-/// and xHCI report EPROTO or ESHUTDOWN before usbfs reports ENODEV): worth a rescan now.
-pub fn suggests_unplug(status: UrbStatus) -> bool {
-    matches!(
-        status,
-        UrbStatus::NoDevice | UrbStatus::Protocol | UrbStatus::Shutdown
-    )
-}
-
-/// The URB status a Linux host controller gives for nusb's transfer error.
-pub fn status_of(e: TransferError) -> UrbStatus {
-    match e {
-        TransferError::Cancelled => UrbStatus::Unlinked,
-        TransferError::Stall => UrbStatus::Stall,
-        TransferError::Disconnected => UrbStatus::NoDevice,
-        TransferError::Fault => UrbStatus::Protocol,
-        TransferError::InvalidArgument => UrbStatus::Invalid,
-        TransferError::Unknown(errno) => UrbStatus::from_errno(-(errno as i32)),
-    }
-}
-
-/// A sender whose messages go nowhere: for a transfer part that must not report.
-fn closed_sender() -> CompletionSender {
-    mpsc::unbounded_channel().0
 }
 
 #[cfg(test)]
