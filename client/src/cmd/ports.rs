@@ -1,0 +1,37 @@
+//! `status` and `detach`: this machine's vhci ports, without a server. What is attached
+//! here can be seen and undone even when the network or the server is gone.
+
+use client::vhci::{RealSys, Vhci};
+
+use crate::Cli;
+
+/// `detach`: detaches the device on vhci port `port`.
+pub fn detach(port: u32) -> anyhow::Result<()> {
+    Vhci::new(RealSys::default()).detach(port)?;
+    println!("detached vhci port {port}");
+    Ok(())
+}
+
+/// `status`: the vhci ports in use.
+pub fn status(cli: &Cli) -> anyhow::Result<()> {
+    let ports = Vhci::new(RealSys::default()).ports()?;
+    let used: Vec<_> = ports.iter().filter(|p| !p.is_free()).collect();
+    if cli.json {
+        for p in &used {
+            println!(
+                "{}",
+                serde_json::json!({"port": p.port, "speed": p.speed, "devid": p.devid, "local_busid": p.local_busid})
+            );
+        }
+    } else if used.is_empty() {
+        println!("no vhci port in use ({} free)", ports.len());
+    } else {
+        for p in used {
+            println!(
+                "port {:<3} {:?} devid {:#010x} local bus id {}",
+                p.port, p.hub, p.devid, p.local_busid
+            );
+        }
+    }
+    Ok(())
+}
