@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::session::Snapshot;
+use crate::connection::Snapshot;
 
 /// Everything a status reader shows.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

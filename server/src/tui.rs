@@ -260,7 +260,7 @@ mod tests {
     use ratatui::backend::TestBackend;
 
     use super::*;
-    use crate::session::{ClientStatus, DeviceStatus, Snapshot};
+    use crate::connection::{ClientStatus, DeviceStatus, Snapshot};
 
     fn screen(app: &App, w: u16, h: u16) -> String {
         let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();

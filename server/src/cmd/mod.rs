@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use server::config::{Config, SharePolicy, rule_from_spec};
-use server::session::Allowlist;
+use server::connection::Allowlist;
 use server::device::DeviceSource;
 use server::device::usb::{DeviceFilter, UsbSource};
 use transport::daemon::{self, Role};

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use protocol::wire::ALPN;
-use server::session::{Allowlist, Policy, Server, ServerConfig};
+use server::connection::{Allowlist, Policy, Server, ServerConfig};
 use server::device::usb::DeviceFilter;
 use server::status::Status;
 use transport::daemon;

@@ -13,8 +13,8 @@ use protocol::wire::{
     UrbComplete, UrbId, UrbServerMessage, UrbStreamOpen, UrbSubmit,
 };
 use server::config::{ShareRule, rule_from_spec};
+use server::connection::{Allowlist, Policy, Server, ServerConfig};
 use server::device::{CompletionSender, DeviceEvent, DeviceSource, OpenError, OpenedDevice};
-use server::session::{Allowlist, Policy, Server, ServerConfig};
 use tokio::sync::broadcast;
 use transport::{ClientError, NetConfig, ServerConnection, bind_endpoint};
 
