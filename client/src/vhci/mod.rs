@@ -2,6 +2,7 @@
 //!
 //! - [`session`]: the USB/IP conversation of one port, sans-IO.
 //! - [`readahead`]: Bulk-Only Transport read-ahead, so a READ costs one round trip, not three.
+//!   Interrupt-IN streaming ([`readahead::interrupt`]) polls HID devices ahead on the same queues.
 //! - [`disk`]: bigger SCSI commands for a usb-storage disk on a vhci port.
 //! - [`sysfs`]: finding a free vhci port, attaching and detaching through sysfs.
 //! - [`link`]: moving bytes between our end of the socketpair and the async side, with
