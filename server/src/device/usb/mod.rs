@@ -1,0 +1,22 @@
+//! Real USB devices through Linux usbfs, on nusb.
+//!
+//! Two concerns that change for different reasons: which devices there are (`source.rs`:
+//! listing, hot-plug, the share filter, what a client is told about each device) and what an
+//! opened device does (`opened.rs`: claims, the standard requests the server carries out,
+//! one worker per endpoint in [`super::endpoint`]).
+//!
+//! Nothing here blocks a runtime thread: nusb's transfers are futures, and its blocking calls
+//! (claims, configuration and alternate-setting switches, clearing a halt) run on the blocking
+//! pool, either through `spawn_blocking` or awaited with nusb's `tokio` feature.
+
+mod opened;
+mod source;
+
+use std::sync::Mutex;
+
+pub use source::{DeviceFilter, UsbError, UsbSource};
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere while holding the lock leaves plain data behind; keep serving.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
