@@ -10,7 +10,7 @@
 //! JSON lines, each one object with one key naming the record:
 //!
 //! - `header`: `format` = `"p2p-usb-telemetry"`, `version` = 1, `clock` = `"CLOCK_MONOTONIC"`,
-//!   `started_ns`, `probes` {`attached`: [function], `failed`: [{`function`, `reason`}],
+//!   `started_ns`, `probes` {`attached`: \[function\], `failed`: [{`function`, `reason`}],
 //!   `error`: why no probe loaded, or null}. Always the first line.
 //! - `port`: a vhci port attached (`port`, `devid`, `bus_id`).
 //! - `u`: one URB as the client saw it: `devid`, `seq`, `ep`, `dir` (`in`/`out`), `type`,

@@ -6,7 +6,7 @@
 //! from the kernel, forwarded to its URB stream, completion received, RET_SUBMIT handed to the
 //! kernel), plus the server's own `ServerTiming`. The join key is the USB/IP (devid, seqnum).
 //!
-//! Two halves with different readers: [`format`] is the file, a contract with
+//! Two halves with different readers: [`format`](mod@format) is the file, a contract with
 //! `latency-report`, the lab and anyone's scripts, so it changes only with its version;
 //! [`recorder`] is the code on the attach path, which changes with the port loop it stamps.
 

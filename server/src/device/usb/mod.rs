@@ -3,7 +3,7 @@
 //! Two concerns that change for different reasons: which devices there are (`source.rs`:
 //! listing, hot-plug, the share filter, what a client is told about each device) and what an
 //! opened device does (`opened.rs`: claims, the standard requests the server carries out,
-//! one worker per endpoint in [`super::endpoint`]).
+//! one worker per endpoint in `device::endpoint`).
 //!
 //! Nothing here blocks a runtime thread: nusb's transfers are futures, and its blocking calls
 //! (claims, configuration and alternate-setting switches, clearing a halt) run on the blocking
