@@ -136,7 +136,7 @@ pub async fn attach(
         port,
         backend = ?link_handle.backend(),
         bus_id = %device.bus_id,
-        vid_pid = %format!("{:04x}:{:04x}", device.vendor_id, device.product_id),
+        vid_pid = %device.vid_pid(),
         "device attached to vhci"
     );
     let info = device.clone();

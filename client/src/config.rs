@@ -13,6 +13,7 @@ use protocol::select::DeviceSpec;
 use serde::{Deserialize, Deserializer};
 use transport::Ticket;
 pub use transport::daemon::ConfigError;
+use transport::daemon::read_for_edit;
 
 /// The whole file; every key is optional.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -235,16 +236,8 @@ const NEW_FILE_HEADER: &str = "\
 
 /// Adds (or replaces) `[servers.NAME]`, keeping the file's comments.
 pub fn pair(path: &Path, name: &str, ticket: &Ticket) -> Result<(), ConfigError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        // The header sits above a root key, so tables added later go below it.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            format!("{NEW_FILE_HEADER}\nrelay = false\n")
-        }
-        Err(source) => {
-            return Err(ConfigError::read(path, source));
-        }
-    };
+    // The header sits above a root key, so tables added later go below it.
+    let text = read_for_edit(path, || format!("{NEW_FILE_HEADER}\nrelay = false\n"))?;
     Config::parse(&text, path)?;
     let mut doc: toml_edit::DocumentMut = text.parse().expect("a config that parsed is TOML");
     let servers = doc

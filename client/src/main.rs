@@ -162,15 +162,7 @@ enum Command {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     transport::alloc::map_large_buffers();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,iroh=warn,noq=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colour only for people: journald and log files get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    transport::daemon::init_logging();
     let cli = Cli::parse();
     match &cli.command {
         Command::Id => cmd::pair::id(&cli).await,

@@ -160,7 +160,7 @@ pub fn draw(frame: &mut Frame, app: &App) {
             Row::new(vec![
                 Cell::from(s.name.clone()),
                 Cell::from(d.bus_id.clone()),
-                Cell::from(format!("{:04x}:{:04x}", d.vendor_id, d.product_id)),
+                Cell::from(d.vid_pid().to_string()),
                 Cell::from(format!("{:?}", d.speed)),
                 Cell::from(d.product.clone().unwrap_or_else(|| "-".into())),
                 port,

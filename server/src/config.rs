@@ -214,21 +214,14 @@ pub mod edit {
     use std::path::Path;
 
     use toml_edit::{Array, ArrayOfTables, DocumentMut, Item, Table, value};
+    use transport::daemon::read_for_edit;
 
     use super::{Config, ConfigError, DeviceMatch, NEW_FILE_HEADER};
 
     /// The document; a new file starts with the commented header above an `allow` list, so
     /// the header stays on top whatever is added later.
     fn open(path: &Path) -> Result<DocumentMut, ConfigError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                format!("{NEW_FILE_HEADER}\nallow = []\n")
-            }
-            Err(source) => {
-                return Err(ConfigError::read(path, source));
-            }
-        };
+        let text = read_for_edit(path, || format!("{NEW_FILE_HEADER}\nallow = []\n"))?;
         // Refuse to edit a file that does not load: the edit would hide the real mistake.
         Config::parse(&text, path)?;
         Ok(text

@@ -256,7 +256,7 @@ impl Server {
                 let t = traffic.get(&d.id).cloned().unwrap_or_default();
                 DeviceStatus {
                     id: d.id.0,
-                    vid_pid: format!("{:04x}:{:04x}", d.vendor_id, d.product_id),
+                    vid_pid: d.vid_pid().to_string(),
                     speed: format!("{:?}", d.speed),
                     pin: policy.pin_for(&d).is_some(),
                     attached_to: claims.get(&d.id).map(ToString::to_string),

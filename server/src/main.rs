@@ -165,15 +165,7 @@ fn main() -> std::process::ExitCode {
 async fn main_async(cli: Cli) -> anyhow::Result<()> {
     let command = cli.command.as_ref().unwrap_or(&Command::Run);
     if !matches!(command, Command::Tui) {
-        tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "info,iroh=warn,noq=warn".into()),
-            )
-            .with_writer(std::io::stderr)
-            // Colour only for people: journald and log files get plain text.
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init();
+        transport::daemon::init_logging();
     }
     match command {
         Command::Id => {

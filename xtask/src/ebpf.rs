@@ -22,58 +22,9 @@ const TOOLCHAIN: &[(&str, &str)] = &[
 
 /// Installs clang and libbpf-dev with apt if they are missing.
 pub fn ensure_toolchain() -> Result<()> {
-    let missing: Vec<&str> = TOOLCHAIN
-        .iter()
-        .filter(|(file, _)| !Path::new(file).exists())
-        .map(|(_, pkg)| *pkg)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let fix = format!(
-        "apt-get install -y --no-install-recommends {}",
-        missing.join(" ")
-    );
-    if !is_root() {
-        bail!(
-            "building the eBPF probes needs {}; run: sudo {fix}",
-            missing.join(", ")
-        );
-    }
-    eprintln!("ebpf: installing {}", missing.join(" "));
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    };
-    if !install() {
-        // A fresh machine may never have fetched its package lists.
-        let _ = Command::new("apt-get").args(["update", "-q"]).status();
-        if !install() {
-            bail!("could not install the eBPF toolchain; try: {fix}");
-        }
-    }
-    for (file, pkg) in TOOLCHAIN {
-        if !Path::new(file).exists() {
-            bail!("{file} is still missing after installing {pkg}");
-        }
-    }
-    Ok(())
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|v| v.split_whitespace().nth(1).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
+    lab::install_missing("building the eBPF probes", TOOLCHAIN, |file| {
+        Path::new(file).exists()
+    })
 }
 
 /// `build-ebpf`: toolchain, then `client-ebpf` with the object required.

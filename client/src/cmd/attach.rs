@@ -76,10 +76,9 @@ pub async fn run(
             );
         } else {
             println!(
-                "attached {} ({:04x}:{:04x} {}) on vhci port {}",
+                "attached {} ({} {}) on vhci port {}",
                 d.bus_id,
-                d.vendor_id,
-                d.product_id,
+                d.vid_pid(),
                 d.product.as_deref().unwrap_or("-"),
                 a.port
             );

@@ -15,16 +15,7 @@ pub async fn run(cli: &Cli, ticket: &str) -> anyhow::Result<()> {
         println!("the server shares no devices with us");
     } else {
         for d in &devices {
-            println!(
-                "{:<10} {:04x}:{:04x} {:<9} {} {} {}",
-                d.bus_id,
-                d.vendor_id,
-                d.product_id,
-                format!("{:?}", d.speed),
-                d.manufacturer.as_deref().unwrap_or("-"),
-                d.product.as_deref().unwrap_or("-"),
-                d.serial.as_deref().unwrap_or("-"),
-            );
+            println!("{}", d.summary());
         }
     }
     conn.close().await;

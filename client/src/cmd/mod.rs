@@ -124,7 +124,7 @@ pub fn choose<'a>(devices: &'a [DeviceInfo], spec: Option<&str>) -> anyhow::Resu
 pub fn device_json(d: &DeviceInfo) -> serde_json::Value {
     serde_json::json!({
         "id": d.id.0, "bus_id": d.bus_id,
-        "vid_pid": format!("{:04x}:{:04x}", d.vendor_id, d.product_id),
+        "vid_pid": d.vid_pid().to_string(),
         "speed": format!("{:?}", d.speed), "manufacturer": d.manufacturer,
         "product": d.product, "serial": d.serial,
     })

@@ -47,6 +47,19 @@ pub struct Split {
     pub total: u64,
 }
 
+impl Split {
+    /// The parts in [`PARTS`] order, so every table and histogram lists them alike.
+    pub fn parts(&self) -> [Option<u64>; 5] {
+        [
+            self.kernel,
+            Some(self.client),
+            Some(self.network),
+            self.server,
+            Some(self.total),
+        ]
+    }
+}
+
 impl Joined {
     /// The split of a URB the client completed; `None` for one still in flight at the end.
     pub fn split(&self) -> Option<Split> {
@@ -248,14 +261,7 @@ impl PartHistograms {
     }
 
     fn record(&mut self, s: &Split) {
-        let values = [
-            s.kernel,
-            Some(s.client),
-            Some(s.network),
-            s.server,
-            Some(s.total),
-        ];
-        for (i, v) in values.into_iter().enumerate() {
+        for (i, v) in s.parts().into_iter().enumerate() {
             if let Some(v) = v {
                 self.parts[i].saturating_record(v.max(1));
                 self.sums[i] += u128::from(v);

@@ -143,14 +143,7 @@ pub fn render_svg(rec: &Recording, title: &str) -> String {
     let nbins = BINS_PER_DECADE * DECADES;
     let mut counts = vec![vec![0u64; nbins]; PARTS.len()];
     for s in rec.urbs.iter().filter_map(Joined::split) {
-        let values = [
-            s.kernel,
-            Some(s.client),
-            Some(s.network),
-            s.server,
-            Some(s.total),
-        ];
-        for (i, v) in values.into_iter().enumerate() {
+        for (i, v) in s.parts().into_iter().enumerate() {
             if let Some(v) = v {
                 counts[i][bin_of(v)] += 1;
             }

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::frame::{Invalid, Validate, at_most};
 use crate::descriptors::DEVICE_DESCRIPTOR_LEN;
+use crate::select::VidPid;
 use crate::usb::Speed;
 
 /// The longest bus id (`SYSFS_BUS_ID_SIZE` less its NUL), so it fits USB/IP's device record.
@@ -69,6 +70,31 @@ pub struct DeviceInfo {
 }
 
 impl DeviceInfo {
+    /// idVendor:idProduct, which prints as users type it in share rules and `--device`.
+    pub fn vid_pid(&self) -> VidPid {
+        VidPid {
+            vendor: self.vendor_id,
+            product: self.product_id,
+        }
+    }
+
+    /// One line for a device listing, the same in both binaries: bus id, vid:pid, speed,
+    /// manufacturer and product (`-` where the device has none), and `serial=S` if it has one.
+    pub fn summary(&self) -> String {
+        let mut line = format!(
+            "{:<10} {} {:<9} {} {}",
+            self.bus_id,
+            self.vid_pid(),
+            format!("{:?}", self.speed),
+            self.manufacturer.as_deref().unwrap_or("-"),
+            self.product.as_deref().unwrap_or("-"),
+        );
+        if let Some(serial) = &self.serial {
+            line += &format!(" serial={serial}");
+        }
+        line
+    }
+
     /// USB/IP's device id for this device: `busnum << 16 | devnum`, as `usbipd` forms it.
     pub fn usbip_devid(&self) -> u32 {
         u32::from(self.bus_number) << 16 | u32::from(self.device_address)

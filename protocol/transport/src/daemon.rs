@@ -135,6 +135,30 @@ impl ConfigError {
     }
 }
 
+/// The text of a config file a command is about to edit: a missing file reads as `new`, the
+/// commented header and first key a fresh file starts with, so the header stays on top of
+/// whatever the edit adds.
+pub fn read_for_edit(path: &Path, new: impl FnOnce() -> String) -> Result<String, ConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(new()),
+        Err(source) => Err(ConfigError::read(path, source)),
+    }
+}
+
+/// Logs to stderr at `RUST_LOG`, or info with iroh's chatter at warn; colour only for people,
+/// so journald and log files get plain text.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,iroh=warn,noq=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
 /// Resolves on Ctrl-C or SIGTERM (what systemd sends), so both end the same clean way.
 pub async fn shutdown_signal() -> std::io::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

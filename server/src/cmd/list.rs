@@ -35,7 +35,7 @@ pub async fn run(cli: &Cli, all: bool) -> anyhow::Result<()> {
                 "{}",
                 serde_json::json!({
                     "bus_id": d.bus_id,
-                    "vid_pid": format!("{:04x}:{:04x}", d.vendor_id, d.product_id),
+                    "vid_pid": d.vid_pid().to_string(),
                     "speed": format!("{:?}", d.speed),
                     "manufacturer": d.manufacturer, "product": d.product, "serial": d.serial,
                     "shared": is_shared(d),
@@ -65,18 +65,7 @@ pub async fn run(cli: &Cli, all: bool) -> anyhow::Result<()> {
         } else {
             ""
         };
-        println!(
-            "{mark}{:<8} {:04x}:{:04x} {:<6} {} {} {}{pin}",
-            d.bus_id,
-            d.vendor_id,
-            d.product_id,
-            format!("{:?}", d.speed),
-            d.manufacturer.as_deref().unwrap_or("-"),
-            d.product.as_deref().unwrap_or("-"),
-            d.serial
-                .as_deref()
-                .map_or(String::new(), |s| format!("serial={s}")),
-        );
+        println!("{mark}{}{pin}", d.summary());
     }
     Ok(())
 }

@@ -11,6 +11,8 @@ pub mod kinds;
 mod packages;
 pub mod vm;
 
+pub use packages::install_missing;
+
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -58,43 +58,7 @@ impl Apt {
 
     /// Installs missing host tools with `apt-get install`, or says which command would.
     pub fn ensure_host_tools(&self) -> Result<()> {
-        let missing: Vec<&str> = HOST_TOOLS
-            .iter()
-            .filter(|(prog, _)| !cmd::exists(prog))
-            .map(|(_, pkg)| *pkg)
-            .collect();
-        if missing.is_empty() {
-            return Ok(());
-        }
-        let fix = format!(
-            "apt-get install -y --no-install-recommends {}",
-            missing.join(" ")
-        );
-        if !is_root() {
-            bail!(
-                "the lab needs {} on this host; install with: sudo {fix}",
-                missing.join(", ")
-            );
-        }
-        eprintln!("lab: installing host tools: {}", missing.join(" "));
-        let install = || {
-            cmd::status(
-                Command::new("apt-get")
-                    .args(["install", "-y", "-q", "--no-install-recommends"])
-                    .args(&missing)
-                    .env("DEBIAN_FRONTEND", "noninteractive"),
-            )
-        };
-        if install().is_err() {
-            self.update()?;
-            install().with_context(|| format!("could not install host tools; try: {fix}"))?;
-        }
-        for (prog, pkg) in HOST_TOOLS {
-            if !cmd::exists(prog) {
-                bail!("`{prog}` is still missing after installing {pkg}; try: {fix}");
-            }
-        }
-        Ok(())
+        install_missing("the lab", HOST_TOOLS, cmd::exists)
     }
 
     /// Runs `apt-get update` at most once per build: lookups fail on a fresh machine whose
@@ -245,6 +209,57 @@ fn parse_depends(field: &str) -> Vec<String> {
             (!name.is_empty()).then(|| name.to_owned())
         })
         .collect()
+}
+
+/// Installs with apt the package of each `(proof, package)` pair whose proof (a program on
+/// `PATH` or a file, as `present` checks) is missing, refreshing stale package lists once;
+/// without root it says which command would. `purpose` names who needs them, for the messages.
+pub fn install_missing(
+    purpose: &str,
+    wanted: &[(&str, &str)],
+    present: impl Fn(&str) -> bool,
+) -> Result<()> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(proof, _)| !present(proof))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let fix = format!(
+        "apt-get install -y --no-install-recommends {}",
+        missing.join(" ")
+    );
+    if !is_root() {
+        bail!(
+            "{purpose} needs {}; install with: sudo {fix}",
+            missing.join(", ")
+        );
+    }
+    eprintln!("{purpose}: installing {}", missing.join(" "));
+    let install = || {
+        cmd::status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    if install().is_err() {
+        // A fresh machine may never have fetched its package lists.
+        eprintln!("{purpose}: apt-get update");
+        cmd::status(Command::new("apt-get").args(["update", "-q"])).context(
+            "apt-get update failed; check the Debian mirrors in /etc/apt/sources.list.d",
+        )?;
+        install().with_context(|| format!("could not install them; try: {fix}"))?;
+    }
+    for (proof, pkg) in wanted {
+        if !present(proof) {
+            bail!("`{proof}` is still missing after installing {pkg}; try: {fix}");
+        }
+    }
+    Ok(())
 }
 
 fn is_root() -> bool {

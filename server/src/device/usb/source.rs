@@ -194,7 +194,7 @@ impl UsbSource {
         match describe(&nusb_info, id) {
             Ok(info) => {
                 info!(target: "audit", device = ?id, bus_id = %info.bus_id,
-                    vid_pid = %format!("{:04x}:{:04x}", info.vendor_id, info.product_id),
+                    vid_pid = %info.vid_pid(),
                     "device available");
                 lock(&self.known).push(Known {
                     id,
