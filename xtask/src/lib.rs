@@ -18,6 +18,8 @@ pub mod cmdline {
     pub const KEEP_GOING: &str = "lab.keep_going";
 }
 
+pub mod qemu_usb;
+
 /// Line tags, each followed by a space and one JSON object.
 pub mod tag {
     /// Guest init is running: `{"uptime":1.8,"kernel":"6.1.0-56-amd64"}`.
@@ -30,6 +32,9 @@ pub mod tag {
     /// One device kind through one route, from the `kinds-*` scenarios:
     /// `{"kind","functions","drivers","covers","route","status","reason","checks","figures","secs","notes"}`.
     pub const KIND: &str = "LAB-KIND";
+    /// A scenario asks the host for something only it can do (see [`crate::qemu_usb`]):
+    /// `{"seq":1,"op":"plug","device":"ssd"}`.
+    pub const HOST: &str = "LAB-HOST";
     /// All scenarios ended: `{"passed":n,"failed":n,"skipped":n}`; the guest powers off next.
     pub const SUMMARY: &str = "LAB-SUMMARY";
 }
@@ -65,7 +70,14 @@ pub const LOG_TAIL_LINES: usize = 40;
 /// Kernel messages can land in front of a guest line on the console, so the tag is searched
 /// for anywhere in the line, not only at its start.
 pub fn parse_line(line: &str) -> Option<(&'static str, serde_json::Value)> {
-    for t in [tag::BOOT, tag::START, tag::RESULT, tag::KIND, tag::SUMMARY] {
+    for t in [
+        tag::BOOT,
+        tag::START,
+        tag::RESULT,
+        tag::KIND,
+        tag::HOST,
+        tag::SUMMARY,
+    ] {
         let marker = format!("{t} {{");
         if let Some(at) = line.find(&marker) {
             let json = &line[at + t.len() + 1..];

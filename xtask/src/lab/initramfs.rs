@@ -73,6 +73,9 @@ const OPTIONAL_MODULES: &[&str] = &[
     "hid-generic",
     "evdev",
     "loop",
+    "xhci-pci",
+    "xhci-hcd",
+    "ftdi_sio",
 ];
 
 /// Debian packages whose files go into the guest (besides the kernel).

@@ -10,6 +10,7 @@ mod initramfs;
 pub mod kinds;
 mod packages;
 pub mod vm;
+mod xhci;
 
 pub use packages::install_missing;
 
@@ -419,6 +420,10 @@ pub fn run_report(args: &RunArgs) -> Result<Report> {
         accel,
         names.join(", ")
     );
+    let devices = xhci::Plan::prepare(&cache.dir.join("run"))?;
+    if !devices.has_xhci() {
+        eprintln!("lab: this QEMU has no qemu-xhci; scenarios that plug QEMU's USB devices skip");
+    }
     let outcome = vm::boot(&vm::Boot {
         kernel: &manifest.kernel(),
         initramfs: &manifest.initramfs(),
@@ -427,6 +432,7 @@ pub fn run_report(args: &RunArgs) -> Result<Report> {
         keep_going: args.keep_going,
         accel,
         echo: true,
+        devices: Some(&devices),
     })?;
 
     let mut report = Report {
@@ -463,6 +469,8 @@ pub fn run_report(args: &RunArgs) -> Result<Report> {
         "kernel_release": manifest.json["kernel_release"],
         "not_run": not_run,
         "aborted": outcome.aborted,
+        "run_dir": devices.dir(),
+        "xhci": devices.has_xhci(),
     });
     lines.extend(
         outcome

@@ -19,7 +19,7 @@ use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use xtask::{LOG_TAIL_LINES, cmdline, pace, tag};
 
-use super::cmd;
+use super::{cmd, xhci};
 
 /// Which accelerator QEMU uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -63,6 +63,8 @@ pub struct Boot<'a> {
     pub accel: Accel,
     /// Echo the console with the `[guest] ` prefix.
     pub echo: bool,
+    /// The xHCI, its devices' backends and the host channel, for a boot that runs scenarios.
+    pub devices: Option<&'a xhci::Plan>,
 }
 
 /// What came back from one boot.
@@ -121,6 +123,7 @@ pub fn boot(b: &Boot) -> Result<Outcome> {
         .arg(b.initramfs)
         .arg("-append")
         .arg(&append)
+        .args(b.devices.map(xhci::Plan::qemu_args).unwrap_or_default())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -156,6 +159,14 @@ pub fn boot(b: &Boot) -> Result<Outcome> {
     }
     drop(tx);
     let mut follow = Follow::new(b, started);
+    if let Some(plan) = b.devices {
+        // QEMU creates its sockets before the guest starts; a failure here is reported and
+        // the boot goes on (scenarios that need the host then fail with "no answer").
+        match plan.connect() {
+            Ok(host) => follow.host = Some(host),
+            Err(e) => eprintln!("lab: the host side of the xHCI devices is not available: {e:#}"),
+        }
+    }
     let outcome = follow.run(&mut child, &rx);
     let _ = child.kill();
     let _ = child.wait();
@@ -208,6 +219,8 @@ struct Follow<'a> {
     peak_rss_kib: Option<u64>,
     aborted: Option<String>,
     completed_at: Option<Instant>,
+    /// Answers scenarios' `LAB-HOST` requests (plugging QEMU's devices).
+    host: Option<xhci::Host>,
 }
 
 impl<'a> Follow<'a> {
@@ -223,6 +236,7 @@ impl<'a> Follow<'a> {
             peak_rss_kib: None,
             aborted: None,
             completed_at: None,
+            host: None,
         }
     }
 
@@ -327,6 +341,9 @@ impl<'a> Follow<'a> {
         if let Some(r) = &mut self.current {
             push_bounded(&mut r.lines, line.clone(), 400);
         }
+        if let Some(host) = &mut self.host {
+            host.console_line(&line);
+        }
         let Some((t, v)) = xtask::parse_line(&line) else {
             return;
         };
@@ -354,6 +371,12 @@ impl<'a> Follow<'a> {
                 self.results.push(v);
             }
             tag::KIND => self.kinds.push(v),
+            tag::HOST => match &mut self.host {
+                Some(host) => host.request(&v),
+                None => eprintln!(
+                    "lab: a scenario asked the host for {v}, but this boot has no host channel"
+                ),
+            },
             tag::SUMMARY => self.completed_at = Some(Instant::now()),
             _ => {}
         }
@@ -449,6 +472,7 @@ pub fn resolve_accel(
         keep_going: false,
         accel: Accel::Kvm,
         echo: false,
+        devices: None,
     };
     let works = probe_boot(&probe);
     let verdict = if works { Accel::Kvm } else { Accel::Tcg };
@@ -555,6 +579,7 @@ mod tests {
             keep_going: false,
             accel: Accel::Tcg,
             echo: false,
+            devices: None,
         };
         let mut f = Follow::new(&boot, Instant::now());
         for line in [

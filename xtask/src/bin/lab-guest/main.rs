@@ -12,6 +12,7 @@
 
 mod bench;
 mod gadget;
+mod host;
 mod init;
 mod modules;
 mod netem;

@@ -18,6 +18,12 @@ pub const USBIP: &[&str] = &["usbcore", "usbip-core", "vhci-hcd", "usbip-host"];
 pub const GADGET: &[&str] = &["udc-core", "dummy_hcd", "configfs", "libcomposite"];
 /// The host-side drivers that turn a mass-storage device into `/dev/sdX`.
 pub const STORAGE: &[&str] = &["scsi_mod", "usb-storage", "sd_mod"];
+/// QEMU's xHCI, where the lab's emulated USB devices are plugged (`xtask::qemu_usb`).
+pub const XHCI: &[&str] = &["usbcore", "xhci-hcd", "xhci-pci"];
+/// The FTDI serial adapter's driver, `/dev/ttyUSBn`.
+pub const FTDI: &[&str] = &["usbserial", "ftdi_sio"];
+/// HID devices as evdev nodes.
+pub const HID: &[&str] = &["usbhid", "hid-generic", "evdev"];
 /// `tc qdisc ... netem` on loopback.
 pub const NETEM: &[&str] = &["sch_netem"];
 

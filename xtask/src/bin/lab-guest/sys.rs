@@ -174,3 +174,40 @@ pub fn log_threads(names: &[&str]) {
         log!("blocked: {line}");
     }
 }
+
+/// Waits up to 5 s for no user process to be in uninterruptible sleep. The hub's kernel
+/// workers sleep in D briefly while tearing a device down; what must never happen is a user
+/// process (dd, our daemons) left stuck there.
+pub fn wait_no_user_process_in_d_state() -> Result<()> {
+    let settled = wait_for("D states to settle", Duration::from_secs(5), || {
+        processes_in_d_state()
+            .iter()
+            .all(|(_, user)| !user)
+            .then_some(())
+    });
+    let stuck = processes_in_d_state();
+    anyhow::ensure!(settled.is_ok(), "processes stuck in D state: {stuck:?}");
+    if !stuck.is_empty() {
+        log!("kernel workers still in D state (not user processes): {stuck:?}");
+    }
+    Ok(())
+}
+
+/// Processes in uninterruptible sleep: `"pid (name)"` and whether it is a user process (one
+/// with a command line; kernel threads have none).
+fn processes_in_d_state() -> Vec<(String, bool)> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let stat = fs::read_to_string(e.path().join("stat")).ok()?;
+            let (head, rest) = stat.rsplit_once(')')?;
+            if rest.split_whitespace().next() != Some("D") {
+                return None;
+            }
+            let user = fs::read(e.path().join("cmdline")).is_ok_and(|c| !c.is_empty());
+            Some((head.to_owned() + ")", user))
+        })
+        .collect()
+}

@@ -19,6 +19,8 @@ pub enum Via {
     Dummy,
     /// Imported over USB/IP (kernel or ours), through vhci_hcd.
     Vhci,
+    /// One of QEMU's devices, on the VM's PCI xHCI.
+    Xhci,
 }
 
 impl Via {
@@ -27,6 +29,7 @@ impl Via {
         match self {
             Via::Dummy => s.contains("/dummy_hcd."),
             Via::Vhci => s.contains("/vhci_hcd."),
+            Via::Xhci => s.starts_with("/sys/devices/pci"),
         }
     }
 }

@@ -50,58 +50,8 @@ pub fn run() -> Result<()> {
     metric("lossy_read_mib_s", r);
 
     // 2. Unplug during dd: the disk goes, dd gets an I/O error, nothing hangs.
-    let disk_name = disk
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("sda")
-        .to_owned();
-    let mut dd = Command::new("/bin/busybox")
-        .args([
-            "dd",
-            &format!("if={}", disk.display()),
-            "of=/dev/null",
-            "bs=1M",
-            "iflag=direct",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(800));
-    let t_unplug = Instant::now();
-    gadget.unplug()?;
-    sys::wait_for("the remote disk to go away", Duration::from_secs(5), || {
-        (!Path::new("/sys/block").join(&disk_name).exists()).then_some(())
-    })?;
-    let gone = t_unplug.elapsed().as_secs_f64();
-    let status = sys::wait_for("dd to end", Duration::from_secs(10), || {
-        dd.try_wait().ok().flatten()
-    })?;
-    ensure!(
-        !status.success(),
-        "dd succeeded although its device was unplugged"
-    );
-    // The hub's kernel workers sleep in D briefly while tearing the device down; what must
-    // never happen is a user process (dd, our client) left stuck there.
-    let settled = sys::wait_for("D states to settle", Duration::from_secs(5), || {
-        processes_in_d_state()
-            .iter()
-            .all(|(_, user)| !user)
-            .then_some(())
-    });
-    let stuck = processes_in_d_state();
-    ensure!(settled.is_ok(), "processes stuck in D state: {stuck:?}");
-    if !stuck.is_empty() {
-        log!("kernel workers still in D state (not user processes): {stuck:?}");
-    }
-    log!(
-        "unplug during dd: remote disk gone after {gone:.2}s, dd failed with an I/O error, no user process in D state"
-    );
+    let gone = unplug_during_dd(&disk, || gadget.unplug())?;
     metric("unplug_to_disk_gone_secs", gone);
-    let limit = sys::pace();
-    ensure!(
-        gone <= limit,
-        "the remote disk took {gone:.2}s to go (more than 1 s at this guest's pace, {limit:.2} s)"
-    );
     ensure!(
         server.alive(),
         "the server died when its device was unplugged"
@@ -165,21 +115,48 @@ fn server_log_count(needle: &str) -> usize {
         .count()
 }
 
-/// Processes in uninterruptible sleep: `"pid (name)"` and whether it is a user process (one
-/// with a command line; kernel threads have none).
-fn processes_in_d_state() -> Vec<(String, bool)> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            let (head, rest) = stat.rsplit_once(')')?;
-            if rest.split_whitespace().next() != Some("D") {
-                return None;
-            }
-            let user = std::fs::read(e.path().join("cmdline")).is_ok_and(|c| !c.is_empty());
-            Some((head.to_owned() + ")", user))
-        })
-        .collect()
+/// Reads `disk` with `dd` and pulls its device out from under it with `unplug`: the disk must
+/// go within 1 s (at this guest's pace), `dd` must fail, and no user process may be left in D
+/// state. Returns how long the disk took to go.
+pub fn unplug_during_dd(disk: &Path, unplug: impl FnOnce() -> Result<()>) -> Result<f64> {
+    let disk_name = disk
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("sda")
+        .to_owned();
+    let mut dd = Command::new("/bin/busybox")
+        .args([
+            "dd",
+            &format!("if={}", disk.display()),
+            "of=/dev/null",
+            "bs=1M",
+            "iflag=direct",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(800));
+    let t_unplug = Instant::now();
+    unplug()?;
+    sys::wait_for("the remote disk to go away", Duration::from_secs(5), || {
+        (!Path::new("/sys/block").join(&disk_name).exists()).then_some(())
+    })?;
+    let gone = t_unplug.elapsed().as_secs_f64();
+    let status = sys::wait_for("dd to end", Duration::from_secs(10), || {
+        dd.try_wait().ok().flatten()
+    })?;
+    ensure!(
+        !status.success(),
+        "dd succeeded although its device was unplugged"
+    );
+    sys::wait_no_user_process_in_d_state()?;
+    log!(
+        "unplug during dd: remote disk gone after {gone:.2}s, dd failed with an I/O error, no user process in D state"
+    );
+    let limit = sys::pace();
+    ensure!(
+        gone <= limit,
+        "the remote disk took {gone:.2}s to go (more than 1 s at this guest's pace, {limit:.2} s)"
+    );
+    Ok(gone)
 }

@@ -27,6 +27,7 @@ mod sourcesink;
 mod telemetry;
 mod tunnel;
 mod usbip;
+mod xhci;
 
 /// One runnable scenario.
 pub struct Scenario {
@@ -173,6 +174,30 @@ pub const ALL: &[Scenario] = &[
         about: "device kinds, kernel USB/IP beside ours: mass storage with 2 LUNs (stall and clear), SourceSink, Loopback, ACM+ECM+storage composite",
         default: true,
         run: kinds::storage,
+    },
+    Scenario {
+        name: "xhci-disk",
+        about: "QEMU's usb-storage at 5000 Mb/s on the VM's xHCI: kernel USB/IP anchor, then ours on a SuperSpeed vhci port, 64 MiB byte-exact, write read back, detach gives it back",
+        default: true,
+        run: xhci::disk,
+    },
+    Scenario {
+        name: "xhci-serial",
+        about: "QEMU's FTDI usb-serial through the tunnel: ftdi_sio's ttyUSB carries 64 KiB each way to the host's chardev byte-exact; a baud change reaches QEMU",
+        default: true,
+        run: xhci::serial,
+    },
+    Scenario {
+        name: "xhci-unplug",
+        about: "QMP device_del of QEMU's disk during dd on the client: gone <= 1 s, dd fails, no D state, the server keeps its keyboard; device_add re-attaches via client run, byte-exact",
+        default: true,
+        run: xhci::unplug,
+    },
+    Scenario {
+        name: "xhci-kbd",
+        about: "QEMU's usb-kbd through the tunnel: keys injected with QMP input-send-event reach the client's evdev, every press and release in order",
+        default: true,
+        run: xhci::kbd,
     },
     Scenario {
         name: "soak-cycles",

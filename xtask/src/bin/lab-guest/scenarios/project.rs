@@ -233,6 +233,13 @@ impl Daemon {
     }
 }
 
+/// Stops a `p2p-usb-client run` as systemd would (SIGTERM), so it detaches what it holds.
+pub fn stop_supervisor(mut supervisor: Daemon) {
+    let pid = supervisor.pid().to_string();
+    let _ = sys::run(sys::bb("kill").args(["-TERM", &pid]));
+    let _ = supervisor.wait_exit(Duration::from_secs(10));
+}
+
 /// Detaches the one port in use with `p2p-usb-client detach` as `who`, and checks that the
 /// `attach` process `attached` then ends on its own, successfully.
 pub fn detach_and_wait(who: &str, attached: &mut Daemon) -> Result<()> {

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 
 use super::project::{
-    Daemon, client, client_id, show_client_log, show_server_log, spawn_client, start_server_on,
-    vhci_port_in_use, vhci_ports_in_use,
+    client, client_id, show_client_log, show_server_log, spawn_client, start_server_on,
+    stop_supervisor, vhci_port_in_use, vhci_ports_in_use,
 };
 use crate::bench::{self, MIB};
 use crate::gadget::Gadget;
@@ -108,7 +108,7 @@ pub fn run() -> Result<()> {
         remote().is_none().then_some(())
     })?;
     ensure!(server.alive(), "the restarted server died");
-    stop(supervisor);
+    stop_supervisor(supervisor);
     Ok(())
 }
 
@@ -143,11 +143,4 @@ fn one_port_in_use() -> Result<()> {
     let (used, status) = vhci_ports_in_use()?;
     ensure!(used == 1, "{used} vhci ports in use, want 1:\n{status}");
     Ok(())
-}
-
-/// Stops the supervisor as systemd would (SIGTERM), so it detaches what it holds.
-fn stop(mut supervisor: Daemon) {
-    let pid = supervisor.pid().to_string();
-    let _ = sys::run(std::process::Command::new("/bin/busybox").args(["kill", "-TERM", &pid]));
-    let _ = supervisor.wait_exit(Duration::from_secs(10));
 }
