@@ -50,6 +50,15 @@ pub const DEVICES: &[QemuDevice] = &[
         about: "FTDI FT232 serial adapter (full speed); the host echoes what it receives",
     },
     QemuDevice {
+        name: "audio",
+        driver: "usb-audio",
+        props: &[("audiodev", "lab-audio")],
+        vid: 0x46f4,
+        pid: 0x0002,
+        about: "USB audio playback (UAC1, isochronous OUT, 48 kHz S16LE stereo, full speed), \
+                recorded by QEMU into .lab/run/audio.wav",
+    },
+    QemuDevice {
         name: "kbd",
         driver: "usb-kbd",
         props: &[],
@@ -79,6 +88,10 @@ pub mod op {
     pub const SERIAL_STATS: &str = "serial-stats";
     /// `{}`: zero the serial adapter's far-end counters.
     pub const SERIAL_RESET: &str = "serial-reset";
+    /// `{"from":n}` (`n` from an earlier answer's `end`, or absent for the whole file): what
+    /// the audio device has played since: `{"end":n,"frames","tone_frames","gap_blocks",
+    /// "freq_hz"}` (see the host's `lab::audio`).
+    pub const AUDIO: &str = "audio";
 }
 
 /// FNV-1a over a byte stream, continued from `state` (start with [`FNV_START`]): both ends of

@@ -5,6 +5,7 @@
 //! two traits, so everything above this module runs the same code for both.
 
 mod endpoint;
+pub mod iso;
 pub mod sim;
 pub mod usb;
 

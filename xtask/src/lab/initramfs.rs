@@ -86,6 +86,8 @@ pub const GUEST_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "sg3-utils",
+    "alsa-utils",
+    "libasound2-data",
 ];
 
 /// Programs taken from those packages: (package, path in package, path in guest).
@@ -98,7 +100,32 @@ const PACKAGE_PROGRAMS: &[(&str, &str, &str)] = &[
     ("iproute2", "bin/ip", "/usr/sbin/ip"),
     // A SCSI command with a data phase the gadget stalls (device-kind suite, mass storage).
     ("sg3-utils", "usr/bin/sg_raw", "/usr/bin/sg_raw"),
+    // Playing into a sound card through the tunnel (isochronous OUT).
+    ("alsa-utils", "usr/bin/aplay", "/usr/bin/aplay"),
 ];
+
+/// Data directories taken whole from those packages: (package, directory in package, in
+/// guest). alsa-lib cannot name any card without its configuration.
+const PACKAGE_TREES: &[(&str, &str, &str)] =
+    &[("libasound2-data", "usr/share/alsa", "/usr/share/alsa")];
+
+/// Every regular file under `root` (links followed, dangling ones skipped) at the same place
+/// under `dest` in the guest.
+fn add_tree(root: &Path, dest: &Path, files: &mut BTreeMap<String, PathBuf>) -> Result<()> {
+    for entry in fs::read_dir(root).with_context(|| format!("reading {}", root.display()))? {
+        let entry = entry?;
+        let path = entry.path();
+        let inside = dest.join(entry.file_name());
+        match fs::metadata(&path) {
+            Ok(m) if m.is_dir() => add_tree(&path, &inside, files)?,
+            Ok(m) if m.is_file() => {
+                files.insert(inside.to_string_lossy().into_owned(), path);
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
 
 /// Where every shared library goes: the first directory of glibc's built-in search path,
 /// so the guest needs no `ld.so.cache`.
@@ -177,6 +204,13 @@ pub fn plan(apt: &Apt, kernel: &Pkg, guest_pkgs: &[Pkg], bins: &Binaries) -> Res
         }
         files.insert((*dest).to_owned(), src.clone());
         libs.add_program(&src, Some(owner), &mut files)?;
+    }
+    for (name, inner, dest) in PACKAGE_TREES {
+        let root = pkg(name)?.root.join(inner);
+        if !root.is_dir() {
+            bail!("package {name} has no {inner}");
+        }
+        add_tree(&root, Path::new(dest), &mut files)?;
     }
     files.insert("/init".to_owned(), bins.guest.clone());
     libs.add_program(&bins.guest, None, &mut files)?;

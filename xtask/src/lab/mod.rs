@@ -3,6 +3,7 @@
 //! `build` is idempotent and cached (see [`cache`]); `run` boots the last build and never
 //! builds implicitly unless asked, so a test that runs the lab cannot start a nested cargo.
 
+mod audio;
 mod cache;
 mod cmd;
 mod cpio;

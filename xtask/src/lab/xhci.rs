@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::audio;
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
 use xtask::qemu_usb::{self, FNV_START, QemuDevice, XHCI_BUS, XHCI_ID, fnv1a, op};
@@ -25,6 +26,8 @@ const SSD_BYTES: u64 = 96 << 20;
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
 /// How long one QMP command may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(20);
+/// What QEMU's audio device played, in the run's directory.
+const AUDIO_FILE: &str = "audio.wav";
 /// The trace event QEMU's FTDI model emits on SET_BAUDRATE, on QEMU's stderr.
 const BAUD_TRACE: &str = "usb_serial_set_baud";
 
@@ -49,12 +52,23 @@ impl Plan {
             .output()
             .context("asking QEMU for its device models")?;
         let text = String::from_utf8_lossy(&help.stdout);
-        let drivers = text
+        let mut drivers: HashSet<String> = text
             .lines()
             .filter_map(|l| l.trim().strip_prefix("name \""))
             .filter_map(|l| l.split('"').next())
             .map(str::to_owned)
             .collect();
+        // The audio device records through the `wav` backend; without it, it is missing.
+        let audio = Command::new("qemu-system-x86_64")
+            .args(["-audiodev", "help"])
+            .output()
+            .context("asking QEMU for its audio backends")?;
+        if !String::from_utf8_lossy(&audio.stdout)
+            .lines()
+            .any(|l| l.trim() == "wav")
+        {
+            drivers.remove("usb-audio");
+        }
         Ok(Plan {
             dir: dir.to_path_buf(),
             drivers,
@@ -104,6 +118,16 @@ impl Plan {
                 BAUD_TRACE.into(),
             ]);
         }
+        if self.has_xhci() && self.drivers.contains("usb-audio") {
+            args.extend([
+                "-audiodev".into(),
+                format!(
+                    "wav,id=lab-audio,path={},out.frequency={},out.channels=2,out.format=s16",
+                    path(AUDIO_FILE),
+                    audio::RATE
+                ),
+            ]);
+        }
         args
     }
 
@@ -124,6 +148,7 @@ impl Plan {
             drivers: self.drivers.clone(),
             has_xhci: self.has_xhci(),
             baud: None,
+            audio: self.dir.join(AUDIO_FILE),
         })
     }
 
@@ -242,6 +267,7 @@ pub struct Host {
     drivers: HashSet<String>,
     has_xhci: bool,
     baud: Option<u64>,
+    audio: PathBuf,
 }
 
 /// What a request comes to.
@@ -340,6 +366,17 @@ impl Host {
                 self.baud = None;
                 Answer::Ok(json!({}))
             }
+            op::AUDIO => {
+                let from = request["from"].as_u64().unwrap_or(audio::HEADER_BYTES);
+                match fs::read(&self.audio) {
+                    Ok(bytes) => {
+                        let end = bytes.len() as u64;
+                        let from = from.clamp(audio::HEADER_BYTES.min(end), end) as usize;
+                        Answer::Ok(audio::analyse(&bytes[from..]).to_json(end))
+                    }
+                    Err(e) => Answer::Error(format!("reading {}: {e}", self.audio.display())),
+                }
+            }
             other => Answer::Error(format!("unknown host request {other:?}")),
         }
     }
@@ -387,6 +424,7 @@ mod tests {
             drivers: drivers.iter().map(|d| d.to_string()).collect(),
             has_xhci: true,
             baud: None,
+            audio: PathBuf::from("/nonexistent/audio.wav"),
         };
         (host, BufReader::new(guest), qemu)
     }

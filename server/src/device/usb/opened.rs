@@ -19,6 +19,7 @@ use protocol::wire::{DeviceId, DeviceInfo, UrbComplete, UrbId, UrbSubmit};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+use super::iso::{IsoEngine, iso_interfaces};
 use super::lock;
 use crate::device::endpoint::{EpCmd, run_endpoint, status_of, suggests_unplug};
 use crate::device::{CompletionSender, OpenError, OpenedDevice};
@@ -43,6 +44,32 @@ type Controls = Arc<Mutex<HashMap<UrbId, oneshot::Sender<()>>>>;
 struct Claimed {
     interfaces: Vec<nusb::Interface>,
     config: Option<Configuration>,
+    /// The interfaces with isochronous endpoints, claimed apart from nusb.
+    iso: Option<IsoEngine>,
+}
+
+impl Claimed {
+    /// The interface endpoint `address` belongs to in the active configuration.
+    fn interface_of(&self, address: u8) -> Option<u8> {
+        let (number, direction) = EndpointNumber::from_address(address);
+        self.config.as_ref()?.interfaces.iter().find_map(|i| {
+            i.endpoints
+                .iter()
+                .any(|e| e.number == number && e.direction == direction)
+                .then_some(i.number)
+        })
+    }
+
+    /// Whether a control request with this recipient and `wIndex` concerns an interface the
+    /// iso engine claimed (usbfs then takes it only on the engine's file).
+    fn iso_owns_recipient(&self, recipient: u8, index: u16) -> bool {
+        let Some(iso) = &self.iso else { return false };
+        match recipient {
+            1 => iso.owns(index as u8),
+            2 => self.interface_of(index as u8).is_some_and(|i| iso.owns(i)),
+            _ => false,
+        }
+    }
 }
 
 /// A claimed device, as [`OpenedDevice`] hands out.
@@ -72,23 +99,45 @@ fn open_error_at(doing: &str, e: nusb::Error) -> OpenError {
     }
 }
 
-/// Detaches the kernel drivers from, and claims, every interface of the active configuration.
+/// Detaches the kernel drivers from, and claims, every interface of the active configuration:
+/// those with isochronous endpoints on a usbfs file of their own, the rest with nusb.
 /// Blocking: each claim is an ioctl that may wait on a driver's unbind.
-fn claim_active(device: &nusb::Device) -> Result<Claimed, OpenError> {
+fn claim_active(
+    device: &nusb::Device,
+    at: (u8, u8),
+    rescan: &Arc<tokio::sync::Notify>,
+) -> Result<Claimed, OpenError> {
     let config = device
         .active_configuration()
         .map_err(|e| OpenError::Claim(format!("the device is not configured: {e}")))?;
     let numbers: Vec<u8> = config.interfaces().map(|i| i.interface_number()).collect();
+    let parsed = Configuration::parse(config.as_bytes()).ok();
+    let iso_numbers = parsed.as_ref().map(iso_interfaces).unwrap_or_default();
     let mut claimed = Claimed {
         interfaces: Vec::new(),
-        config: Configuration::parse(config.as_bytes()).ok(),
+        config: parsed,
+        iso: None,
     };
     for n in numbers {
+        if iso_numbers.contains(&n) {
+            continue;
+        }
         let iface = device
             .detach_and_claim_interface(n)
             .wait()
             .map_err(|e| open_error_at(&format!("claiming interface {n}"), e))?;
         claimed.interfaces.push(iface);
+    }
+    if !iso_numbers.is_empty() {
+        let engine = IsoEngine::claim(at.0, at.1, iso_numbers, rescan.clone()).map_err(|e| {
+            let why = format!("claiming the isochronous interfaces: {e}");
+            match e.kind() {
+                std::io::ErrorKind::PermissionDenied => OpenError::Permission(why),
+                std::io::ErrorKind::ResourceBusy => OpenError::Busy(why),
+                _ => OpenError::Claim(why),
+            }
+        })?;
+        claimed.iso = Some(engine);
     }
     Ok(claimed)
 }
@@ -106,7 +155,8 @@ impl UsbDevice {
             .open()
             .wait()
             .map_err(|e| open_error(id, "opening it", e))?;
-        let claimed = claim_active(&device)?;
+        let at = (info.bus_number, info.device_address);
+        let claimed = claim_active(&device, at, &rescan)?;
         Ok(UsbDevice {
             device,
             info,
@@ -211,18 +261,20 @@ impl UsbDevice {
         let stopped = self.stop_workers(None);
         let device = self.device.clone();
         let claimed = self.claimed.clone();
+        let at = (self.info.bus_number, self.info.device_address);
+        let rescan = self.rescan.clone();
         tokio::spawn(async move {
             for task in stopped {
                 let _ = task.await;
             }
             let old = std::mem::take(&mut *lock(&claimed));
             let switched = tokio::task::spawn_blocking(move || {
-                drop(old); // releases the old interfaces
+                drop(old); // ends the iso URBs, releases the old interfaces
                 device
                     .set_configuration(value)
                     .wait()
                     .map_err(|e| e.to_string())?;
-                claim_active(&device).map_err(|e| e.to_string())
+                claim_active(&device, at, &rescan).map_err(|e| e.to_string())
             })
             .await;
             let status = match switched {
@@ -243,6 +295,33 @@ impl UsbDevice {
     /// SET_INTERFACE: the interface's workers end their URBs first (its endpoints change),
     /// then usbfs switches the alternate setting on the blocking pool.
     fn set_interface(&mut self, id: UrbId, interface: u8, alt: u8, done: CompletionSender) {
+        let iso_file = lock(&self.claimed)
+            .iso
+            .as_ref()
+            .filter(|iso| iso.owns(interface))
+            .map(IsoEngine::file);
+        if let Some(file) = iso_file {
+            // usbfs ends the old setting's iso URBs itself; each comes back through the reaper.
+            let rescan = self.rescan.clone();
+            tokio::spawn(async move {
+                let set = tokio::task::spawn_blocking(move || file.set_interface(interface, alt));
+                let status = match set.await {
+                    Ok(Ok(())) => UrbStatus::Ok,
+                    Ok(Err(e)) if e.raw_os_error() == Some(libc::ENODEV) => {
+                        rescan.notify_one();
+                        UrbStatus::NoDevice
+                    }
+                    Ok(Err(e)) => {
+                        warn!("SET_INTERFACE {interface}/{alt}: {e}");
+                        UrbStatus::Stall
+                    }
+                    Err(_) => UrbStatus::Shutdown,
+                };
+                debug!(interface, alt, ?status, "SET_INTERFACE (isochronous) done");
+                let _ = done.send(completion(id, status));
+            });
+            return;
+        }
         let stopped = self.stop_workers(Some(interface));
         let iface = lock(&self.claimed)
             .interfaces
@@ -324,6 +403,17 @@ impl UsbDevice {
                 return;
             }
         };
+        let iso_file = {
+            let claimed = lock(&self.claimed);
+            claimed
+                .iso_owns_recipient(setup.request_type() & 0x1f, setup.index())
+                .then(|| claimed.iso.as_ref().map(IsoEngine::file))
+                .flatten()
+        };
+        if let Some(file) = iso_file {
+            self.iso_control(urb, setup, file, done);
+            return;
+        }
         let (cancel_tx, cancel_rx) = oneshot::channel();
         lock(&self.controls).insert(urb.id, cancel_tx);
         let controls = self.controls.clone();
@@ -380,14 +470,73 @@ impl UsbDevice {
     }
 }
 
+impl UsbDevice {
+    /// A control transfer to an interface (or an endpoint of one) the iso engine claimed: a
+    /// blocking usbfs call on its file, on the blocking pool. An unlink answers at once; the
+    /// call itself ends by its timeout.
+    fn iso_control(
+        &mut self,
+        urb: UrbSubmit,
+        setup: protocol::usb::SetupPacket,
+        file: super::usbfs::RawFile,
+        done: CompletionSender,
+    ) {
+        let (cancel_tx, cancel_rx) = oneshot::channel();
+        lock(&self.controls).insert(urb.id, cancel_tx);
+        let controls = self.controls.clone();
+        let id = urb.id;
+        tokio::spawn(async move {
+            let setup_bytes = setup.0;
+            let direction = urb.direction;
+            let mut buffer = match direction {
+                Direction::In => vec![0; usize::from(setup.length())],
+                Direction::Out => urb.data,
+            };
+            let run = tokio::task::spawn_blocking(move || {
+                let moved = file.control(setup_bytes, &mut buffer, CONTROL_TIMEOUT);
+                (moved, buffer)
+            });
+            let result = tokio::select! {
+                r = run => match r {
+                    Ok((Ok(n), mut buffer)) => {
+                        if direction == Direction::In {
+                            buffer.truncate(n);
+                        } else {
+                            buffer.clear();
+                        }
+                        UrbComplete {
+                            actual_length: n as u32,
+                            data: buffer,
+                            ..completion(id, UrbStatus::Ok)
+                        }
+                    }
+                    Ok((Err(e), _)) => {
+                        let status = e
+                            .raw_os_error()
+                            .map_or(UrbStatus::Stall, |errno| UrbStatus::from_errno(-errno));
+                        completion(id, status)
+                    }
+                    Err(_) => completion(id, UrbStatus::Shutdown),
+                },
+                _ = cancel_rx => completion(id, UrbStatus::Unlinked),
+            };
+            lock(&controls).remove(&id);
+            let _ = done.send(result);
+        });
+    }
+}
+
 impl OpenedDevice for UsbDevice {
     fn submit(&mut self, urb: UrbSubmit, done: CompletionSender) {
         match self.transfer_type(&urb) {
             TransferType::Control => self.submit_control(urb, done),
-            TransferType::Isochronous => {
-                debug!(id = ?urb.id, "isochronous transfers are not supported by this backend");
-                let _ = done.send(completion(urb.id, UrbStatus::Invalid));
-            }
+            TransferType::Isochronous => match &lock(&self.claimed).iso {
+                Some(iso) => iso.submit(urb, done),
+                None => {
+                    debug!(id = ?urb.id, "an iso URB for a device without iso interfaces");
+                    let _ = done.send(completion(urb.id, UrbStatus::Stall));
+                }
+            },
             kind => {
                 let address = urb.endpoint.address(urb.direction);
                 match self.worker(address, kind) {
@@ -413,6 +562,10 @@ impl OpenedDevice for UsbDevice {
         }
         if let Some(w) = self.workers.get(&endpoint.address(direction)) {
             let _ = w.tx.send(EpCmd::Cancel(id));
+            return;
+        }
+        if let Some(iso) = &lock(&self.claimed).iso {
+            iso.cancel(id);
         }
     }
 
@@ -428,9 +581,17 @@ impl OpenedDevice for UsbDevice {
             // Releasing an interface and binding its driver run the driver's probe inside the
             // ioctl: a blocking thread's work, not a runtime thread's.
             let _ = tokio::task::spawn_blocking(move || {
-                let interfaces = std::mem::take(&mut lock(&self.claimed).interfaces);
-                let numbers: Vec<u8> = interfaces.iter().map(|i| i.interface_number()).collect();
+                let (interfaces, iso) = {
+                    let mut claimed = lock(&self.claimed);
+                    (std::mem::take(&mut claimed.interfaces), claimed.iso.take())
+                };
+                let mut numbers: Vec<u8> =
+                    interfaces.iter().map(|i| i.interface_number()).collect();
                 drop(interfaces);
+                if let Some(iso) = iso {
+                    numbers.extend(iso.interfaces());
+                    drop(iso); // ends its URBs and closes its file, releasing its claims
+                }
                 for n in numbers {
                     if let Err(e) = self.device.attach_kernel_driver(n) {
                         debug!(interface = n, "kernel driver not re-attached: {e}");

@@ -80,6 +80,44 @@ pub fn serial_reset() -> Result<()> {
     Ok(())
 }
 
+/// What QEMU's audio device played since `from` (an earlier answer's [`Played::end`]; `None`
+/// for everything).
+#[derive(Debug, Clone, Copy)]
+pub struct Played {
+    /// Where the recording ends now: the `from` of the next question.
+    pub end: u64,
+    /// 16-bit stereo frames recorded.
+    pub frames: u64,
+    /// Frames in 1 ms blocks that carry tone.
+    pub tone_frames: u64,
+    /// Silent 1 ms blocks inside the tone.
+    pub gap_blocks: u64,
+    /// The tone's frequency.
+    pub freq_hz: f64,
+}
+
+/// Asks the host to analyse QEMU's audio recording from `from` on.
+pub fn played(from: Option<u64>) -> Result<Played> {
+    let mut request = json!({"op": op::AUDIO});
+    if let Some(from) = from {
+        request["from"] = json!(from);
+    }
+    let v = ask(request)?;
+    let n = |k: &str| {
+        v[k].as_u64()
+            .with_context(|| format!("audio answer without {k}"))
+    };
+    Ok(Played {
+        end: n("end")?,
+        frames: n("frames")?,
+        tone_frames: n("tone_frames")?,
+        gap_blocks: n("gap_blocks")?,
+        freq_hz: v["freq_hz"]
+            .as_f64()
+            .context("audio answer without freq_hz")?,
+    })
+}
+
 /// The device named `name`, or a failure that lists the lab's devices.
 fn known(name: &str) -> Result<&'static QemuDevice> {
     qemu_usb::device(name).with_context(|| {

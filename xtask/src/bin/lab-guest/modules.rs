@@ -22,6 +22,8 @@ pub const STORAGE: &[&str] = &["scsi_mod", "usb-storage", "sd_mod"];
 pub const XHCI: &[&str] = &["usbcore", "xhci-hcd", "xhci-pci"];
 /// The FTDI serial adapter's driver, `/dev/ttyUSBn`.
 pub const FTDI: &[&str] = &["usbserial", "ftdi_sio"];
+/// USB sound cards (ALSA).
+pub const AUDIO: &[&str] = &["snd-usb-audio"];
 /// HID devices as evdev nodes.
 pub const HID: &[&str] = &["usbhid", "hid-generic", "evdev"];
 /// `tc qdisc ... netem` on loopback.

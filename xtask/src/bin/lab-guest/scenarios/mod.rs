@@ -28,6 +28,7 @@ mod telemetry;
 mod tunnel;
 mod usbip;
 mod xhci;
+mod xhci_audio;
 
 /// One runnable scenario.
 pub struct Scenario {
@@ -198,6 +199,12 @@ pub const ALL: &[Scenario] = &[
         about: "QEMU's usb-kbd through the tunnel: keys injected with QMP input-send-event reach the client's evdev, every press and release in order",
         default: true,
         run: xhci::kbd,
+    },
+    Scenario {
+        name: "xhci-audio",
+        about: "QEMU's usb-audio (isochronous OUT) through the tunnel: aplay's 1 kHz tone comes out of the device at 1 kHz at RTT 0 and 20 ms, missing share beside the kernel's USB/IP; stop/start twice; detach mid-stream",
+        default: true,
+        run: xhci_audio::run,
     },
     Scenario {
         name: "soak-cycles",

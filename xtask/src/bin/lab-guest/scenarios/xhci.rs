@@ -37,27 +37,27 @@ const BAUD: u32 = 57600;
 
 /// A QEMU device plugged for one scenario, pulled out again when the scenario ends however it
 /// ends, so the next scenario finds the bus as it was.
-struct Plugged {
-    device: &'static QemuDevice,
+pub(super) struct Plugged {
+    pub(super) device: &'static QemuDevice,
     /// Its sysfs directory on the guest's xHCI.
     sysfs: PathBuf,
 }
 
 impl Plugged {
     /// Plugs `name` and waits until the guest enumerated it on the xHCI.
-    fn new(name: &str) -> Result<Plugged> {
+    pub(super) fn new(name: &str) -> Result<Plugged> {
         let device = host::plug(name)?;
         let sysfs = wait_on_xhci(device)?;
         Ok(Plugged { device, sysfs })
     }
 
     /// `vid:pid`, as `--share` and `--device` take it.
-    fn vid_pid(&self) -> String {
+    pub(super) fn vid_pid(&self) -> String {
         format!("{:04x}:{:04x}", self.device.vid, self.device.pid)
     }
 
     /// Its bus id (`3-1`), as usbip takes it.
-    fn busid(&self) -> String {
+    pub(super) fn busid(&self) -> String {
         self.sysfs
             .file_name()
             .unwrap_or_default()
@@ -84,14 +84,14 @@ fn wait_on_xhci(device: &QemuDevice) -> Result<PathBuf> {
 }
 
 /// The host controller and the class drivers every scenario here needs.
-fn load(extra: &[&str]) -> Result<()> {
+pub(super) fn load(extra: &[&str]) -> Result<()> {
     modules::load(modules::USBIP)?;
     modules::load(modules::XHCI)?;
     modules::load(extra)
 }
 
 /// Our server sharing `vid_pids` to the client `friend`; its ticket.
-fn serve(vid_pids: &[&str]) -> Result<(Daemon, String)> {
+pub(super) fn serve(vid_pids: &[&str]) -> Result<(Daemon, String)> {
     let friend = client_id("friend")?;
     let mut args = vec!["--allow", friend.as_str()];
     for v in vid_pids {
