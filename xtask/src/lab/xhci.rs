@@ -470,7 +470,7 @@ mod tests {
         h.request(&json!({"seq": 2, "op": "plug", "device": "webcam"}));
         let e = answer(&mut guest)["error"].as_str().unwrap().to_owned();
         assert!(
-            e.contains("\"webcam\"") && e.contains("ssd, ftdi, kbd"),
+            e.contains("\"webcam\"") && e.contains("ssd, ftdi, audio, kbd"),
             "{e}"
         );
         h.request(&json!({"seq": 3, "op": "teleport"}));
