@@ -226,6 +226,19 @@ impl Configuration {
             .find(|e| e.number == number && e.direction == direction)
     }
 
+    /// The interface endpoint `number` in `direction` belongs to (in any alternate setting):
+    /// where a request addressed to the endpoint is really going.
+    pub fn interface_of(&self, number: EndpointNumber, direction: Direction) -> Option<u8> {
+        self.interfaces
+            .iter()
+            .find(|i| {
+                i.endpoints
+                    .iter()
+                    .any(|e| e.number == number && e.direction == direction)
+            })
+            .map(|i| i.number)
+    }
+
     /// The class triple of each interface's first alternate setting, in interface order: what
     /// USB/IP's device list carries.
     pub fn interface_classes(&self) -> Vec<[u8; 3]> {
@@ -297,6 +310,8 @@ mod tests {
         );
         assert_eq!(c.transfer_type(ep2, Direction::In), None);
         assert_eq!(c.endpoint(ep1, Direction::In).unwrap().max_packet_size, 512);
+        assert_eq!(c.interface_of(ep2, Direction::Out), Some(0));
+        assert_eq!(c.interface_of(ep2, Direction::In), None);
         assert_eq!(
             c.transfer_type(EndpointNumber::CONTROL, Direction::In),
             Some(TransferType::Control)

@@ -17,7 +17,7 @@ use protocol::wire::{UrbId, UrbSubmit};
 use tracing::{debug, warn};
 
 use super::lock;
-use super::usbfs::{RawDevice, RawFile, Reaped, UrbKey};
+use super::usbfs::{RawDevice, RawFile, UrbKey};
 use crate::device::CompletionSender;
 use crate::device::iso::{ChunkResult, IsoPlan};
 use crate::tracker::completion;
@@ -184,7 +184,7 @@ impl IsoEngine {
 
     /// Ends every URB in flight (each completes once, `Unlinked` or `NoDevice`) and waits for
     /// the reaper. Blocking.
-    pub(super) fn stop(&mut self) {
+    fn stop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         {
             let st = lock(&self.shared.state);
@@ -215,7 +215,7 @@ fn reap(shared: &Shared, file: &RawFile) {
         let mut st = lock(&shared.state);
         let gone = loop {
             match st.raw.reap() {
-                Ok(Some(r)) => finish(&mut st, r),
+                Ok(Some((tag, result))) => finish(&mut st, tag, result),
                 Ok(None) => break false,
                 Err(e) => {
                     if e.raw_os_error() != Some(libc::ENODEV) {
@@ -242,17 +242,11 @@ fn reap(shared: &Shared, file: &RawFile) {
 }
 
 /// One reaped usbfs URB into its wire URB's plan; the completion once the plan has them all.
-fn finish(st: &mut State, r: Reaped) {
-    let seq = r.tag >> CHUNK_BITS;
-    let chunk = (r.tag & ((1 << CHUNK_BITS) - 1)) as usize;
+fn finish(st: &mut State, tag: u64, result: ChunkResult) {
+    let seq = tag >> CHUNK_BITS;
+    let chunk = (tag & ((1 << CHUNK_BITS) - 1)) as usize;
     let Some(p) = st.pending.get_mut(&seq) else {
         return;
-    };
-    let result = ChunkResult {
-        status: r.status,
-        start_frame: r.start_frame,
-        packets: r.packets,
-        buffer: r.buffer,
     };
     if let Some(c) = p.plan.chunk_done(chunk, result) {
         let _ = p.done.send(c);

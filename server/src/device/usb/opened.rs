@@ -49,24 +49,19 @@ struct Claimed {
 }
 
 impl Claimed {
-    /// The interface endpoint `address` belongs to in the active configuration.
-    fn interface_of(&self, address: u8) -> Option<u8> {
-        let (number, direction) = EndpointNumber::from_address(address);
-        self.config.as_ref()?.interfaces.iter().find_map(|i| {
-            i.endpoints
-                .iter()
-                .any(|e| e.number == number && e.direction == direction)
-                .then_some(i.number)
-        })
-    }
-
     /// Whether a control request with this recipient and `wIndex` concerns an interface the
     /// iso engine claimed (usbfs then takes it only on the engine's file).
     fn iso_owns_recipient(&self, recipient: u8, index: u16) -> bool {
         let Some(iso) = &self.iso else { return false };
         match recipient {
             1 => iso.owns(index as u8),
-            2 => self.interface_of(index as u8).is_some_and(|i| iso.owns(i)),
+            2 => {
+                let (number, direction) = EndpointNumber::from_address(index as u8);
+                self.config
+                    .as_ref()
+                    .and_then(|c| c.interface_of(number, direction))
+                    .is_some_and(|i| iso.owns(i))
+            }
             _ => false,
         }
     }
@@ -295,33 +290,13 @@ impl UsbDevice {
     /// SET_INTERFACE: the interface's workers end their URBs first (its endpoints change),
     /// then usbfs switches the alternate setting on the blocking pool.
     fn set_interface(&mut self, id: UrbId, interface: u8, alt: u8, done: CompletionSender) {
+        // An iso interface has no workers: usbfs ends the old setting's iso URBs itself, and
+        // each comes back through the reaper.
         let iso_file = lock(&self.claimed)
             .iso
             .as_ref()
             .filter(|iso| iso.owns(interface))
             .map(IsoEngine::file);
-        if let Some(file) = iso_file {
-            // usbfs ends the old setting's iso URBs itself; each comes back through the reaper.
-            let rescan = self.rescan.clone();
-            tokio::spawn(async move {
-                let set = tokio::task::spawn_blocking(move || file.set_interface(interface, alt));
-                let status = match set.await {
-                    Ok(Ok(())) => UrbStatus::Ok,
-                    Ok(Err(e)) if e.raw_os_error() == Some(libc::ENODEV) => {
-                        rescan.notify_one();
-                        UrbStatus::NoDevice
-                    }
-                    Ok(Err(e)) => {
-                        warn!("SET_INTERFACE {interface}/{alt}: {e}");
-                        UrbStatus::Stall
-                    }
-                    Err(_) => UrbStatus::Shutdown,
-                };
-                debug!(interface, alt, ?status, "SET_INTERFACE (isochronous) done");
-                let _ = done.send(completion(id, status));
-            });
-            return;
-        }
         let stopped = self.stop_workers(Some(interface));
         let iface = lock(&self.claimed)
             .interfaces
@@ -337,20 +312,24 @@ impl UsbDevice {
                 interface,
                 alt, "SET_INTERFACE: the interface's endpoints are idle"
             );
-            let status = match iface {
-                Some(i) => match i.set_alt_setting(alt).await {
+            let status = match (iso_file, iface) {
+                (Some(file), _) => {
+                    match tokio::task::spawn_blocking(move || file.set_interface(interface, alt))
+                        .await
+                    {
+                        Ok(Ok(())) => UrbStatus::Ok,
+                        Ok(Err(e)) if e.raw_os_error() == Some(libc::ENODEV) => gone(&rescan),
+                        Ok(Err(e)) => refused(interface, alt, &e),
+                        Err(_) => UrbStatus::Shutdown,
+                    }
+                }
+                (None, Some(i)) => match i.set_alt_setting(alt).await {
                     Ok(()) => UrbStatus::Ok,
-                    Err(e) if e.kind() == nusb::ErrorKind::Disconnected => {
-                        rescan.notify_one();
-                        UrbStatus::NoDevice
-                    }
-                    Err(e) => {
-                        warn!("SET_INTERFACE {interface}/{alt}: {e}");
-                        UrbStatus::Stall
-                    }
+                    Err(e) if e.kind() == nusb::ErrorKind::Disconnected => gone(&rescan),
+                    Err(e) => refused(interface, alt, &e),
                 },
                 // Not an interface of the active configuration: what a device answers.
-                None => UrbStatus::Stall,
+                (None, None) => UrbStatus::Stall,
             };
             debug!(interface, alt, ?status, "SET_INTERFACE done");
             let _ = done.send(completion(id, status));
@@ -403,6 +382,8 @@ impl UsbDevice {
                 return;
             }
         };
+        // usbfs takes a request for an interface (or an endpoint of one) only on the file
+        // that claimed it: the iso engine's for its interfaces.
         let iso_file = {
             let claimed = lock(&self.claimed);
             claimed
@@ -410,10 +391,6 @@ impl UsbDevice {
                 .then(|| claimed.iso.as_ref().map(IsoEngine::file))
                 .flatten()
         };
-        if let Some(file) = iso_file {
-            self.iso_control(urb, setup, file, done);
-            return;
-        }
         let (cancel_tx, cancel_rx) = oneshot::channel();
         lock(&self.controls).insert(urb.id, cancel_tx);
         let controls = self.controls.clone();
@@ -422,39 +399,9 @@ impl UsbDevice {
         let id = urb.id;
         tokio::spawn(async move {
             let transfer = async {
-                if urb.direction == Direction::In {
-                    let request = ControlIn {
-                        control_type,
-                        recipient,
-                        request: setup.request(),
-                        value: setup.value(),
-                        index: setup.index(),
-                        length: urb.length.min(u32::from(u16::MAX)) as u16,
-                    };
-                    match device.control_in(request, CONTROL_TIMEOUT).await {
-                        Ok(data) => UrbComplete {
-                            actual_length: data.len() as u32,
-                            data,
-                            ..completion(id, UrbStatus::Ok)
-                        },
-                        Err(e) => completion(id, status_of(e)),
-                    }
-                } else {
-                    let request = ControlOut {
-                        control_type,
-                        recipient,
-                        request: setup.request(),
-                        value: setup.value(),
-                        index: setup.index(),
-                        data: &urb.data,
-                    };
-                    match device.control_out(request, CONTROL_TIMEOUT).await {
-                        Ok(()) => UrbComplete {
-                            actual_length: urb.data.len() as u32,
-                            ..completion(id, UrbStatus::Ok)
-                        },
-                        Err(e) => completion(id, status_of(e)),
-                    }
+                match iso_file {
+                    Some(file) => raw_control(file, urb, setup).await,
+                    None => nusb_control(&device, control_type, recipient, urb, setup).await,
                 }
             };
             let result = tokio::select! {
@@ -470,59 +417,100 @@ impl UsbDevice {
     }
 }
 
-impl UsbDevice {
-    /// A control transfer to an interface (or an endpoint of one) the iso engine claimed: a
-    /// blocking usbfs call on its file, on the blocking pool. An unlink answers at once; the
-    /// call itself ends by its timeout.
-    fn iso_control(
-        &mut self,
-        urb: UrbSubmit,
-        setup: protocol::usb::SetupPacket,
-        file: super::usbfs::RawFile,
-        done: CompletionSender,
-    ) {
-        let (cancel_tx, cancel_rx) = oneshot::channel();
-        lock(&self.controls).insert(urb.id, cancel_tx);
-        let controls = self.controls.clone();
-        let id = urb.id;
-        tokio::spawn(async move {
-            let setup_bytes = setup.0;
-            let direction = urb.direction;
-            let mut buffer = match direction {
-                Direction::In => vec![0; usize::from(setup.length())],
-                Direction::Out => urb.data,
-            };
-            let run = tokio::task::spawn_blocking(move || {
-                let moved = file.control(setup_bytes, &mut buffer, CONTROL_TIMEOUT);
-                (moved, buffer)
-            });
-            let result = tokio::select! {
-                r = run => match r {
-                    Ok((Ok(n), mut buffer)) => {
-                        if direction == Direction::In {
-                            buffer.truncate(n);
-                        } else {
-                            buffer.clear();
-                        }
-                        UrbComplete {
-                            actual_length: n as u32,
-                            data: buffer,
-                            ..completion(id, UrbStatus::Ok)
-                        }
-                    }
-                    Ok((Err(e), _)) => {
-                        let status = e
-                            .raw_os_error()
-                            .map_or(UrbStatus::Stall, |errno| UrbStatus::from_errno(-errno));
-                        completion(id, status)
-                    }
-                    Err(_) => completion(id, UrbStatus::Shutdown),
-                },
-                _ = cancel_rx => completion(id, UrbStatus::Unlinked),
-            };
-            lock(&controls).remove(&id);
-            let _ = done.send(result);
-        });
+/// A SET_INTERFACE that found the device gone: the source looks again.
+fn gone(rescan: &tokio::sync::Notify) -> UrbStatus {
+    rescan.notify_one();
+    UrbStatus::NoDevice
+}
+
+/// A SET_INTERFACE the device or usbfs refused: what a device answers.
+fn refused(interface: u8, alt: u8, why: &dyn std::fmt::Display) -> UrbStatus {
+    warn!("SET_INTERFACE {interface}/{alt}: {why}");
+    UrbStatus::Stall
+}
+
+/// A control transfer through nusb.
+async fn nusb_control(
+    device: &nusb::Device,
+    control_type: ControlType,
+    recipient: Recipient,
+    urb: UrbSubmit,
+    setup: protocol::usb::SetupPacket,
+) -> UrbComplete {
+    let id = urb.id;
+    if urb.direction == Direction::In {
+        let request = ControlIn {
+            control_type,
+            recipient,
+            request: setup.request(),
+            value: setup.value(),
+            index: setup.index(),
+            length: urb.length.min(u32::from(u16::MAX)) as u16,
+        };
+        match device.control_in(request, CONTROL_TIMEOUT).await {
+            Ok(data) => UrbComplete {
+                actual_length: data.len() as u32,
+                data,
+                ..completion(id, UrbStatus::Ok)
+            },
+            Err(e) => completion(id, status_of(e)),
+        }
+    } else {
+        let request = ControlOut {
+            control_type,
+            recipient,
+            request: setup.request(),
+            value: setup.value(),
+            index: setup.index(),
+            data: &urb.data,
+        };
+        match device.control_out(request, CONTROL_TIMEOUT).await {
+            Ok(()) => UrbComplete {
+                actual_length: urb.data.len() as u32,
+                ..completion(id, UrbStatus::Ok)
+            },
+            Err(e) => completion(id, status_of(e)),
+        }
+    }
+}
+
+/// A control transfer through the iso engine's usbfs file: a blocking call, on the blocking
+/// pool (an unlink answers at once; the call itself ends by its timeout).
+async fn raw_control(
+    file: super::usbfs::RawFile,
+    urb: UrbSubmit,
+    setup: protocol::usb::SetupPacket,
+) -> UrbComplete {
+    let id = urb.id;
+    let direction = urb.direction;
+    let mut buffer = match direction {
+        Direction::In => vec![0; usize::from(setup.length())],
+        Direction::Out => urb.data,
+    };
+    let run = tokio::task::spawn_blocking(move || {
+        let moved = file.control(setup.0, &mut buffer, CONTROL_TIMEOUT);
+        (moved, buffer)
+    });
+    match run.await {
+        Ok((Ok(n), mut buffer)) => {
+            if direction == Direction::In {
+                buffer.truncate(n);
+            } else {
+                buffer.clear();
+            }
+            UrbComplete {
+                actual_length: n as u32,
+                data: buffer,
+                ..completion(id, UrbStatus::Ok)
+            }
+        }
+        Ok((Err(e), _)) => {
+            let status = e
+                .raw_os_error()
+                .map_or(UrbStatus::Stall, |errno| UrbStatus::from_errno(-errno));
+            completion(id, status)
+        }
+        Err(_) => completion(id, UrbStatus::Shutdown),
     }
 }
 

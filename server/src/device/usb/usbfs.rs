@@ -20,6 +20,8 @@ use std::time::Duration;
 
 use libc::{c_int, c_uint, c_ulong, c_void};
 
+use crate::device::iso::ChunkResult;
+
 /// `USBDEVFS_URB_TYPE_ISO`.
 const URB_TYPE_ISO: u8 = 0;
 /// `USBDEVFS_URB_ISO_ASAP`: start at the next free frame.
@@ -108,21 +110,6 @@ struct InFlight {
     buffer: Vec<u8>,
     packets: usize,
     tag: u64,
-}
-
-/// A finished iso URB, as usbfs reported it.
-#[derive(Debug)]
-pub struct Reaped {
-    /// The tag it was submitted with.
-    pub tag: u64,
-    /// Its status (0 or a negative errno).
-    pub status: i32,
-    /// The frame it started at.
-    pub start_frame: i32,
-    /// Each packet's (actual length, status as a negative errno).
-    pub packets: Vec<(u32, i32)>,
-    /// The buffer, IN data at each packet's requested position.
-    pub buffer: Vec<u8>,
 }
 
 /// A URB's key for [`RawDevice::discard`].
@@ -289,9 +276,10 @@ impl RawDevice {
         self.in_flight.len()
     }
 
-    /// One finished URB, if any: `Ok(None)` when none is ready, `Err` (`ENODEV`) when the
-    /// device is gone and everything it completed has been reaped.
-    pub fn reap(&mut self) -> io::Result<Option<Reaped>> {
+    /// One finished URB, if any, with the tag it was submitted with: `Ok(None)` when none is
+    /// ready, `Err` (`ENODEV`) when the device is gone and everything it completed has been
+    /// reaped.
+    pub fn reap(&mut self) -> io::Result<Option<(u64, ChunkResult)>> {
         let mut out: usize = 0;
         // SAFETY: usbfs writes one pointer into `out`, and copies the results (header
         // fields, packet descriptors and IN data) into the memory of the URB it names, which
@@ -309,8 +297,7 @@ impl RawDevice {
             return Ok(None);
         };
         let h = &done.urb.header;
-        Ok(Some(Reaped {
-            tag: done.tag,
+        let result = ChunkResult {
             status: h.status,
             start_frame: h.start_frame,
             packets: done.urb.packets[..done.packets]
@@ -318,12 +305,14 @@ impl RawDevice {
                 .map(|p| (p.actual_length, p.status as i32))
                 .collect(),
             buffer: done.buffer,
-        }))
+        };
+        Ok(Some((done.tag, result)))
     }
 
-    /// The tags of URBs still held, for failing them when the device is gone.
-    pub fn abandon(&mut self) -> Vec<u64> {
-        self.in_flight.drain().map(|(_, f)| f.tag).collect()
+    /// Forgets the URBs still held (the device is gone or will not give them back); the
+    /// kernel no longer touches their memory once no reap is asked for.
+    pub fn abandon(&mut self) {
+        self.in_flight.clear();
     }
 }
 
