@@ -240,6 +240,40 @@ pub fn stop_supervisor(mut supervisor: Daemon) {
     let _ = supervisor.wait_exit(Duration::from_secs(10));
 }
 
+/// Waits up to `timeout` until `vid:pid` is a disk under vhci whose first `checked` bytes hash
+/// to `want` (an md5 from [`crate::bench::md5`]); prints both daemons' logs if it never is.
+pub fn wait_readable(
+    vid: u16,
+    pid: u16,
+    want: &str,
+    checked: usize,
+    timeout: Duration,
+) -> Result<std::path::PathBuf> {
+    let started = std::time::Instant::now();
+    let outcome = sys::wait_for("the remote disk to be readable", timeout, || {
+        let disk = crate::usbdev::find_block_device_for(vid, pid, crate::usbdev::Via::Vhci)?;
+        // A disk that is still being set up (or torn down) refuses opens for a moment.
+        let got = crate::bench::md5(&disk, Some(checked)).ok()?;
+        Some((disk, got))
+    });
+    match outcome {
+        Ok((disk, got)) => {
+            ensure!(
+                got == want,
+                "{} read back different data after {:.1}s",
+                disk.display(),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(disk)
+        }
+        Err(e) => {
+            show_client_log("friend");
+            show_server_log();
+            Err(e)
+        }
+    }
+}
+
 /// Detaches the one port in use with `p2p-usb-client detach` as `who`, and checks that the
 /// `attach` process `attached` then ends on its own, successfully.
 pub fn detach_and_wait(who: &str, attached: &mut Daemon) -> Result<()> {

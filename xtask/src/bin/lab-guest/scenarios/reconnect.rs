@@ -8,14 +8,14 @@
 //! its auto-attach rule attaches the device again. A killed server restarted on the same
 //! address with the same key has the same ticket, and the client comes back the same way.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 
 use super::project::{
-    client, client_id, show_client_log, show_server_log, spawn_client, start_server_on,
-    stop_supervisor, vhci_port_in_use, vhci_ports_in_use,
+    client, client_id, spawn_client, start_server_on, stop_supervisor, vhci_port_in_use,
+    vhci_ports_in_use, wait_readable,
 };
 use crate::bench::{self, MIB};
 use crate::gadget::Gadget;
@@ -54,7 +54,13 @@ pub fn run() -> Result<()> {
     )?;
     let supervisor = spawn_client("friend", &["--config", "/tmp/client-run.toml", "run"])?;
     let remote = || usbdev::find_block_device_for(gadget.vid, gadget.pid, Via::Vhci);
-    let disk = wait_readable(&gadget, &want, Duration::from_secs(30))?;
+    let disk = wait_readable(
+        gadget.vid,
+        gadget.pid,
+        &want,
+        CHECKED,
+        Duration::from_secs(30),
+    )?;
     log!("auto-attached as {}", disk.display());
 
     // 1. The network is cut for 10 s.
@@ -68,7 +74,7 @@ pub fn run() -> Result<()> {
     let back_at = Instant::now();
     let went = went.context("the attachment outlived a 10 s cut (the idle timeout is 1.5 s)")?;
     log!("network cut: the remote disk went after {went:.2}s (the attachment timed out)");
-    let disk = wait_readable(&gadget, &want, RECOVER)
+    let disk = wait_readable(gadget.vid, gadget.pid, &want, CHECKED, RECOVER)
         .context("the client did not re-attach after the network came back")?;
     let recovered = back_at.elapsed().as_secs_f64();
     log!(
@@ -92,7 +98,7 @@ pub fn run() -> Result<()> {
         "the restarted server has another ticket: {again}"
     );
     let restarted_at = Instant::now();
-    let disk = wait_readable(&gadget, &want, RECOVER)
+    let disk = wait_readable(gadget.vid, gadget.pid, &want, CHECKED, RECOVER)
         .context("the client did not re-attach to the restarted server")?;
     let recovered = restarted_at.elapsed().as_secs_f64();
     log!(
@@ -110,33 +116,6 @@ pub fn run() -> Result<()> {
     ensure!(server.alive(), "the restarted server died");
     stop_supervisor(supervisor);
     Ok(())
-}
-
-/// Waits until the gadget is a disk under vhci whose first bytes match `want`.
-fn wait_readable(gadget: &Gadget, want: &str, timeout: Duration) -> Result<PathBuf> {
-    let started = Instant::now();
-    let outcome = sys::wait_for("the remote disk to be readable", timeout, || {
-        let disk = usbdev::find_block_device_for(gadget.vid, gadget.pid, Via::Vhci)?;
-        // A disk that is still being set up (or torn down) refuses opens for a moment.
-        let got = bench::md5(&disk, Some(CHECKED)).ok()?;
-        Some((disk, got))
-    });
-    match outcome {
-        Ok((disk, got)) => {
-            ensure!(
-                got == want,
-                "{} read back different data after {:.1}s",
-                disk.display(),
-                started.elapsed().as_secs_f64()
-            );
-            Ok(disk)
-        }
-        Err(e) => {
-            show_client_log("friend");
-            show_server_log();
-            Err(e)
-        }
-    }
 }
 
 fn one_port_in_use() -> Result<()> {

@@ -16,7 +16,7 @@ use super::faults::unplug_during_dd;
 use super::hid::key_events;
 use super::project::{
     Daemon, attach_disk, client, client_id, detach_and_wait, show_client_log, show_server_log,
-    spawn_client, start_server, stop_supervisor, vhci_ports_in_use,
+    spawn_client, start_server, stop_supervisor, vhci_ports_in_use, wait_readable,
 };
 use super::usbip::{Attached, Usbipd};
 use crate::bench::{self, MIB};
@@ -323,7 +323,7 @@ pub fn unplug() -> Result<()> {
         ),
     )?;
     let supervisor = spawn_client("friend", &["--config", &config.to_string_lossy(), "run"])?;
-    let disk = wait_readable(vid, pid, &want)?;
+    let disk = wait_readable(vid, pid, &want, REATTACH_CHECK, Duration::from_secs(40))?;
     log!("auto-attached QEMU's disk as {}", disk.display());
 
     let gone = unplug_during_dd(&disk, || host::unplug("ssd"))?;
@@ -343,8 +343,8 @@ pub fn unplug() -> Result<()> {
     host::plug("ssd")?;
     let replugged = Instant::now();
     wait_on_xhci(ssd.device)?;
-    let disk =
-        wait_readable(vid, pid, &want).context("`client run` did not attach the replugged disk")?;
+    let disk = wait_readable(vid, pid, &want, REATTACH_CHECK, Duration::from_secs(40))
+        .context("`client run` did not attach the replugged disk")?;
     let secs = replugged.elapsed().as_secs_f64();
     log!(
         "replugged: auto-attached again as {} and read byte-exact {secs:.2}s after device_add",
@@ -356,25 +356,6 @@ pub fn unplug() -> Result<()> {
     stop_supervisor(supervisor);
     ensure!(server.alive(), "the server died");
     Ok(())
-}
-
-/// Waits until `vid:pid` is a disk under vhci whose first bytes hash to `want`.
-fn wait_readable(vid: u16, pid: u16, want: &str) -> Result<PathBuf> {
-    let found = sys::wait_for(
-        "the remote disk to be readable",
-        Duration::from_secs(40),
-        || {
-            let disk = usbdev::find_block_device_for(vid, pid, Via::Vhci)?;
-            let got = bench::md5(&disk, Some(REATTACH_CHECK)).ok()?;
-            Some((disk, got))
-        },
-    );
-    let (disk, got) = found.inspect_err(|_| {
-        show_client_log("friend");
-        show_server_log();
-    })?;
-    ensure!(got == want, "{} reads back different data", disk.display());
-    Ok(disk)
 }
 
 /// Keys injected into QEMU's keyboard (QMP `input-send-event`), with the evdev codes the

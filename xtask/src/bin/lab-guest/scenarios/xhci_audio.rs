@@ -4,7 +4,7 @@
 //! that never arrived reported beside the same play through the kernel's own USB/IP.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -210,7 +210,7 @@ fn play(card: u32, wav: &Path, secs: u32) -> Result<(host::Played, f64)> {
 }
 
 /// A 48 kHz 16-bit stereo WAV of `secs` seconds of a 1 kHz sine.
-fn write_tone(path: &Path, secs: u32) -> Result<PathBuf> {
+fn write_tone(path: &Path, secs: u32) -> Result<()> {
     let frames = secs * RATE;
     let data_len = frames * 4;
     let mut out = Vec::with_capacity(44 + data_len as usize);
@@ -233,5 +233,5 @@ fn write_tone(path: &Path, secs: u32) -> Result<PathBuf> {
         out.extend_from_slice(&s.to_le_bytes());
     }
     std::fs::File::create(path)?.write_all(&out)?;
-    Ok(path.to_path_buf())
+    Ok(())
 }
