@@ -48,7 +48,9 @@ pub enum ProbeError {
     #[error("bad answer from the device: {0}")]
     Device(String),
     /// The stream ended before all completions came back.
-    #[error("the server ended the URB stream early")]
+    #[error(
+        "the server ended the URB stream before answering: the attachment is over (detached, or its device removed)"
+    )]
     StreamEnded,
     /// The device did not answer in time.
     #[error("no answer within {0:?}")]

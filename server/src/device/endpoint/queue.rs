@@ -184,7 +184,14 @@ impl<R> EndpointQueue<R> {
 
     /// The endpoint's next completion, which belongs to the oldest transfer.
     pub fn completed(&mut self, c: Completion) {
-        let forced = self.round.and_then(|r| r.forced);
+        // A cancel outside a round is the kernel's, not ours: usbfs kills a device's URBs
+        // (-ENOENT) as it is unplugged or its interface is taken away. Such a transfer is
+        // neither repeated nor reported as an unlink the driver never asked for; the endpoint
+        // is being shut down, which an HCD reports as -ESHUTDOWN.
+        let forced = match self.round {
+            Some(round) => round.forced,
+            None => Some(UrbStatus::Shutdown),
+        };
         if let Some(round) = &mut self.round {
             round.remaining = round.remaining.saturating_sub(1);
         }

@@ -259,6 +259,31 @@ fn a_bystander_that_moved_data_when_cancelled_is_reported_unlinked_with_its_data
 }
 
 #[test]
+fn transfers_the_kernel_kills_on_unplug_end_as_shutdown_and_are_not_repeated() {
+    let mut rig = Rig::new(Direction::In);
+    for id in 1..=3 {
+        rig.submit(id, 2048, 0);
+    }
+    // usbfs kills every URB of a device being unplugged: no round of ours asked for it.
+    rig.endpoint.iter_mut().for_each(|t| t.cancelled = true);
+    rig.device_ends(Ok(()), None);
+    rig.device_ends(Ok(()), Some(&[7; 512]));
+    rig.device_ends(Ok(()), None);
+    assert_eq!(
+        rig.answered(),
+        [
+            (1, UrbStatus::Shutdown),
+            (2, UrbStatus::Shutdown),
+            (3, UrbStatus::Shutdown)
+        ]
+    );
+    assert_eq!(rig.answers[1].data.len(), 512, "what moved is reported");
+    assert_eq!(rig.queued.len(), 3, "nothing requeued onto a dying device");
+    assert_eq!(rig.cancel_rounds, 0);
+    assert!(rig.rescans > 0, "a kernel cancel is worth a rescan");
+}
+
+#[test]
 fn zero_length_packets_follow_whole_packet_out_urbs_and_report_once() {
     let mut rig = Rig::new(Direction::Out);
     rig.submit(1, 1024, transfer_flags::ZERO_PACKET);
