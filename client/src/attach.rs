@@ -44,6 +44,8 @@ const USB_DEVICES: &str = "/sys/bus/usb/devices";
 /// its SCSI scan after `delay_use`, 1 s by default): seconds on a slow machine.
 const DISK_WAIT: Duration = Duration::from_secs(60);
 const DISK_POLL: Duration = Duration::from_millis(200);
+/// How often a port takes the link's round-trip estimate.
+const RTT_EVERY: Duration = Duration::from_secs(1);
 
 /// Why an attachment ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -345,8 +347,15 @@ impl PortRun {
         mut events: broadcast::Receiver<Event>,
         mut stop: watch::Receiver<bool>,
     ) -> AttachEnd {
+        // How far ahead iso OUT is answered follows the link's round trip.
+        let mut rtt_tick = tokio::time::interval(RTT_EVERY);
         loop {
             tokio::select! {
+                _ = rtt_tick.tick() => {
+                    if let Some(rtt) = self.conn.rtt() {
+                        self.session.set_rtt(rtt);
+                    }
+                }
                 bytes = self.link.rx.recv() => match bytes {
                     Some(bytes) => {
                         if let Some(r) = &mut self.recorder {

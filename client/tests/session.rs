@@ -1096,3 +1096,148 @@ fn large_in_data_reaches_the_kernel_as_its_own_buffer_in_order() {
     );
     assert_eq!(ret_unlink_of(&pdus[2]), (3, 0));
 }
+
+/// A full-speed speaker: configuration 1's interface 0 has no endpoints in alternate 0 and
+/// isochronous OUT endpoint 1 in alternate 1, as a UAC1 streaming interface does.
+fn speaker() -> protocol::wire::DeviceInfo {
+    let playback = config(
+        1,
+        &[
+            &[9, 4, 0, 0, 0, 1, 2, 0, 0],
+            &[9, 4, 0, 1, 1, 1, 2, 0, 0],
+            &[7, 5, 0x01, 1, 192, 0, 1],
+        ],
+    );
+    protocol::wire::DeviceInfo {
+        speed: protocol::usb::Speed::Full,
+        configurations: vec![playback.into()],
+        active_configuration: 1,
+        ..device()
+    }
+}
+
+/// An iso OUT URB of eight 192-byte packets: 8 ms of 48 kHz stereo sound.
+fn sound(seqnum: u32) -> Vec<u8> {
+    let packets = (0..8)
+        .map(|i| IsoPacket {
+            offset: i * 192,
+            length: 192,
+            actual_length: 0,
+            status: UrbStatus::Ok,
+        })
+        .collect();
+    submit_pdu(
+        seqnum,
+        1,
+        SubmitBuffer::Out(vec![seqnum as u8; 1536]),
+        [0; 8],
+        Some(packets),
+    )
+}
+
+fn played(id: u32, start_frame: i32) -> UrbComplete {
+    let packets = (0..8)
+        .map(|i| IsoPacket {
+            offset: i * 192,
+            length: 192,
+            actual_length: 192,
+            status: UrbStatus::Ok,
+        })
+        .collect();
+    UrbComplete {
+        actual_length: 1536,
+        iso: Some(IsoComplete {
+            start_frame,
+            error_count: 0,
+            packets,
+        }),
+        ..completed_with(id, UrbStatus::Ok)
+    }
+}
+
+fn answered(session: &mut PortSession, seqnums: &[u32]) -> Vec<u32> {
+    let expected: Vec<_> = seqnums.iter().map(|&s| (s, Direction::Out, 1536)).collect();
+    returns(&kernel_bytes(&drain(session)), &expected)
+        .iter()
+        .map(|pdu| {
+            let Pdu::RetSubmit(ret) = pdu else {
+                panic!("{pdu:?}")
+            };
+            assert_eq!(ret.status, UrbStatus::Ok);
+            assert_eq!(ret.transferred, Transferred::Out(1536));
+            let iso = ret.iso.as_ref().unwrap();
+            assert!(iso.iter().all(|p| p.actual_length == 192), "{iso:?}");
+            ret.seqnum
+        })
+        .collect()
+}
+
+#[test]
+fn iso_out_urbs_are_answered_ahead_of_the_server_by_the_round_trip() {
+    let mut session = PortSession::new(&speaker());
+    session.set_rtt(std::time::Duration::from_millis(20));
+    control_out(&mut session, 1, SET_INTERFACE_0_1, UrbStatus::Ok);
+    for seqnum in 10..18 {
+        session.on_kernel_bytes(&sound(seqnum));
+    }
+    // 30 ms of 8 ms URBs: four are answered at once; all eight go to the server.
+    let actions = drain(&mut session);
+    let sent = actions
+        .iter()
+        .filter(|a| matches!(a, Action::Submit { .. }))
+        .count();
+    assert_eq!(sent, 8);
+    let expected: Vec<_> = (10..14).map(|s| (s, Direction::Out, 1536)).collect();
+    let early = returns(&kernel_bytes(&actions), &expected);
+    assert_eq!(early.len(), 4);
+    // The server playing URB 10 frees room for 14; 10's own answer is not repeated.
+    session.on_completion(played(10, 100));
+    assert_eq!(answered(&mut session, &[14]), [14]);
+    for (id, frame) in [(11, 108), (12, 116), (13, 124)] {
+        session.on_completion(played(id, frame));
+    }
+    assert_eq!(answered(&mut session, &[15, 16, 17]), [15, 16, 17]);
+    // The device ran dry for 20 frames before URB 14.
+    session.on_completion(played(14, 152));
+    let stats = session.iso_stats();
+    assert_eq!(stats.len(), 1);
+    assert_eq!(
+        (stats[0].endpoint, stats[0].answered_ahead, stats[0].underruns),
+        (1, 8, 1)
+    );
+    assert_eq!(stats[0].missed_frames, 20);
+    assert_eq!(session.stats().stray_completions, 0);
+}
+
+#[test]
+fn without_a_measured_round_trip_iso_out_waits_for_the_server() {
+    let mut session = PortSession::new(&speaker());
+    control_out(&mut session, 1, SET_INTERFACE_0_1, UrbStatus::Ok);
+    session.on_kernel_bytes(&sound(10));
+    assert!(
+        drain(&mut session)
+            .iter()
+            .all(|a| matches!(a, Action::Submit { .. }))
+    );
+    session.on_completion(played(10, 0));
+    assert_eq!(answered(&mut session, &[10]), [10]);
+}
+
+#[test]
+fn an_unlinked_iso_out_urb_is_not_answered_ahead() {
+    let mut session = PortSession::new(&speaker());
+    session.set_rtt(std::time::Duration::from_millis(1));
+    control_out(&mut session, 1, SET_INTERFACE_0_1, UrbStatus::Ok);
+    session.on_kernel_bytes(&sound(10));
+    session.on_kernel_bytes(&sound(11));
+    assert_eq!(answered(&mut session, &[10]), [10], "depth 1");
+    session.on_kernel_bytes(&unlink_pdu(50, 11));
+    drain(&mut session);
+    // Room frees while 11 is being unlinked: it stays the server's to answer.
+    session.on_completion(played(10, 0));
+    assert!(drain(&mut session).is_empty());
+    session.on_completion(completed_with(11, UrbStatus::Unlinked));
+    let pdus = returns(&kernel_bytes(&drain(&mut session)), &[]);
+    assert_eq!(pdus.len(), 1);
+    assert_eq!(ret_unlink_of(&pdus[0]).0, 50);
+}

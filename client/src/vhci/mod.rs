@@ -10,6 +10,7 @@
 //! - `sys`: the only module with `unsafe` (the ring's submissions, eventfd, raw fds).
 
 pub mod disk;
+pub mod iso_ahead;
 pub mod link;
 pub mod readahead;
 pub mod session;
@@ -17,6 +18,7 @@ mod sys;
 pub mod sysfs;
 mod uring;
 
+pub use iso_ahead::IsoEndpointStats;
 pub use link::{Backend, KernelLink, KernelRx, KernelTx, LinkEnd, LinkHandle, LinkOptions};
 pub use session::{Action, BadCompletion, CloseReason, PortSession, SessionStats};
 pub use sysfs::{PortStatus, RealSys, Vhci, VhciError, VhciSys};

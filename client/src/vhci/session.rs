@@ -13,6 +13,7 @@
 //! no data, so RET_UNLINK(0) is only sent once the URB's RET_SUBMIT has been queued.
 
 use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
 
 use protocol::descriptors::Configuration;
 use protocol::usb::{
@@ -23,8 +24,9 @@ use protocol::usbip::{
     CmdSubmit, CmdUnlink, Pdu, PduDecoder, RetSubmit, RetUnlink, SubmitBuffer, Transferred,
     UrbError,
 };
-use protocol::wire::{DeviceInfo, IsoSubmit, UrbComplete, UrbId, UrbSubmit};
+use protocol::wire::{DeviceInfo, IsoComplete, IsoSubmit, UrbComplete, UrbId, UrbSubmit};
 
+use super::iso_ahead::{self, IsoEndpointStats, IsoStreams};
 use super::readahead::{self, Claim, ReadAhead, ReadAheadStats, Settled};
 
 /// The most URBs one port forwards at once. vhci itself has no cap, but the drivers behind it
@@ -323,6 +325,7 @@ pub struct PortSession {
     endpoints: EndpointTable,
     in_flight: HashMap<u32, InFlight>,
     read_ahead: ReadAhead,
+    iso: IsoStreams,
     to_kernel: Vec<u8>,
     /// Kernel bytes queued before `to_kernel`'s: a large IN result's data goes here as its own
     /// buffer instead of being copied after its header.
@@ -343,6 +346,7 @@ impl PortSession {
             endpoints: EndpointTable::new(device),
             in_flight: HashMap::new(),
             read_ahead: ReadAhead::new(true),
+            iso: IsoStreams::new(device.speed),
             to_kernel: Vec::new(),
             kernel_out: VecDeque::new(),
             actions: VecDeque::new(),
@@ -365,6 +369,17 @@ impl PortSession {
     pub fn with_interrupt_streaming(mut self, on: bool) -> Self {
         self.read_ahead.set_streaming(on);
         self
+    }
+
+    /// The round trip to the server as last measured: how far ahead iso OUT URBs are answered
+    /// ([`iso_ahead`]).
+    pub fn set_rtt(&mut self, rtt: Duration) {
+        self.iso.set_rtt(rtt);
+    }
+
+    /// Each isochronous endpoint's counters (underruns, URBs answered ahead).
+    pub fn iso_stats(&self) -> Vec<IsoEndpointStats> {
+        self.iso.stats()
     }
 
     /// Feeds bytes read from the kernel's end of the socketpair, split anywhere.
@@ -410,6 +425,13 @@ impl PortSession {
             }
             Settled::Absorbed => return,
         };
+        if self.iso.is_ahead(id) {
+            // The kernel has had its answer; this only frees room for the next one.
+            if let Some(endpoint) = self.iso.on_completion(&completion) {
+                self.answer_ahead(endpoint);
+            }
+            return;
+        }
         let Some(urb) = self.in_flight.remove(&id) else {
             // Already answered (an unlink cancelled it, or the server repeated itself): a
             // RET_SUBMIT now would name a seqnum vhci no longer holds and kill the port.
@@ -423,7 +445,42 @@ impl PortSession {
             self.cancelled(&urb);
             return;
         }
+        if urb.iso.is_some() {
+            self.iso.on_completion(&completion);
+        }
         self.complete(id, &urb, completion);
+    }
+
+    /// Answers the iso OUT URBs of `endpoint` that the depth allows before the server runs
+    /// them, as if every packet had moved.
+    fn answer_ahead(&mut self, endpoint: EndpointNumber) {
+        loop {
+            let in_flight = &self.in_flight;
+            let next = self.iso.take_ahead(endpoint, |s| {
+                in_flight.get(&s).is_some_and(|u| u.unlinks.is_empty())
+            });
+            let Some(seqnum) = next else {
+                break;
+            };
+            let Some(urb) = self.in_flight.remove(&seqnum) else {
+                continue;
+            };
+            let packets = iso_ahead::all_moved(urb.iso.as_deref().unwrap_or_default());
+            let moved = packets.iter().map(|p| p.actual_length).sum();
+            let completion = UrbComplete {
+                id: UrbId(seqnum),
+                status: UrbStatus::Ok,
+                actual_length: moved,
+                data: Vec::new(),
+                timing: None,
+                iso: Some(IsoComplete {
+                    start_frame: 0,
+                    error_count: 0,
+                    packets,
+                }),
+            };
+            self.complete(seqnum, &urb, completion);
+        }
     }
 
     /// Answers the kernel's URB `id` with the server's completion.
@@ -630,6 +687,12 @@ impl PortSession {
         };
         let setup = (transfer_type == TransferType::Control).then_some(cmd.setup);
         let length = cmd.buffer.len();
+        if let Some(packets) = &cmd.iso {
+            let (endpoint, interval) = (cmd.ep, cmd.interval);
+            self.iso
+                .track(endpoint, direction, cmd.seqnum, packets.len(), interval);
+        }
+        let ahead = (cmd.iso.is_some() && direction == Direction::Out).then_some(cmd.ep);
         self.in_flight
             .insert(cmd.seqnum, in_flight_of(&cmd, cmd.seqnum, route, setup));
         let data = match cmd.buffer {
@@ -657,6 +720,9 @@ impl PortSession {
                 }),
             },
         });
+        if let Some(endpoint) = ahead {
+            self.answer_ahead(endpoint);
+        }
     }
 
     /// Answers a kernel URB with a read-ahead completion, as if the server had run it.
@@ -709,6 +775,9 @@ impl PortSession {
 
     fn cancelled(&mut self, urb: &InFlight) {
         self.stats.unlinked += 1;
+        if urb.iso.is_some() {
+            self.iso.forget(urb.wire_id);
+        }
         for &unlink in &urb.unlinks {
             self.ret_unlink(unlink, urb.devid, UrbStatus::Unlinked);
         }

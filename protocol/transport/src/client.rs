@@ -158,6 +158,15 @@ impl ServerConnection {
         &self.conn
     }
 
+    /// QUIC's smoothed round-trip estimate on the path in use, once it has one.
+    pub fn rtt(&self) -> Option<std::time::Duration> {
+        self.conn
+            .paths()
+            .iter()
+            .find(|p| p.is_selected())
+            .map(|p| p.rtt())
+    }
+
     /// The server's events; `None` after the first call.
     pub fn take_events(&self) -> Option<mpsc::UnboundedReceiver<Event>> {
         lock(&self.events).take()
