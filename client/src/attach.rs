@@ -22,6 +22,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{debug, info, warn};
 use transport::{FramedRecv, FramedSend, ServerConnection};
 
+use crate::port_report::{self, PortReport};
 use crate::telemetry::{PortRecorder, Recording};
 use crate::vhci::disk::{self, Tuned};
 use crate::vhci::sysfs::VDEV_ST_USED;
@@ -157,6 +158,7 @@ pub async fn attach(
             stop,
             recorder,
             tuning,
+            Some(port),
         )
         .await;
         info!(port, ?end, "attachment ending");
@@ -259,7 +261,7 @@ pub async fn run_port(
         ..Tuning::default()
     };
     run_port_recorded(
-        conn, handle, device, link, initial, events, stop, None, tuning,
+        conn, handle, device, link, initial, events, stop, None, tuning, None,
     )
     .await
 }
@@ -276,11 +278,12 @@ async fn run_port_recorded(
     stop: watch::Receiver<bool>,
     recorder: Option<PortRecorder>,
     tuning: Tuning,
+    vhci_port: Option<u32>,
 ) -> AttachEnd {
     let timed = recorder.is_some();
     if timed && (tuning.read_ahead || tuning.interrupt_streaming) {
         info!(
-            "telemetry times every URB's own trip to the server: read-ahead and interrupt streaming are off"
+            "telemetry times every URB's own trip to the server: read-ahead, interrupt streaming and iso answers ahead are off"
         );
     }
     let mut port_run = PortRun {
@@ -288,13 +291,20 @@ async fn run_port_recorded(
         handle,
         session: PortSession::new(device)
             .with_read_ahead(tuning.read_ahead && !timed)
-            .with_interrupt_streaming(tuning.interrupt_streaming && !timed),
+            .with_interrupt_streaming(tuning.interrupt_streaming && !timed)
+            .with_iso_ahead(!timed),
         link,
         streams: HashMap::new(),
         windows: HashMap::new(),
         released: Vec::new(),
         from_server: mpsc::unbounded_channel(),
         recorder,
+        report: vhci_port.map(|port| PortReport {
+            port,
+            pid: std::process::id(),
+            device: device.vid_pid().to_string(),
+            ..PortReport::default()
+        }),
     };
     let end = if initial.is_empty() {
         None
@@ -307,8 +317,24 @@ async fn run_port_recorded(
         None => port_run.run(events, stop).await,
     };
     let stats = port_run.session.stats();
+    let iso = port_run.session.iso_stats();
+    for s in &iso {
+        info!(
+            endpoint = s.endpoint,
+            direction = ?s.direction,
+            urbs = s.urbs,
+            answered_ahead = s.answered_ahead,
+            underruns = s.underruns,
+            missed_frames = s.missed_frames,
+            packet_errors = s.packet_errors,
+            "isochronous stream"
+        );
+    }
     if let Some(r) = &mut port_run.recorder {
-        r.ended(stats, port_run.session.in_flight());
+        r.ended(stats, port_run.session.in_flight(), iso);
+    }
+    if let Some(report) = &port_run.report {
+        port_report::remove(&port_report::dir(), report.port);
     }
     let ra = stats.read_ahead;
     if ra.speculated > 0 {
@@ -339,6 +365,8 @@ struct PortRun {
     ),
     /// Per-URB timestamps, when `--telemetry` asked for them.
     recorder: Option<PortRecorder>,
+    /// What `status` and the TUI are told about the vhci port, refreshed each second.
+    report: Option<PortReport>,
 }
 
 impl PortRun {
@@ -351,11 +379,7 @@ impl PortRun {
         let mut rtt_tick = tokio::time::interval(RTT_EVERY);
         loop {
             tokio::select! {
-                _ = rtt_tick.tick() => {
-                    if let Some(rtt) = self.conn.rtt() {
-                        self.session.set_rtt(rtt);
-                    }
-                }
+                _ = rtt_tick.tick() => self.every_second(),
                 bytes = self.link.rx.recv() => match bytes {
                     Some(bytes) => {
                         if let Some(r) = &mut self.recorder {
@@ -392,6 +416,28 @@ impl PortRun {
             if let Some(end) = self.drive().await {
                 return end;
             }
+        }
+    }
+
+    /// Takes the link's round trip for the session and tells `status` how the port does.
+    fn every_second(&mut self) {
+        let rtt = self.conn.rtt();
+        if let Some(rtt) = rtt {
+            self.session.set_rtt(rtt);
+        }
+        let Some(report) = &mut self.report else {
+            return;
+        };
+        let stats = self.session.stats();
+        report.rtt_ms = rtt.map(|r| r.as_secs_f64() * 1e3);
+        report.submitted = stats.submitted;
+        report.completed = stats.completed;
+        report.unlinked = stats.unlinked;
+        report.bytes_out = stats.bytes_out;
+        report.bytes_in = stats.bytes_in;
+        report.iso = self.session.iso_stats();
+        if let Err(e) = port_report::write(&port_report::dir(), report) {
+            debug!(port = report.port, "could not write the port's report: {e}");
         }
     }
 

@@ -10,6 +10,7 @@ pub mod attach;
 pub mod bridge;
 pub mod config;
 pub mod latency;
+pub mod port_report;
 pub mod probe;
 pub mod supervisor;
 pub mod telemetry;

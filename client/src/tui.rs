@@ -71,6 +71,8 @@ pub struct PortView {
     pub devid: u32,
     /// The device's bus id on this machine.
     pub local_busid: String,
+    /// What the process holding the port reports, if it does.
+    pub live: Option<crate::port_report::PortReport>,
 }
 
 /// Everything on screen.
@@ -194,10 +196,21 @@ pub fn draw(frame: &mut Frame, app: &App) {
             ports
                 .iter()
                 .map(|p| {
+                    let live = p.live.as_ref();
+                    let streams = live.map_or(String::new(), |l| {
+                        l.iso
+                            .iter()
+                            .map(crate::port_report::iso_cell)
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    });
                     Row::new(vec![
                         p.port.to_string(),
                         format!("{:#010x}", p.devid),
                         p.local_busid.clone(),
+                        ms(live.and_then(|l| l.rtt_ms)),
+                        live.map_or(String::new(), |l| l.submitted.to_string()),
+                        streams,
                     ])
                 })
                 .collect(),
@@ -211,10 +224,23 @@ pub fn draw(frame: &mut Frame, app: &App) {
             [
                 Constraint::Length(6),
                 Constraint::Length(12),
-                Constraint::Min(10),
+                Constraint::Length(13),
+                Constraint::Length(9),
+                Constraint::Length(10),
+                Constraint::Min(20),
             ],
         )
-        .header(Row::new(["port", "devid", "local bus id"]).style(bold))
+        .header(
+            Row::new([
+                "port",
+                "devid",
+                "local bus id",
+                "rtt ms",
+                "URBs",
+                "iso streams",
+            ])
+            .style(bold),
+        )
         .block(Block::bordered().title(title)),
         ports_area,
     );
@@ -287,6 +313,18 @@ mod tests {
                 port: 3,
                 devid: disk().usbip_devid(),
                 local_busid: "3-1".into(),
+                live: Some(crate::port_report::PortReport {
+                    port: 3,
+                    rtt_ms: Some(20.0),
+                    submitted: 812,
+                    iso: vec![crate::vhci::IsoEndpointStats {
+                        endpoint: 1,
+                        direction: crate::vhci::iso_ahead::IsoDirection::Out,
+                        underruns: 7,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
             }]),
         };
         let s = screen(&app);
@@ -299,6 +337,8 @@ mod tests {
         assert!(s.contains("Ultra"), "{s}");
         assert!(s.contains("vhci port 3"), "{s}");
         assert!(s.contains("3-1"), "{s}");
+        assert!(s.contains("ep1 out: 7 underruns"), "{s}");
+        assert!(s.contains("20.00"), "{s}");
     }
 
     #[test]

@@ -1202,7 +1202,11 @@ fn iso_out_urbs_are_answered_ahead_of_the_server_by_the_round_trip() {
     let stats = session.iso_stats();
     assert_eq!(stats.len(), 1);
     assert_eq!(
-        (stats[0].endpoint, stats[0].answered_ahead, stats[0].underruns),
+        (
+            stats[0].endpoint,
+            stats[0].answered_ahead,
+            stats[0].underruns
+        ),
         (1, 8, 1)
     );
     assert_eq!(stats[0].missed_frames, 20);

@@ -100,6 +100,7 @@ pub async fn run(cli: &Cli, servers: &[String]) -> anyhow::Result<()> {
         });
     }
     let vhci = Vhci::new(RealSys::default());
+    let reports = client::port_report::dir();
     let mut terminal = ratatui::init();
     let result = async {
         loop {
@@ -113,6 +114,7 @@ pub async fn run(cli: &Cli, servers: &[String]) -> anyhow::Result<()> {
                             port: p.port,
                             devid: p.devid,
                             local_busid: p.local_busid.clone(),
+                            live: client::port_report::read(&reports, p.port),
                         })
                         .collect()
                 })

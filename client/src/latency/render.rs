@@ -43,6 +43,16 @@ pub fn render_table(rec: &Recording, stats: &Stats) -> String {
             " (recording not finished)"
         }
     );
+    for p in &rec.ports {
+        for s in &p.iso {
+            let _ = writeln!(
+                out,
+                "devid {:#010x} {}",
+                p.devid,
+                crate::port_report::iso_line(s)
+            );
+        }
+    }
     let _ = writeln!(out, "\nend-to-end latency per endpoint (ms)");
     let _ = write!(out, "{:<24} {:>7}", "endpoint", "count");
     for (_, label) in QUANTILES {
@@ -119,6 +129,7 @@ pub fn summary_json(rec: &Recording, stats: &Stats, misses: &[Miss]) -> serde_js
             "answered_locally": c.answered_locally, "in_flight_at_stop": c.in_flight_at_stop,
             "session_submitted": c.session_submitted, "agree": c.agree(),
         },
+        "iso": rec.ports.iter().flat_map(|p| p.iso.iter().map(move |s| serde_json::json!({"devid": p.devid, "stream": s}))).collect::<Vec<_>>(),
         "lost_events": rec.lost_events,
         "complete": rec.complete,
         "all": parts(&stats.all),
@@ -252,6 +263,33 @@ mod tests {
     use crate::latency::analysis::Budget;
     use crate::latency::fixtures::{header, port, user};
     use crate::telemetry::Line;
+
+    #[test]
+    fn iso_streams_are_reported_per_port() {
+        let end = crate::telemetry::PortEnd {
+            devid: 0x10002,
+            iso: vec![crate::vhci::IsoEndpointStats {
+                endpoint: 1,
+                direction: crate::vhci::iso_ahead::IsoDirection::Out,
+                urbs: 500,
+                underruns: 3,
+                missed_frames: 24,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let rec = Recording::join(vec![header(), port(), Line::PortEnd(end)]);
+        let text = render_table(&rec, &rec.stats());
+        assert!(
+            text.contains(
+                "devid 0x00010002 iso ep 1 out: 500 URBs, 3 underruns (24 frames missed)"
+            ),
+            "{text}"
+        );
+        let json = summary_json(&rec, &rec.stats(), &[]);
+        assert_eq!(json["iso"][0]["stream"]["underruns"], 3);
+        assert_eq!(json["iso"][0]["stream"]["direction"], "out");
+    }
 
     #[test]
     fn percentiles_and_budgets() {

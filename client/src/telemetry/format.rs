@@ -19,7 +19,9 @@
 //! - `k`: one probe event: `devid`, `seq`, `ev` (`enqueue`/`tx`/`rx`/`giveback`), `ts`, `pipe`
 //!   (`urb->pipe`), `len`, `status`.
 //! - `port_end`: a port's session counters when it ended (`submitted`, `completed`,
-//!   `answered_locally`, `unlinked`, `in_flight`).
+//!   `answered_locally`, `unlinked`, `in_flight`, and `iso`: one object per isochronous
+//!   endpoint with `endpoint`, `direction`, `urbs`, `answered_ahead`, `depth`, `underruns`,
+//!   `missed_frames`, `packet_errors`, `hidden_errors`; absent without one).
 //! - `end`: `ended_ns`, `kernel_events`, `lost_events` (ring buffer overflows). Missing if
 //!   the client was killed; the reader copes.
 //!
@@ -27,6 +29,8 @@
 //! of a field bumps `version`.
 
 use serde::{Deserialize, Serialize};
+
+use crate::vhci::IsoEndpointStats;
 
 /// The `format` of the header line.
 pub const FORMAT: &str = "p2p-usb-telemetry";
@@ -165,6 +169,9 @@ pub struct PortEnd {
     pub unlinked: u64,
     /// Still at the server when the port ended.
     pub in_flight: u64,
+    /// Each isochronous endpoint's stream (absent when the device had none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub iso: Vec<IsoEndpointStats>,
 }
 
 /// The last line.

@@ -20,7 +20,7 @@ use super::format::{
     End, FORMAT, Header, KernelEvent, Line, PortEnd, PortLine, ProbeFailed, ProbeState, UserUrb,
     VERSION,
 };
-use crate::vhci::SessionStats;
+use crate::vhci::{IsoEndpointStats, SessionStats};
 
 impl From<UrbEvent> for KernelEvent {
     fn from(e: UrbEvent) -> Self {
@@ -310,7 +310,7 @@ impl PortRecorder {
     }
 
     /// The port ended with these counters.
-    pub fn ended(&mut self, stats: SessionStats, in_flight: usize) {
+    pub fn ended(&mut self, stats: SessionStats, in_flight: usize, iso: Vec<IsoEndpointStats>) {
         let _ = self.tx.send(Msg::PortEnd(PortEnd {
             devid: self.devid,
             submitted: stats.submitted,
@@ -318,6 +318,7 @@ impl PortRecorder {
             answered_locally: stats.answered_locally,
             unlinked: stats.unlinked,
             in_flight: in_flight as u64,
+            iso,
         }));
     }
 }

@@ -124,6 +124,8 @@ pub struct IsoStreams {
     /// The (micro)frame counter wraps at this.
     modulus: u32,
     rtt: Option<Duration>,
+    /// Off while telemetry times every URB's own trip.
+    answer_ahead: bool,
     streams: HashMap<(EndpointNumber, Direction), Stream>,
     tracked: HashMap<u32, (Direction, Tracked)>,
 }
@@ -140,9 +142,15 @@ impl IsoStreams {
             frame,
             modulus,
             rtt: None,
+            answer_ahead: true,
             streams: HashMap::new(),
             tracked: HashMap::new(),
         }
+    }
+
+    /// Turns answering ahead on or off (counting goes on either way).
+    pub fn set_answer_ahead(&mut self, on: bool) {
+        self.answer_ahead = on;
     }
 
     /// The round trip to the server as last measured; sets the depth of what comes next.
@@ -189,7 +197,7 @@ impl IsoStreams {
         endpoint: EndpointNumber,
         mut eligible: impl FnMut(u32) -> bool,
     ) -> Option<u32> {
-        let rtt = self.rtt;
+        let rtt = self.rtt.filter(|_| self.answer_ahead);
         let stream = self.streams.get_mut(&(endpoint, Direction::Out))?;
         let depth = depth(rtt, stream.urb_time);
         stream.stats.depth = depth as u64;

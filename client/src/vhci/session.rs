@@ -382,6 +382,12 @@ impl PortSession {
         self.iso.stats()
     }
 
+    /// Turns answering iso OUT ahead of the server on or off ([`iso_ahead`]); on by default.
+    pub fn with_iso_ahead(mut self, on: bool) -> Self {
+        self.iso.set_answer_ahead(on);
+        self
+    }
+
     /// Feeds bytes read from the kernel's end of the socketpair, split anywhere.
     pub fn on_kernel_bytes(&mut self, bytes: &[u8]) {
         if self.failed {

@@ -49,8 +49,16 @@ fn the_depth_covers_the_round_trip_and_a_half_within_its_bounds() {
     assert_eq!(depth(Some(20 * MS), 8 * MS), 4, "30 ms of 8 ms URBs");
     assert_eq!(depth(Some(20 * MS), MS), 30);
     assert_eq!(depth(Some(1000 * MS), MS), MAX_AHEAD);
-    assert_eq!(depth(Some(1000 * MS), 10 * MS), 25, "at most 250 ms of sound");
-    assert_eq!(depth(Some(1000 * MS), 400 * MS), 1, "one URB even if it is long");
+    assert_eq!(
+        depth(Some(1000 * MS), 10 * MS),
+        25,
+        "at most 250 ms of sound"
+    );
+    assert_eq!(
+        depth(Some(1000 * MS), 400 * MS),
+        1,
+        "one URB even if it is long"
+    );
 }
 
 #[test]
@@ -132,7 +140,11 @@ fn errors_hidden_by_an_early_answer_are_counted_and_forget_frees_room() {
     assert_eq!(s.take_ahead(ep(1), |_| true), Some(2));
     s.forget(2);
     s.track(ep(1), Direction::Out, 3, 8, 1);
-    assert_eq!(s.take_ahead(ep(1), |_| true), Some(3), "the forgotten one's room");
+    assert_eq!(
+        s.take_ahead(ep(1), |_| true),
+        Some(3),
+        "the forgotten one's room"
+    );
 }
 
 #[test]
@@ -153,7 +165,10 @@ fn an_early_answer_says_every_packet_moved_whole() {
     ];
     let moved = all_moved(&sent);
     assert_eq!(
-        moved.iter().map(|p| (p.offset, p.actual_length)).collect::<Vec<_>>(),
+        moved
+            .iter()
+            .map(|p| (p.offset, p.actual_length))
+            .collect::<Vec<_>>(),
         [(0, 192), (192, 96)]
     );
 }
