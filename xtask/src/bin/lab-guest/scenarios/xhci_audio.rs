@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
-use super::project::{detach_and_wait, show_client_log, show_server_log, spawn_client};
+use super::project::{client, detach_and_wait, show_client_log, show_server_log, spawn_client};
 use super::usbip::{Attached, Usbipd};
 use super::xhci::{Plugged, load, serve};
 use crate::report::{log, metric};
@@ -26,6 +26,9 @@ const RATE: u32 = 48_000;
 /// The most of a play that may go missing through our tunnel. TCG runs the guest ~10-50x
 /// slower than hardware; the kernel's own USB/IP in the same boot is the anchor beside it.
 const MISSING_BOUND: f64 = 0.25;
+/// How much slower than the kernel's USB/IP at RTT 0 a play through ours may run at 20 ms:
+/// the client answers iso OUT ahead by the round trip, so the stream keeps real time.
+const STRETCH_SLACK: f64 = 0.25;
 
 /// Plays through the kernel's USB/IP, then ours at RTT 0 and 20 ms; stops and starts twice;
 /// detaches mid-stream.
@@ -73,6 +76,8 @@ pub fn run() -> Result<()> {
         show_client_log("friend");
         show_server_log();
     })?;
+    // Nothing has streamed yet: every counter starts at 0.
+    let mut before = serde_json::json!({});
     for (label, rtt_ms) in [("rtt0", 0u64), ("rtt20", 20)] {
         netem::set(Duration::from_millis(rtt_ms / 2), 0.0)?;
         let played = play(card, tone, PLAY_SECS);
@@ -102,6 +107,30 @@ pub fn run() -> Result<()> {
             100.0 * MISSING_BOUND,
             100.0 * kernel_missing
         );
+        // What the client counted for this play, as `status --json` shows it.
+        let after = iso_stream(&dev.vid_pid())?;
+        let field = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+        let count = |k: &str| field(&after, k).saturating_sub(field(&before, k));
+        let (underruns, ahead) = (count("underruns"), count("answered_ahead"));
+        log!(
+            "status --json, RTT {rtt_ms} ms: {} URBs, {underruns} underruns ({} frames), {ahead} answered ahead at depth {}",
+            count("urbs"),
+            count("missed_frames"),
+            field(&after, "depth")
+        );
+        metric(&format!("underruns_{label}"), underruns as f64);
+        metric(&format!("answered_ahead_{label}"), ahead as f64);
+        if rtt_ms > 0 {
+            ensure!(
+                ahead > 0,
+                "no iso OUT URB was answered ahead at RTT {rtt_ms} ms"
+            );
+            ensure!(
+                stretch <= kernel_stretch + STRETCH_SLACK,
+                "at RTT {rtt_ms} ms the play took {stretch:.2}x real time (the kernel's USB/IP at RTT 0: {kernel_stretch:.2}x, slack {STRETCH_SLACK})"
+            );
+        }
+        before = after;
     }
 
     // Stop (alt 0) and start (alt 1) twice in a row: each play is one of each.
@@ -126,6 +155,21 @@ pub fn run() -> Result<()> {
     log!("detached mid-stream: aplay ended ({status}), no D state, the port is free");
     ensure!(server.alive(), "the server died");
     Ok(())
+}
+
+/// The iso OUT stream of `vid_pid`'s port as `p2p-usb-client --json status` reports it, once
+/// the attachment has refreshed its report after a play.
+fn iso_stream(vid_pid: &str) -> Result<serde_json::Value> {
+    std::thread::sleep(Duration::from_millis(1500));
+    let (ok, out, err) = client("friend", &["--json", "status"])?;
+    ensure!(ok, "status failed: {err}");
+    let stream = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|p| p["live"]["device"] == vid_pid)
+        .flat_map(|p| p["live"]["iso"].as_array().cloned().unwrap_or_default())
+        .find(|s| s["direction"] == "out");
+    stream.with_context(|| format!("status --json shows no iso OUT stream for {vid_pid}: {out}"))
 }
 
 /// The share of `secs` of tone that the device never played.
