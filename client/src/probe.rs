@@ -284,7 +284,15 @@ async fn run(stream: &mut Stream, urbs: Vec<UrbSubmit>) -> Result<Vec<UrbComplet
     for urb in urbs {
         stream.tx.queue(&UrbClientMessage::Submit(urb))?;
     }
-    stream.tx.flush().await?;
+    // The server stops reading a stream whose attachment ended: this batch will never be
+    // answered, which is how the stream says the attachment is over.
+    stream.tx.flush().await.map_err(|e| {
+        if e.is_stopped() {
+            ProbeError::StreamEnded
+        } else {
+            e.into()
+        }
+    })?;
     let mut done = Vec::with_capacity(ids.len());
     while done.len() < ids.len() {
         let msg = tokio::time::timeout(BATCH_TIMEOUT, stream.rx.next())

@@ -29,6 +29,13 @@ impl StreamError {
     pub fn is_violation(&self) -> bool {
         matches!(self, StreamError::Frame(_))
     }
+
+    /// Whether the peer stopped reading the stream: a server does that to a URB stream when
+    /// its attachment ends (detached, device removed), so a submit written after that fails
+    /// here instead of being answered.
+    pub fn is_stopped(&self) -> bool {
+        matches!(self, StreamError::Write(WriteError::Stopped(_)))
+    }
 }
 
 /// The receiving half of a stream, yielding messages of type `T`.
