@@ -430,6 +430,8 @@ impl PortRun {
         };
         let stats = self.session.stats();
         report.rtt_ms = rtt.map(|r| r.as_secs_f64() * 1e3);
+        report.path = self.conn.path();
+        report.path_changes = self.conn.path_changes();
         report.submitted = stats.submitted;
         report.completed = stats.completed;
         report.unlinked = stats.unlinked;

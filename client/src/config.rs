@@ -21,8 +21,11 @@ use transport::daemon::read_for_edit;
 pub struct Config {
     /// The client's secret key (its identity).
     pub key_file: Option<PathBuf>,
-    /// Use n0's public relays to reach servers behind NAT.
-    pub relay: bool,
+    /// How to reach servers behind NAT: `true` for n0's public relays, or the URL of your
+    /// own relay (`false`, the default: direct addresses and the relay a ticket names).
+    pub relay: transport::relay::RelaySetting,
+    /// PEM certificates to trust for your own relay (a self-signed one).
+    pub relay_ca: Option<PathBuf>,
     /// Give up on a silent server after this long (`--idle-timeout-ms`).
     pub idle_timeout_ms: Option<u64>,
     /// Record per-URB latency telemetry (see `attach --telemetry`); off unless set.
@@ -311,7 +314,7 @@ mod tests {
     #[test]
     fn every_error_points_at_its_line() {
         let cases: &[(&str, &str, &str)] = &[
-            ("relay = 1\n", "client.toml:1:9:", "boolean"),
+            ("relay = 1\n", "client.toml:1:9:", "relay URL"),
             (
                 "colour = true\n",
                 "client.toml:1:1:",
@@ -398,7 +401,7 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.starts_with("# mine\n"), "{text}");
         let c = Config::load_or_default(&path).unwrap();
-        assert!(c.relay);
+        assert_eq!(c.relay, transport::relay::RelaySetting::Public(true));
         assert_eq!(c.servers.len(), 2);
     }
 }

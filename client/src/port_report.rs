@@ -44,6 +44,12 @@ pub struct PortReport {
     pub device: String,
     /// QUIC's round-trip estimate to the server, in milliseconds.
     pub rtt_ms: Option<f64>,
+    /// The path to the server now: relayed or direct.
+    #[serde(default)]
+    pub path: Option<transport::path::PathView>,
+    /// How often that path changed.
+    #[serde(default)]
+    pub path_changes: u64,
     /// URBs forwarded to the server.
     pub submitted: u64,
     /// URBs completed to the kernel.

@@ -42,6 +42,8 @@ pub struct ServerView {
     pub rtts: VecDeque<Duration>,
     /// What it shares with us.
     pub devices: Vec<DeviceInfo>,
+    /// The path to it now, and how often that changed.
+    pub path: Option<(transport::path::PathView, u64)>,
 }
 
 impl ServerView {
@@ -122,6 +124,10 @@ pub fn draw(frame: &mut Frame, app: &App) {
             Cell::from(ms(s.percentile_ms(0.9))),
             Cell::from(ms(s.percentile_ms(0.99))),
             Cell::from(s.rtts.len().to_string()),
+            Cell::from(s.path.as_ref().map_or("-".to_owned(), |(p, changes)| {
+                let kind = if p.relay { "relay" } else { "direct" };
+                format!("{kind} {}, {changes} changes", p.remote)
+            })),
         ])
     });
     frame.render_widget(
@@ -136,11 +142,12 @@ pub fn draw(frame: &mut Frame, app: &App) {
                 Constraint::Length(8),
                 Constraint::Length(8),
                 Constraint::Length(7),
+                Constraint::Min(20),
             ],
         )
         .header(
             Row::new([
-                "server", "id", "link", "rtt ms", "p50 ms", "p90 ms", "p99 ms", "pings",
+                "server", "id", "link", "rtt ms", "p50 ms", "p90 ms", "p99 ms", "pings", "path",
             ])
             .style(bold),
         )
@@ -296,6 +303,14 @@ mod tests {
             id: "ae58ff8833241ac8".into(),
             link: Link::Connected,
             devices: vec![disk()],
+            path: Some((
+                transport::path::PathView {
+                    relay: false,
+                    remote: "10.0.0.2:4000".into(),
+                    rtt_ms: 2.0,
+                },
+                1,
+            )),
             ..ServerView::default()
         };
         for ms in 1..=100 {
@@ -338,6 +353,7 @@ mod tests {
         assert!(s.contains("vhci port 3"), "{s}");
         assert!(s.contains("3-1"), "{s}");
         assert!(s.contains("ep1 out: 7 underruns"), "{s}");
+        assert!(s.contains("direct 10.0.0.2"), "{s}");
         assert!(s.contains("20.00"), "{s}");
     }
 

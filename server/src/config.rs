@@ -26,8 +26,11 @@ pub struct Config {
     pub key_file: Option<PathBuf>,
     /// Local addresses to listen on; empty means every interface, a random port.
     pub bind: Vec<SocketAddr>,
-    /// Use n0's public relays so clients behind NAT can reach us.
-    pub relay: bool,
+    /// How clients behind NAT reach us: `true` for n0's public relays, or the URL of our own
+    /// relay (`false`, the default: direct addresses only).
+    pub relay: transport::relay::RelaySetting,
+    /// PEM certificates to trust for our own relay (a self-signed one).
+    pub relay_ca: Option<PathBuf>,
     /// Ask the router for a port mapping (UPnP, PCP, NAT-PMP).
     pub port_mapping: bool,
     /// Release a silent client's devices after this long.
@@ -395,7 +398,16 @@ mod tests {
                 "server.toml:1:9:",
                 "64 hex characters",
             ),
-            ("relay = \"yes\"\n", "server.toml:1:9:", "boolean"),
+            (
+                "relay = \"yes\"\n",
+                "server.toml:1:9:",
+                "relay URL `yes` does not parse",
+            ),
+            (
+                "relay = 3\n",
+                "server.toml:1:9:",
+                "true, false or a relay URL",
+            ),
             (
                 "bind = [\"localhost\"]\n",
                 "server.toml:1:9:",

@@ -147,6 +147,8 @@ struct Peer {
     id: EndpointId,
     agent: String,
     since: Instant,
+    conn: Connection,
+    path_changes: Arc<AtomicU64>,
 }
 
 /// The server's state at one moment, for `status` and the TUI.
@@ -196,6 +198,12 @@ pub struct ClientStatus {
     pub agent: String,
     /// Seconds since it connected.
     pub connected_secs: u64,
+    /// The path its packets take now.
+    #[serde(default)]
+    pub path: Option<transport::path::PathView>,
+    /// How often that path changed (relay to direct and back).
+    #[serde(default)]
+    pub path_changes: u64,
 }
 
 /// The server: a device source shared by every connection.
@@ -276,6 +284,8 @@ impl Server {
                 id: p.id.to_string(),
                 agent: p.agent.clone(),
                 connected_secs: p.since.elapsed().as_secs(),
+                path: transport::path::selected(&p.conn),
+                path_changes: p.path_changes.load(Ordering::Relaxed),
             })
             .collect();
         clients.sort_by(|a, b| a.id.cmp(&b.id));
@@ -312,12 +322,20 @@ impl Server {
         }
         info!(target: "audit", %peer, "accepted");
         let key = self.next_peer.fetch_add(1, Ordering::Relaxed);
+        let path_changes = Arc::new(AtomicU64::new(0));
+        tokio::spawn(transport::path::watch(
+            conn.clone(),
+            format!("client {peer}"),
+            path_changes.clone(),
+        ));
         lock(&self.peers).insert(
             key,
             Peer {
                 id: peer,
                 agent: String::new(),
                 since: Instant::now(),
+                conn: conn.clone(),
+                path_changes,
             },
         );
         let session = Arc::new(Session {

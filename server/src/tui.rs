@@ -219,7 +219,7 @@ fn draw_devices(frame: &mut Frame, app: &App, status: &Status, area: Rect) {
 }
 
 fn draw_clients(frame: &mut Frame, status: &Status, area: Rect) {
-    let header = Row::new(["client", "software", "connected", "holds"])
+    let header = Row::new(["client", "software", "connected", "holds", "path"])
         .style(Style::new().add_modifier(Modifier::BOLD));
     let rows = status.snapshot.clients.iter().map(|c| {
         let holds: Vec<&str> = status
@@ -238,13 +238,17 @@ fn draw_clients(frame: &mut Frame, status: &Status, area: Rect) {
             } else {
                 holds.join(" ")
             },
+            c.path.as_ref().map_or("-".to_owned(), |p| {
+                format!("{p}, {} changes", c.path_changes)
+            }),
         ])
     });
     let widths = [
         Constraint::Length(12),
         Constraint::Length(24),
         Constraint::Length(10),
-        Constraint::Min(10),
+        Constraint::Length(10),
+        Constraint::Min(20),
     ];
     frame.render_widget(
         Table::new(rows, widths)
@@ -307,6 +311,12 @@ mod tests {
                     id: client,
                     agent: "p2p-usb-client/0.1.0".into(),
                     connected_secs: 12,
+                    path: Some(transport::path::PathView {
+                        relay: false,
+                        remote: "10.0.0.2:4000".into(),
+                        rtt_ms: 2.5,
+                    }),
+                    path_changes: 1,
                 }],
             },
             ..Status::default()
@@ -328,6 +338,7 @@ mod tests {
         assert!(s.contains("free"), "{s}");
         assert!(s.contains("yes"), "the PIN column: {s}");
         assert!(s.contains("p2p-usb-client/0.1.0"), "{s}");
+        assert!(s.contains("direct 10.0.0.2:4000"), "{s}");
         assert!(s.contains("scan to pair"), "{s}");
         assert!(s.contains('▀') || s.contains('▄'), "{s}");
     }

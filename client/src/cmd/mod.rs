@@ -22,7 +22,7 @@ use client::config::Config;
 use protocol::select::{DeviceFacts, DeviceMatch};
 use protocol::wire::{Capabilities, DeviceInfo, Event};
 use transport::daemon::{self, Role};
-use transport::{NetConfig, ServerConnection, bind_endpoint, load_or_create_secret_key};
+use transport::{NetConfig, ServerConnection, Ticket, bind_endpoint, load_or_create_secret_key};
 
 use crate::Cli;
 
@@ -65,7 +65,7 @@ pub fn forward_events(conn: &ServerConnection) -> tokio::sync::broadcast::Sender
 pub async fn connect(cli: &Cli, server: &str) -> anyhow::Result<Arc<ServerConnection>> {
     let config = config(cli)?;
     let ticket = &config.resolve(server).map_err(anyhow::Error::msg)?;
-    let endpoint = client_endpoint(cli).await?;
+    let endpoint = client_endpoint(cli, [ticket]).await?;
     let agent = format!("p2p-usb-client/{}", env!("CARGO_PKG_VERSION"));
     ServerConnection::connect(
         &endpoint,
@@ -77,13 +77,25 @@ pub async fn connect(cli: &Cli, server: &str) -> anyhow::Result<Arc<ServerConnec
     .with_context(|| format!("connecting to {}", ticket.id))
 }
 
-/// This client's iroh endpoint, with the relay and idle timeout the flags and config ask for.
-pub async fn client_endpoint(cli: &Cli) -> anyhow::Result<iroh::Endpoint> {
+/// This client's iroh endpoint, with the relay and idle timeout the flags and config ask for,
+/// and the relays of the servers it will dial (from their tickets).
+pub async fn client_endpoint<'a>(
+    cli: &Cli,
+    tickets: impl IntoIterator<Item = &'a Ticket>,
+) -> anyhow::Result<iroh::Endpoint> {
     let key = load_or_create_secret_key(&key_path(cli)?).await?;
     let config = config(cli)?;
+    let relays = transport::relay::relays_from(
+        cli.relay.as_deref(),
+        &config.relay,
+        cli.relay_ca.as_deref().or(config.relay_ca.as_deref()),
+    )?;
+    let relays = tickets
+        .into_iter()
+        .fold(relays, |r, t| r.with(t.relay.as_ref()));
     let net = NetConfig {
         bind: vec![],
-        relays: cli.relay || config.relay,
+        relays,
         port_mapping: false,
         idle_timeout: Duration::from_millis(
             cli.idle_timeout_ms

@@ -45,6 +45,9 @@ pub fn status(cli: &Cli) -> anyhow::Result<()> {
                 "         {} (pid {}): rtt {rtt}, {} URBs, {} completed, {} unlinked",
                 live.device, live.pid, live.submitted, live.completed, live.unlinked
             );
+            if let Some(path) = &live.path {
+                println!("         path {path}, {} changes", live.path_changes);
+            }
             for s in &live.iso {
                 println!("         {}", port_report::iso_line(s));
             }

@@ -43,7 +43,7 @@ pub async fn run(cli: &Cli, servers: &[String]) -> anyhow::Result<()> {
             "no servers to show: pair one (`p2p-usb-client pair <ticket> --name NAME`) or name a ticket"
         );
     }
-    let endpoint = client_endpoint(cli).await?;
+    let endpoint = client_endpoint(cli, named.iter().map(|(_, t)| t)).await?;
     let app = Arc::new(std::sync::Mutex::new(App {
         servers: named
             .iter()
@@ -87,7 +87,12 @@ pub async fn run(cli: &Cli, servers: &[String]) -> anyhow::Result<()> {
                         }
                     }
                     match conn.ping().await {
-                        Ok(rtt) => lock(&app).servers[i].push_rtt(rtt),
+                        Ok(rtt) => {
+                            let mut app = lock(&app);
+                            let view = &mut app.servers[i];
+                            view.push_rtt(rtt);
+                            view.path = conn.path().map(|p| (p, conn.path_changes()));
+                        }
                         Err(e) => break e.to_string(),
                     }
                     tick += 1;

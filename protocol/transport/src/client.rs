@@ -89,6 +89,8 @@ pub struct ServerConnection {
     next_id: AtomicU32,
     next_nonce: AtomicU64,
     events: Mutex<Option<mpsc::UnboundedReceiver<Event>>>,
+    /// Changes of the selected path so far ([`crate::path::watch`]).
+    path_changes: Arc<AtomicU64>,
 }
 
 impl ServerConnection {
@@ -143,8 +145,14 @@ impl ServerConnection {
             next_id: AtomicU32::new(1),
             next_nonce: AtomicU64::new(1),
             events: Mutex::new(Some(events_rx)),
+            path_changes: Arc::default(),
         });
         tokio::spawn(route(Arc::downgrade(&this), rx, events_tx));
+        tokio::spawn(crate::path::watch(
+            this.conn.clone(),
+            format!("server {}", this.conn.remote_id()),
+            this.path_changes.clone(),
+        ));
         Ok(this)
     }
 
@@ -156,6 +164,16 @@ impl ServerConnection {
     /// The QUIC connection, for its statistics and to watch it close.
     pub fn connection(&self) -> &Connection {
         &self.conn
+    }
+
+    /// The path the connection's data takes now.
+    pub fn path(&self) -> Option<crate::path::PathView> {
+        crate::path::selected(&self.conn)
+    }
+
+    /// How often the selected path has changed (relay to direct and back).
+    pub fn path_changes(&self) -> u64 {
+        self.path_changes.load(Ordering::Relaxed)
     }
 
     /// QUIC's smoothed round-trip estimate on the path in use, once it has one.

@@ -8,7 +8,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use iroh::endpoint::{MtuDiscoveryConfig, PortmapperConfig, QuicTransportConfig, VarInt, presets};
+use iroh::tls::CaTlsConfig;
 use iroh::{Endpoint, RelayMode, SecretKey};
+
+use crate::relay::Relays;
 
 /// The largest UDP payload over IPv4.
 const MAX_UDP_PAYLOAD: u16 = 65_507;
@@ -28,8 +31,8 @@ const RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
 pub struct NetConfig {
     /// Local addresses to bind. Empty means iroh's defaults (all interfaces, IPv4 and IPv6).
     pub bind: Vec<SocketAddr>,
-    /// Use n0's public relays for NAT traversal.
-    pub relays: bool,
+    /// The relays for NAT traversal.
+    pub relays: Relays,
     /// Ask the local router for a port mapping (UPnP, PCP, NAT-PMP).
     pub port_mapping: bool,
     /// Close a connection after this long without hearing from the peer: that is how a killed
@@ -55,7 +58,7 @@ impl NetConfig {
     pub fn loopback() -> Self {
         NetConfig {
             bind: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
-            relays: false,
+            relays: Relays::Off,
             port_mapping: false,
             idle_timeout: Duration::from_millis(1500),
         }
@@ -125,11 +128,14 @@ pub async fn bind_endpoint(
         .secret_key(secret)
         .alpns(alpns)
         .transport_config(transport)
-        .relay_mode(if config.relays {
-            RelayMode::Default
-        } else {
-            RelayMode::Disabled
+        .relay_mode(match &config.relays {
+            Relays::Off => RelayMode::Disabled,
+            Relays::Public => RelayMode::Default,
+            Relays::Own { urls, .. } => RelayMode::custom(urls.iter().cloned()),
         });
+    if let Relays::Own { ca: Some(ca), .. } = &config.relays {
+        builder = builder.ca_tls_config(CaTlsConfig::custom_roots(ca.iter().cloned()));
+    }
     if !config.port_mapping {
         builder = builder.portmapper_config(PortmapperConfig::Disabled);
     }

@@ -2,7 +2,7 @@
 //!
 //! `protocol` turns bytes into messages and never touches a socket; this crate is where the
 //! bytes come from: iroh endpoints configured the one safe way ([`endpoint`]), the secret key
-//! on disk ([`key`]), connection tickets ([`ticket`]), and frames read from and written to QUIC
+//! on disk ([`key`]), relays ([`relay`]) and the path a connection takes ([`path`]), connection tickets ([`ticket`]), and frames read from and written to QUIC
 //! streams ([`framed`]). [`alloc`] sets the allocator policy both daemons run with, and
 //! [`daemon`] holds what else they share around their work (paths, config errors, signals).
 
@@ -12,10 +12,13 @@ pub mod daemon;
 pub mod endpoint;
 pub mod framed;
 pub mod key;
+pub mod path;
+pub mod relay;
 pub mod ticket;
 
 pub use client::{ClientError, ServerConnection};
 pub use endpoint::{NetConfig, bind_endpoint};
 pub use framed::{FramedRecv, FramedSend, StreamError};
 pub use key::load_or_create_secret_key;
+pub use relay::{Relays, parse_relay_url};
 pub use ticket::Ticket;

@@ -13,7 +13,7 @@ use server::connection::{Allowlist, Policy, Server, ServerConfig};
 use server::device::usb::DeviceFilter;
 use server::status::Status;
 use transport::daemon;
-use transport::{NetConfig, Ticket, bind_endpoint, load_or_create_secret_key};
+use transport::{NetConfig, Relays, Ticket, bind_endpoint, load_or_create_secret_key};
 
 use super::{Settings, Source, key_path, settings, source};
 use crate::Cli;
@@ -45,7 +45,11 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
         } else {
             args.bind.clone()
         },
-        relays: args.relay || config.relay,
+        relays: transport::relay::relays_from(
+            args.relay.as_deref(),
+            &config.relay,
+            args.relay_ca.as_deref().or(config.relay_ca.as_deref()),
+        )?,
         port_mapping: args.port_mapping || config.port_mapping,
         idle_timeout: Duration::from_millis(
             args.idle_timeout_ms
@@ -73,6 +77,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
     let ticket = Ticket {
         id: endpoint.id(),
         addrs,
+        relay: home_relay(&endpoint, &net.relays).await,
     };
     println!("{ticket}");
     std::io::stdout().flush()?;
@@ -135,6 +140,29 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
 }
 
 /// SIGHUP: re-read the config. A broken file is logged and the old settings stay.
+/// How long the ticket waits for the home relay of n0's public relays to be known.
+const PUBLIC_RELAY_WAIT: Duration = Duration::from_secs(5);
+
+/// The relay the ticket names: our own (known from the settings), or the public one the
+/// endpoint chose as its home, if it found one in time; none without relays.
+async fn home_relay(endpoint: &iroh::Endpoint, relays: &Relays) -> Option<iroh::RelayUrl> {
+    match relays {
+        Relays::Off => None,
+        Relays::Own { urls, .. } => urls.first().cloned(),
+        Relays::Public => {
+            if tokio::time::timeout(PUBLIC_RELAY_WAIT, endpoint.online())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "no public relay reached within {PUBLIC_RELAY_WAIT:?}; the ticket names none"
+                );
+            }
+            endpoint.addr().relay_urls().next().cloned()
+        }
+    }
+}
+
 fn reload(cli: &Cli, server: &Server, source: &Source) {
     let mut states = vec![sd_notify::NotifyState::Reloading];
     states.extend(sd_notify::NotifyState::monotonic_usec_now());

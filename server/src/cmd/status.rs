@@ -57,7 +57,14 @@ pub fn show(cli: &Cli) -> anyhow::Result<()> {
         println!("  none connected");
     }
     for c in &status.snapshot.clients {
-        println!("  {} {} for {}s", c.id, c.agent, c.connected_secs);
+        let path = c
+            .path
+            .as_ref()
+            .map_or("no path yet".to_owned(), ToString::to_string);
+        println!(
+            "  {} {} for {}s, {path}, {} path changes",
+            c.id, c.agent, c.connected_secs, c.path_changes
+        );
     }
     Ok(())
 }
