@@ -112,15 +112,16 @@ pub enum RelayConfigError {
     /// The relay CA could not be read.
     #[error("relay_ca: {0}")]
     Ca(#[from] RelayCaError),
-    /// A CA for a relay the user does not run.
+    /// A CA for n0's public relays, whose certificates come from the web's roots.
     #[error(
-        "relay_ca is only for your own relay: set relay = \"https://...\" (or --relay=URL) too"
+        "relay_ca is for your own relay, not n0's public ones: set relay = \"https://...\" (or --relay=URL), or drop relay_ca"
     )]
     CaWithoutOwnRelay,
 }
 
 /// The relays the flags and the config ask for: `flag` is `--relay`'s value
-/// ([`PUBLIC_FLAG`] when given bare), `ca` the relay CA file from the flag or the config.
+/// ([`PUBLIC_FLAG`] when given bare), `ca` the relay CA file from the flag or the config. A CA
+/// with no relay of our own is kept for the relays that servers' tickets name.
 pub fn relays_from(
     flag: Option<&str>,
     config: &RelaySetting,
@@ -144,11 +145,15 @@ pub fn relays_from(
     };
     match (relays, ca) {
         (relays, None) => Ok(relays),
+        (Relays::Public, Some(_)) => Err(RelayConfigError::CaWithoutOwnRelay),
         (Relays::Own { urls, .. }, Some(path)) => Ok(Relays::Own {
             urls,
             ca: Some(load_relay_ca(path)?),
         }),
-        (_, Some(_)) => Err(RelayConfigError::CaWithoutOwnRelay),
+        (Relays::Off, Some(path)) => Ok(Relays::Own {
+            urls: Vec::new(),
+            ca: Some(load_relay_ca(path)?),
+        }),
     }
 }
 

@@ -76,6 +76,13 @@ const OPTIONAL_MODULES: &[&str] = &[
     "xhci-pci",
     "xhci-hcd",
     "ftdi_sio",
+    // The NAT scenarios: namespaces joined by veth pairs, NAT by nftables.
+    "veth",
+    "crc32c_generic",
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_masq",
+    "nft_ct",
 ];
 
 /// Debian packages whose files go into the guest (besides the kernel).
@@ -88,6 +95,7 @@ pub const GUEST_PACKAGES: &[&str] = &[
     "sg3-utils",
     "alsa-utils",
     "libasound2-data",
+    "nftables",
 ];
 
 /// Programs taken from those packages: (package, path in package, path in guest).
@@ -102,6 +110,8 @@ const PACKAGE_PROGRAMS: &[(&str, &str, &str)] = &[
     ("sg3-utils", "usr/bin/sg_raw", "/usr/bin/sg_raw"),
     // Playing into a sound card through the tunnel (isochronous OUT).
     ("alsa-utils", "usr/bin/aplay", "/usr/bin/aplay"),
+    // NAT routers between the NAT scenarios' namespaces.
+    ("nftables", "usr/sbin/nft", "/usr/sbin/nft"),
 ];
 
 /// Data directories taken whole from those packages: (package, directory in package, in

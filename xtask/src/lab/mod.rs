@@ -32,6 +32,8 @@ const PROJECT_BINS: &[(&str, &str)] = &[
     ("server", "p2p-usb-server"),
     ("client", "p2p-usb-client"),
     ("client", "latency-report"),
+    // A local iroh relay for the NAT scenarios; lab-only, never in the product.
+    ("lab-relay", "lab-relay"),
 ];
 
 /// A finished lab build, as recorded in `builds/<key>/manifest.json`.

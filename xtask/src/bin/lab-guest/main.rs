@@ -15,6 +15,7 @@ mod gadget;
 mod host;
 mod init;
 mod modules;
+mod nat;
 mod netem;
 mod report;
 mod runner;

@@ -28,17 +28,30 @@ pub const AUDIO: &[&str] = &["snd-usb-audio"];
 pub const HID: &[&str] = &["usbhid", "hid-generic", "evdev"];
 /// `tc qdisc ... netem` on loopback.
 pub const NETEM: &[&str] = &["sch_netem"];
+/// Network namespaces joined by veth pairs, with NAT routers (nftables masquerade).
+pub const NAT: &[&str] = &[
+    "veth",
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_masq",
+    "nft_ct",
+    "sch_netem",
+];
 
-/// Softdeps busybox modprobe ignores: `sd_mod` pulls in `crc_t10dif`/`crc64_rocksoft`,
-/// which fail to load without a registered crypto implementation.
-const SOFTDEPS: &[(&str, &[&str])] = &[(
-    "sd_mod",
-    &[
-        "crct10dif_generic",
-        "crct10dif-pclmul",
-        "crc64_rocksoft_generic",
-    ],
-)];
+/// Softdeps busybox modprobe ignores: `sd_mod` pulls in `crc_t10dif`/`crc64_rocksoft`, and
+/// `nf_tables` pulls in `libcrc32c`, which fail to load without a registered crypto
+/// implementation.
+const SOFTDEPS: &[(&str, &[&str])] = &[
+    (
+        "sd_mod",
+        &[
+            "crct10dif_generic",
+            "crct10dif-pclmul",
+            "crc64_rocksoft_generic",
+        ],
+    ),
+    ("nf_tables", &["crc32c_generic"]),
+];
 
 /// Loads each module (and its dependencies) unless already loaded or built in; skips the
 /// scenario if this kernel does not have one.

@@ -18,6 +18,7 @@ mod hid_remote;
 mod hiding;
 mod kinds;
 mod multi;
+mod p2p;
 mod project;
 mod reconnect;
 mod selftest;
@@ -205,6 +206,18 @@ pub const ALL: &[Scenario] = &[
         about: "QEMU's usb-audio (isochronous OUT) through the tunnel: aplay's 1 kHz tone comes out of the device at 1 kHz at RTT 0 and 20 ms, missing share beside the kernel's USB/IP; stop/start twice; detach mid-stream",
         default: true,
         run: xhci_audio::run,
+    },
+    Scenario {
+        name: "p2p-holepunch",
+        about: "server and client behind two NATs (network namespaces, nftables) with a local iroh relay: the connection starts on the relay, goes direct, and the disk reads 64 MiB byte-exact",
+        default: true,
+        run: p2p::holepunch,
+    },
+    Scenario {
+        name: "p2p-relay-only",
+        about: "the same NATs with direct UDP between them blocked: the connection stays on the relay; 16 MiB read and 4 MiB written byte-exact through it",
+        default: true,
+        run: p2p::relay_only,
     },
     Scenario {
         name: "soak-cycles",

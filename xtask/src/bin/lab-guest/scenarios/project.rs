@@ -23,6 +23,11 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// Takes a started child as a daemon, killed when dropped.
+    pub fn adopt(child: Child, name: &'static str) -> Daemon {
+        Daemon { child, name }
+    }
+
     /// Its process id, for /proc readings.
     pub fn pid(&self) -> u32 {
         self.child.id()

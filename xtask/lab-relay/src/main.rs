@@ -1,0 +1,69 @@
+//! `lab-relay`: an iroh relay for the lab's network namespaces, built from the `iroh-relay`
+//! crate with its `server` feature. It runs only inside the lab VM (which has no network card),
+//! so the NAT scenarios never touch n0's public relays.
+//!
+//! `lab-relay <ip> <cert.pem>`: serves relaying over HTTPS on `<ip>:443` and QUIC address
+//! discovery on `<ip>:7842` (without it a peer behind NAT learns only its private addresses
+//! and cannot hole-punch), with a fresh self-signed certificate for `<ip>` whose PEM it writes
+//! to `<cert.pem>` for the peers' `relay_ca`. Prints `lab-relay: ready https://<ip>/` once
+//! both listen, and stops on SIGTERM.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use iroh_relay::server::{CertConfig, QuicConfig, RelayConfig, Server, ServerConfig, TlsConfig};
+
+/// iroh's default port for QUIC address discovery, which a `RelayMode::custom` URL implies.
+const QUIC_PORT: u16 = 7842;
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let mut args = std::env::args().skip(1);
+    let (Some(ip), Some(cert_out)) = (args.next(), args.next()) else {
+        anyhow::bail!("usage: lab-relay <ip> <cert.pem>");
+    };
+    let ip: IpAddr = ip
+        .parse()
+        .with_context(|| format!("`{ip}` is not an IP address"))?;
+    let cert = rcgen::generate_simple_self_signed(vec![ip.to_string()])
+        .context("generating the relay's certificate")?;
+    std::fs::write(&cert_out, cert.cert.pem()).with_context(|| format!("writing {cert_out}"))?;
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS versions")?
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.cert.der().clone()], key)
+    .context("the relay's certificate")?;
+    let mut relay = RelayConfig::new(SocketAddr::new(ip, 80));
+    relay.tls = Some(TlsConfig::new(
+        SocketAddr::new(ip, 443),
+        CertConfig::Manual { server_config: tls },
+    ));
+    let mut config = ServerConfig::default();
+    config.relay = Some(relay);
+    // The QUIC listener inherits the relay's TLS configuration.
+    config.quic = Some(QuicConfig::new(SocketAddr::new(ip, QUIC_PORT)));
+    let mut server = Server::spawn(config).await.context("starting the relay")?;
+    println!(
+        "lab-relay: ready https://{ip}/ (https {:?}, quic {:?})",
+        server.https_addr(),
+        server.quic_addr()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+        r = server.join() => anyhow::bail!("the relay stopped: {r:?}"),
+    }
+    server.shutdown().await.context("stopping the relay")?;
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! Peer to peer for real: the server behind one NAT, the client behind another, a relay on the
+//! "internet" between them (`crate::nat`). With NATs that allow it the connection starts on
+//! the relay and moves to a direct path; with direct UDP blocked it stays on the relay. A disk
+//! reads byte-exact either way, through vhci on the client.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+
+use super::project::{CLIENT, Daemon, SERVER, idle_timeout_ms};
+use crate::bench::{self, MIB};
+use crate::nat::{self, Direct, Internet};
+use crate::report::{log, metric};
+use crate::{modules, sys, usbdev};
+
+/// The simulated disk the server shares (its `vid:pid`).
+const SIM: (u16, u16) = (0x1209, 0x0001);
+const DISK: &str = "/tmp/p2p.img";
+const SIZE: usize = 64 * MIB;
+/// How long hole punching may take to find the direct path, at the reference pace.
+const DIRECT_WITHIN: Duration = Duration::from_secs(30);
+/// How long the relay-only connection is watched for a switch that must not come.
+const RELAY_WATCH: Duration = Duration::from_secs(10);
+const LOG: &str =
+    "info,server=debug,client=debug,transport=debug,iroh=debug,noq=warn,noq_proto=info";
+
+/// Starts the server in `home`, sharing a simulated disk, with the relay; its ticket.
+fn serve(internet: &Internet) -> Result<(Daemon, String)> {
+    let ticket_file = Path::new("/tmp/p2p.ticket");
+    let _ = std::fs::remove_file(ticket_file);
+    std::fs::create_dir_all("/tmp/keys")?;
+    let relay = format!("--relay={}", internet.relay_url());
+    let child = nat::in_ns("home", SERVER)
+        .args(["--simulate", DISK, "--allow-any", &relay, "--relay-ca"])
+        .arg(internet.ca())
+        .arg("--ticket-file")
+        .arg(ticket_file)
+        .args(["--status-file", "/tmp/p2p-status.json"])
+        .env("P2P_USB_SERVER_KEY", "/tmp/keys/p2p-server.key")
+        .env("P2P_USB_SERVER_CONFIG", "/tmp/p2p-server.toml")
+        .env("RUST_LOG", LOG)
+        .env("P2P_USB_IDLE_TIMEOUT_MS", idle_timeout_ms().to_string())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create("/tmp/server.log")?)
+        .spawn()
+        .context("starting p2p-usb-server in the home network")?;
+    let server = Daemon::adopt(child, "p2p-usb-server");
+    let ticket = sys::wait_for("the server's ticket", Duration::from_secs(20), || {
+        std::fs::read_to_string(ticket_file)
+            .ok()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+    })
+    .inspect_err(|_| super::project::show_server_log())?;
+    ensure!(
+        ticket.contains(&internet.relay_url()),
+        "the ticket does not name the relay: {ticket}"
+    );
+    Ok((server, ticket))
+}
+
+/// `p2p-usb-client attach` in `cafe`, trusting the relay's certificate; the disk it makes.
+fn attach(internet: &Internet, ticket: &str) -> Result<(Daemon, std::path::PathBuf)> {
+    let log_file = std::fs::File::create("/tmp/client-p2p.log")?;
+    let child = nat::in_ns("cafe", CLIENT)
+        .arg("--relay-ca")
+        .arg(internet.ca())
+        .args(["attach", ticket, "--device", "1209:0001"])
+        .env("P2P_USB_CLIENT_KEY", "/tmp/keys/p2p-client.key")
+        .env("P2P_USB_CLIENT_CONFIG", "/tmp/p2p-client.toml")
+        .env("RUST_LOG", LOG)
+        .env("P2P_USB_IDLE_TIMEOUT_MS", idle_timeout_ms().to_string())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .spawn()
+        .context("starting p2p-usb-client in the café network")?;
+    let client = Daemon::adopt(child, "p2p-usb-client");
+    let disk = usbdev::wait_block_device(SIM.0, SIM.1, usbdev::Via::Vhci, Duration::from_secs(60))
+        .inspect_err(|_| {
+            super::project::show_client_log("p2p");
+            super::project::show_server_log();
+        })
+        .context("the remote disk never appeared through the NATs")?;
+    Ok((client, disk))
+}
+
+/// The client's port as `p2p-usb-client --json status` shows it: `live.path` and changes.
+fn live_path() -> Option<(bool, String, u64)> {
+    let out = Command::new(CLIENT)
+        .args(["--json", "status"])
+        .env("P2P_USB_CLIENT_CONFIG", "/tmp/p2p-client.toml")
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|p| {
+            let live = &p["live"];
+            let path = &live["path"];
+            Some((
+                path["relay"].as_bool()?,
+                path["remote"].as_str()?.to_owned(),
+                live["path_changes"].as_u64().unwrap_or(0),
+            ))
+        })
+}
+
+/// What the client logged as its first path to the server.
+fn first_path_was_relay() -> bool {
+    let log = std::fs::read_to_string("/tmp/client-p2p.log").unwrap_or_default();
+    log.lines()
+        .find(|l| l.contains("connection path") && l.contains("peer=server"))
+        .is_some_and(|l| l.contains("relay https://"))
+}
+
+fn setup() -> Result<()> {
+    modules::load(&[modules::USBIP, modules::STORAGE].concat())?;
+    bench::pattern_file(Path::new(DISK), SIZE, 0x2b2b)
+}
+
+/// NATs that allow hole punching: the connection starts on the relay and goes direct; the disk
+/// reads 64 MiB byte-exact.
+pub fn holepunch() -> Result<()> {
+    setup()?;
+    let internet = Internet::build(Direct::Allowed)?;
+    let (mut server, ticket) = serve(&internet)?;
+    log!("server behind NAT, ticket {ticket}");
+    let started = Instant::now();
+    let (_client, disk) = attach(&internet, &ticket)?;
+    log!(
+        "attached through the NATs: {} in {:.1}s",
+        disk.display(),
+        started.elapsed().as_secs_f64()
+    );
+    let relay_first = first_path_was_relay();
+    let direct = sys::wait_for("the client's path to become direct", DIRECT_WITHIN, || {
+        live_path().filter(|(relay, _, _)| !relay)
+    })
+    .inspect_err(|_| {
+        for (who, path) in [
+            ("client", "/tmp/client-p2p.log"),
+            ("server", "/tmp/server.log"),
+        ] {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            for line in text
+                .lines()
+                .filter(|l| {
+                    l.contains("net_report")
+                        || l.contains("holepunch")
+                        || l.contains("qad")
+                        || l.contains("QAD")
+                        || l.contains("addr")
+                        || l.contains("path")
+                })
+                .take(60)
+            {
+                log!("{who}: {}", &line[..line.len().min(300)]);
+            }
+        }
+    })?;
+    let to_direct = started.elapsed().as_secs_f64();
+    log!(
+        "path: first {}, direct {} {to_direct:.1}s after the attach began ({} changes)",
+        if relay_first { "the relay" } else { "direct" },
+        direct.1,
+        direct.2
+    );
+    ensure!(
+        relay_first,
+        "the connection did not start on the relay (client log: /tmp/client-p2p.log)"
+    );
+    ensure!(
+        direct.1.starts_with("203.0.113.2:"),
+        "the direct path is not to the server's NAT: {}",
+        direct.1
+    );
+    metric("seconds_to_direct", to_direct);
+    let mib_s = bench::read_verify_mib_s(&disk, SIZE, Path::new(DISK))?;
+    log!("read 64 MiB byte-exact over the direct path at {mib_s:.2} MiB/s");
+    metric("direct_read_mib_s", mib_s);
+    ensure!(server.alive(), "the server died");
+    Ok(())
+}
+
+/// Direct UDP between the NATs blocked: the connection stays on the relay and the disk still
+/// reads and writes byte-exact.
+pub fn relay_only() -> Result<()> {
+    setup()?;
+    let internet = Internet::build(Direct::Blocked)?;
+    let (mut server, ticket) = serve(&internet)?;
+    let (_client, disk) = attach(&internet, &ticket)?;
+    let watch = Instant::now();
+    while watch.elapsed() < RELAY_WATCH.mul_f64(sys::pace()) {
+        if let Some((false, remote, _)) = live_path() {
+            bail!("the connection went direct ({remote}) with direct UDP blocked");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let Some((true, remote, changes)) = live_path() else {
+        bail!("status --json shows no relay path for the port");
+    };
+    log!("after {RELAY_WATCH:?} the path is still the relay {remote} ({changes} changes)");
+    let mib_s = bench::read_verify_mib_s(&disk, 16 * MIB, Path::new(DISK))?;
+    log!("read 16 MiB byte-exact through the relay at {mib_s:.2} MiB/s");
+    metric("relay_read_mib_s", mib_s);
+    let write_mib_s = bench::write_mib_s(&disk, 4 * MIB)?;
+    let written = Path::new("/tmp/p2p-written.bin");
+    bench::written_pattern(written, 4 * MIB)?;
+    bench::read_verify_mib_s(&disk, 4 * MIB, written)
+        .context("reading back what went through the relay")?;
+    log!("wrote 4 MiB through the relay at {write_mib_s:.2} MiB/s, read back byte-exact");
+    metric("relay_write_mib_s", write_mib_s);
+    ensure!(server.alive(), "the server died");
+    Ok(())
+}
