@@ -33,6 +33,17 @@ pub enum ClientError {
     /// No connection could be made.
     #[error("could not connect to the server: {0}")]
     Connect(String),
+    /// No connection could be made, and the relay that should carry it could not be used
+    /// (unreachable, a certificate we do not trust, not a relay at all).
+    #[error(
+        "could not connect to the server through its relay {url}: {why} (check the relay URL, and relay_ca if the relay has a self-signed certificate)"
+    )]
+    Relay {
+        /// The relay.
+        url: String,
+        /// What went wrong with it, in iroh's words.
+        why: String,
+    },
     /// The server closed the connection because we are not on its allowlist.
     #[error(
         "the server refused us: our endpoint id is not on its allowlist (ask its operator to run `p2p-usb-server allow <our id>`)"
@@ -63,6 +74,27 @@ pub enum ClientError {
     /// An attach was refused.
     #[error("attach refused: {0:?}")]
     Refused(AttachRefusal),
+}
+
+/// Why a connect failed, when the relay is to blame: a relay of ours that is down, with its
+/// last error, or the server's relay (from its ticket) when no relay could be reached at all.
+fn relay_failure(endpoint: &Endpoint, servers: Option<&iroh::RelayUrl>) -> Option<ClientError> {
+    use iroh::Watcher;
+    let statuses = endpoint.home_relay_status().get();
+    let down = statuses.iter().filter(|s| !s.is_connected()).find_map(|s| {
+        s.last_error().map(|e| ClientError::Relay {
+            url: s.url().to_string(),
+            why: format!("{e:#}"),
+        })
+    });
+    if down.is_some() || statuses.iter().any(|s| s.is_connected()) {
+        return down;
+    }
+    servers.map(|url| ClientError::Relay {
+        url: url.to_string(),
+        why: "no connection to it could be made (unreachable, or its certificate is not one we trust)"
+            .to_owned(),
+    })
 }
 
 type Waiters = Arc<Mutex<HashMap<RequestId, oneshot::Sender<Response>>>>;
@@ -101,10 +133,18 @@ impl ServerConnection {
         capabilities: Capabilities,
         agent: &str,
     ) -> Result<Arc<Self>, ClientError> {
-        let conn = tokio::time::timeout(REQUEST_TIMEOUT, endpoint.connect(addr, ALPN))
-            .await
-            .map_err(|_| ClientError::Timeout(REQUEST_TIMEOUT))?
-            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let relay = addr.relay_urls().next().cloned();
+        let conn = match tokio::time::timeout(REQUEST_TIMEOUT, endpoint.connect(addr, ALPN)).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                let failed = relay_failure(endpoint, relay.as_ref());
+                return Err(failed.unwrap_or(ClientError::Connect(e.to_string())));
+            }
+            Err(_) => {
+                let failed = relay_failure(endpoint, relay.as_ref());
+                return Err(failed.unwrap_or(ClientError::Timeout(REQUEST_TIMEOUT)));
+            }
+        };
         let (send, recv) = conn.open_bi().await.map_err(|e| closed_error(&conn, e))?;
         let mut tx = FramedSend::new(send);
         let mut rx = FramedRecv::<ServerMessage>::new(recv);

@@ -6,7 +6,8 @@
 //! discovery on `<ip>:7842` (without it a peer behind NAT learns only its private addresses
 //! and cannot hole-punch), with a fresh self-signed certificate for `<ip>` whose PEM it writes
 //! to `<cert.pem>` for the peers' `relay_ca`. Prints `lab-relay: ready https://<ip>/` once
-//! both listen, and stops on SIGTERM.
+//! both listen, and stops on SIGTERM. `lab-relay --cert-only <ip> <cert.pem>` only writes a
+//! fresh certificate: one the peers must not trust.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -24,16 +25,23 @@ async fn main() -> Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .init();
-    let mut args = std::env::args().skip(1);
-    let (Some(ip), Some(cert_out)) = (args.next(), args.next()) else {
-        anyhow::bail!("usage: lab-relay <ip> <cert.pem>");
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let cert_only = args.first().is_some_and(|a| a == "--cert-only");
+    if cert_only {
+        args.remove(0);
+    }
+    let [ip, cert_out] = &args[..] else {
+        anyhow::bail!("usage: lab-relay [--cert-only] <ip> <cert.pem>");
     };
     let ip: IpAddr = ip
         .parse()
         .with_context(|| format!("`{ip}` is not an IP address"))?;
     let cert = rcgen::generate_simple_self_signed(vec![ip.to_string()])
         .context("generating the relay's certificate")?;
-    std::fs::write(&cert_out, cert.cert.pem()).with_context(|| format!("writing {cert_out}"))?;
+    std::fs::write(cert_out, cert.cert.pem()).with_context(|| format!("writing {cert_out}"))?;
+    if cert_only {
+        return Ok(());
+    }
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
     let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),

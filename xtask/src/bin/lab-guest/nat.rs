@@ -56,15 +56,6 @@ table ip filter {
 }
 ";
 
-/// Whether the two NATs can reach each other directly.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direct {
-    /// Hole punching can work.
-    Allowed,
-    /// `inet` drops UDP between the two NATs: only the relay carries traffic.
-    Blocked,
-}
-
 /// The namespaces and the relay; torn down on drop.
 pub struct Internet {
     relay: Option<Child>,
@@ -106,8 +97,9 @@ fn delay(ns: &str, dev: &str, by: &str) -> Result<()> {
 }
 
 impl Internet {
-    /// Builds the networks and starts the relay; waits until it listens.
-    pub fn build(direct: Direct) -> Result<Internet> {
+    /// Builds the networks and starts the relay; waits until it listens. `inet` drops traffic
+    /// between the two NATs until [`Internet::allow_direct`], so only the relay connects them.
+    pub fn build() -> Result<Internet> {
         modules::load(modules::NAT)?;
         // A scenario that failed half-way may have left some behind.
         for ns in NAMESPACES {
@@ -161,13 +153,11 @@ impl Internet {
         for ns in ["homenat", "cafenat"] {
             nft(ns, ns, HOME_ROUTER)?;
         }
-        if direct == Direct::Blocked {
-            nft(
-                "inet",
-                "no-direct",
-                "table ip filter {\n chain forward {\n  type filter hook forward priority filter; policy accept;\n  ip saddr 203.0.113.0/24 ip daddr 198.51.100.0/24 drop\n  ip saddr 198.51.100.0/24 ip daddr 203.0.113.0/24 drop\n }\n}\n",
-            )?;
-        }
+        nft(
+            "inet",
+            "no-direct",
+            "table ip filter {\n chain forward {\n  type filter hook forward priority filter; policy accept;\n  ip saddr 203.0.113.0/24 ip daddr 198.51.100.0/24 drop\n  ip saddr 198.51.100.0/24 ip daddr 203.0.113.0/24 drop\n }\n}\n",
+        )?;
         delay("relay", "r0", RELAY_DELAY)?;
         delay("inet", "relay", RELAY_DELAY)?;
         delay("inet", "home", UPLINK_DELAY)?;
@@ -198,18 +188,44 @@ impl Internet {
             bail!("lab-relay did not start");
         }
         log!(
-            "networks up: server side behind NAT 203.0.113.2, client side behind NAT 198.51.100.2, relay https://{RELAY_IP}/ ({})",
-            match direct {
-                Direct::Allowed => "direct UDP between the NATs allowed",
-                Direct::Blocked => "direct UDP between the NATs blocked",
-            }
+            "networks up: server side behind NAT 203.0.113.2, client side behind NAT 198.51.100.2, relay https://{RELAY_IP}/; nothing between the NATs but through the relay yet"
         );
         Ok(internet)
+    }
+
+    /// Lets traffic between the NATs through: hole punching can work from now on. The café
+    /// network also gains an address (as a DHCP renewal or a second uplink gives), which makes
+    /// iroh try hole punching again at once rather than at its next one-minute check.
+    pub fn allow_direct(&self) -> Result<()> {
+        sys::run(in_ns("inet", NFT).args(["delete", "table", "ip", "filter"]))?;
+        ip(&["-n", "cafe", "addr", "add", "192.168.2.3/24", "dev", "lan0"])?;
+        log!("the NATs can reach each other now");
+        Ok(())
+    }
+
+    /// Stops the relay, as an outage would.
+    pub fn stop_relay(&mut self) {
+        if let Some(mut relay) = self.relay.take() {
+            let _ = relay.kill();
+            let _ = relay.wait();
+            log!("relay stopped");
+        }
     }
 
     /// The relay's URL, as peers configure it.
     pub fn relay_url(&self) -> String {
         format!("https://{RELAY_IP}/")
+    }
+
+    /// A certificate that is not the relay's, for the peers to wrongly trust.
+    pub fn wrong_ca(&self) -> Result<PathBuf> {
+        let path = PathBuf::from("/tmp/wrong-ca.pem");
+        sys::run(
+            Command::new(RELAY)
+                .args(["--cert-only", RELAY_IP])
+                .arg(&path),
+        )?;
+        Ok(path)
     }
 
     /// The relay's CA file.
