@@ -11,7 +11,7 @@
 //!  cafe 192.168.2.2 ─ cafenat (NAT) 198.51.100.2 ─┘
 //! ```
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -163,30 +163,10 @@ impl Internet {
         delay("inet", "home", UPLINK_DELAY)?;
         delay("inet", "cafe", UPLINK_DELAY)?;
 
+        // A fresh certificate per scenario; a restart within one keeps it.
         let _ = std::fs::remove_file(RELAY_CA);
-        let log_file = std::fs::File::create("/tmp/relay.log")?;
-        let child = in_ns("relay", RELAY)
-            .args([RELAY_IP, RELAY_CA])
-            .env("RUST_LOG", "warn")
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .stdin(Stdio::null())
-            .spawn()
-            .context("starting lab-relay")?;
-        internet.relay = Some(child);
-        let ready = sys::wait_for("the relay to listen", Duration::from_secs(30), || {
-            let log = std::fs::read_to_string("/tmp/relay.log").ok()?;
-            log.contains("lab-relay: ready").then_some(())
-        });
-        if ready.is_err() {
-            for line in std::fs::read_to_string("/tmp/relay.log")
-                .unwrap_or_default()
-                .lines()
-            {
-                log!("relay: {line}");
-            }
-            bail!("lab-relay did not start");
-        }
+        let _ = std::fs::remove_file(Path::new(RELAY_CA).with_extension("key"));
+        internet.start_relay()?;
         log!(
             "networks up: server side behind NAT 203.0.113.2, client side behind NAT 198.51.100.2, relay https://{RELAY_IP}/; nothing between the NATs but through the relay yet"
         );
@@ -200,6 +180,34 @@ impl Internet {
         sys::run(in_ns("inet", NFT).args(["delete", "table", "ip", "filter"]))?;
         ip(&["-n", "cafe", "addr", "add", "192.168.2.3/24", "dev", "lan0"])?;
         log!("the NATs can reach each other now");
+        Ok(())
+    }
+
+    /// Starts the relay (again, with the same certificate) and waits until it listens.
+    pub fn start_relay(&mut self) -> Result<()> {
+        let log_file = std::fs::File::create("/tmp/relay.log")?;
+        let child = in_ns("relay", RELAY)
+            .args([RELAY_IP, RELAY_CA])
+            .env("RUST_LOG", "warn")
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting lab-relay")?;
+        self.relay = Some(child);
+        let ready = sys::wait_for("the relay to listen", Duration::from_secs(30), || {
+            let log = std::fs::read_to_string("/tmp/relay.log").ok()?;
+            log.contains("lab-relay: ready").then_some(())
+        });
+        if ready.is_err() {
+            for line in std::fs::read_to_string("/tmp/relay.log")
+                .unwrap_or_default()
+                .lines()
+            {
+                log!("relay: {line}");
+            }
+            bail!("lab-relay did not start");
+        }
         Ok(())
     }
 

@@ -24,6 +24,9 @@ const SIZE: usize = 64 * MIB;
 const DIRECT_WITHIN: Duration = Duration::from_secs(75);
 /// How long the relay-only connection is watched for a switch that must not come.
 const RELAY_WATCH: Duration = Duration::from_secs(10);
+/// From the relay's return to the disk readable again: both peers reconnect to the relay
+/// (iroh backs off), then the client's supervisor (back-off capped at 2 s here) re-attaches.
+const RELAY_RETURN: Duration = Duration::from_secs(60);
 const LOG: &str =
     "info,server=debug,client=debug,transport=debug,iroh=debug,noq=warn,noq_proto=info";
 
@@ -88,13 +91,28 @@ fn attach(internet: &Internet, ticket: &str) -> Result<(Daemon, std::path::PathB
 }
 
 /// A client that trusts another certificate than the relay's cannot reach the server (the
-/// relay is its only way): it says so, naming the relay, within its connect timeout.
+/// relay is its only way): it says so, naming the relay, within its connect timeout. So does
+/// one whose ticket names a "relay" that answers something else (the relay host's plain HTTP
+/// port).
 fn wrong_certificate(internet: &Internet, ticket: &str) -> Result<()> {
     let wrong = internet.wrong_ca()?;
+    refused(
+        &wrong,
+        ticket,
+        &internet.relay_url(),
+        "wrong_certificate_secs",
+    )?;
+    let garbage = format!("https://{}:80/", nat::RELAY_IP);
+    let ticket = ticket.replace(&internet.relay_url(), &garbage);
+    refused(&internet.ca(), &ticket, &garbage, "not_a_relay_secs")
+}
+
+/// `list` through `ticket` trusting `ca` must fail, naming `relay`; records how long it took.
+fn refused(ca: &Path, ticket: &str, relay: &str, figure: &str) -> Result<()> {
     let started = Instant::now();
     let out = nat::in_ns("cafe", CLIENT)
         .arg("--relay-ca")
-        .arg(&wrong)
+        .arg(ca)
         .args(["list", ticket])
         .env("P2P_USB_CLIENT_KEY", "/tmp/keys/p2p-client.key")
         .env("P2P_USB_CLIENT_CONFIG", "/tmp/p2p-client.toml")
@@ -103,19 +121,16 @@ fn wrong_certificate(internet: &Internet, ticket: &str) -> Result<()> {
         .context("running p2p-usb-client list")?;
     let took = started.elapsed().as_secs_f64();
     let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "{figure}: the client listed devices");
     ensure!(
-        !out.status.success(),
-        "a client trusting the wrong certificate listed devices"
-    );
-    ensure!(
-        err.contains(&internet.relay_url()),
-        "the error does not name the relay: {err}"
+        err.contains(relay),
+        "the error does not name {relay}: {err}"
     );
     log!(
-        "wrong relay certificate: refused in {took:.1}s: {}",
+        "{figure}: refused in {took:.1}s: {}",
         err.trim().lines().last().unwrap_or_default()
     );
-    metric("wrong_certificate_secs", took);
+    metric(figure, took);
     Ok(())
 }
 
@@ -265,13 +280,15 @@ fn port_counts() -> Result<(u64, u64, u64)> {
 }
 
 /// Direct UDP between the NATs blocked: the connection stays on the relay and the disk still
-/// reads and writes byte-exact.
+/// reads and writes byte-exact. Then the relay goes away with no direct path to fall back on:
+/// `p2p-usb-client run` says so, naming the relay, and re-attaches by itself once the relay is
+/// back.
 pub fn relay_only() -> Result<()> {
     setup()?;
-    let internet = Internet::build()?;
+    let mut internet = Internet::build()?;
     let (mut server, ticket) = serve(&internet)?;
     wrong_certificate(&internet, &ticket)?;
-    let (_client, disk) = attach(&internet, &ticket)?;
+    let (_client, disk) = supervise(&internet, &ticket)?;
     let watch = Instant::now();
     while watch.elapsed() < RELAY_WATCH.mul_f64(sys::pace()) {
         if let Some((false, remote, _)) = live_path() {
@@ -293,6 +310,73 @@ pub fn relay_only() -> Result<()> {
         .context("reading back what went through the relay")?;
     log!("wrote 4 MiB through the relay at {write_mib_s:.2} MiB/s, read back byte-exact");
     metric("relay_write_mib_s", write_mib_s);
+
+    // The relay goes away; nothing else connects the two.
+    internet.stop_relay();
+    let stopped = Instant::now();
+    let gone = || usbdev::find_block_device_for(SIM.0, SIM.1, usbdev::Via::Vhci).is_none();
+    sys::wait_for(
+        "the relayed attachment to end",
+        Duration::from_secs(30),
+        || gone().then_some(()),
+    )?;
+    let said = sys::wait_for(
+        "the client to say the relay is unreachable",
+        Duration::from_secs(30),
+        || {
+            let log = std::fs::read_to_string("/tmp/client-p2p.log").ok()?;
+            log.lines()
+                .find(|l| l.contains("reconnecting in") && l.contains(&internet.relay_url()))
+                .map(str::to_owned)
+        },
+    )
+    .inspect_err(|_| super::project::show_client_log("p2p"))?;
+    log!(
+        "relay down: the disk went {:.1}s later; the client said: {}",
+        stopped.elapsed().as_secs_f64(),
+        said.split("WARN").last().unwrap_or(&said).trim()
+    );
+    internet.start_relay()?;
+    let back = Instant::now();
+    let want = bench::md5(written, None)?;
+    super::project::wait_readable(SIM.0, SIM.1, &want, 4 * MIB, RELAY_RETURN)
+        .context("the client did not re-attach once the relay was back")?;
+    let reattached = back.elapsed().as_secs_f64();
+    log!("relay back: re-attached by itself {reattached:.1}s later, what was written intact");
+    metric("reattach_after_relay_secs", reattached);
     ensure!(server.alive(), "the server died");
     Ok(())
+}
+
+/// `p2p-usb-client run` in `cafe` with an auto-attach rule for the simulated disk (what the
+/// systemd service runs), trusting the relay's certificate; the disk it makes.
+fn supervise(internet: &Internet, ticket: &str) -> Result<(Daemon, std::path::PathBuf)> {
+    let config = "/tmp/p2p-client-run.toml";
+    std::fs::write(
+        config,
+        format!(
+            "[servers.home]\nticket = \"{ticket}\"\n\n[[auto_attach]]\nserver = \"home\"\n\
+             device = \"1209:0001\"\n\n[reconnect]\ninitial_ms = 200\nmax_ms = 2000\n"
+        ),
+    )?;
+    let log_file = std::fs::File::create("/tmp/client-p2p.log")?;
+    let child = nat::in_ns("cafe", CLIENT)
+        .arg("--relay-ca")
+        .arg(internet.ca())
+        .args(["--config", config, "run"])
+        .env("P2P_USB_CLIENT_KEY", "/tmp/keys/p2p-client.key")
+        .env("RUST_LOG", LOG)
+        .env("P2P_USB_IDLE_TIMEOUT_MS", idle_timeout_ms().to_string())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .spawn()
+        .context("starting p2p-usb-client run in the café network")?;
+    let client = Daemon::adopt(child, "p2p-usb-client");
+    let disk = usbdev::wait_block_device(SIM.0, SIM.1, usbdev::Via::Vhci, Duration::from_secs(60))
+        .inspect_err(|_| {
+            super::project::show_client_log("p2p");
+            super::project::show_server_log();
+        })
+        .context("the remote disk never appeared through the relay")?;
+    Ok((client, disk))
 }
