@@ -134,25 +134,29 @@ fn refused(ca: &Path, ticket: &str, relay: &str, figure: &str) -> Result<()> {
     Ok(())
 }
 
-/// The client's port as `p2p-usb-client --json status` shows it: `live.path` and changes.
-fn live_path() -> Option<(bool, String, u64)> {
+/// The `live` report of the client's port as `p2p-usb-client --json status` shows it.
+fn live_port() -> Option<serde_json::Value> {
     let out = Command::new(CLIENT)
         .args(["--json", "status"])
         .env("P2P_USB_CLIENT_CONFIG", "/tmp/p2p-client.toml")
         .output()
         .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.lines()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find_map(|p| {
-            let live = &p["live"];
-            let path = &live["path"];
-            Some((
-                path["relay"].as_bool()?,
-                path["remote"].as_str()?.to_owned(),
-                live["path_changes"].as_u64().unwrap_or(0),
-            ))
-        })
+        .map(|p| p["live"].clone())
+        .find(|l| l.is_object())
+}
+
+/// The port's path: relayed or not, the remote, and how often it changed.
+fn live_path() -> Option<(bool, String, u64)> {
+    let live = live_port()?;
+    let path = &live["path"];
+    Some((
+        path["relay"].as_bool()?,
+        path["remote"].as_str()?.to_owned(),
+        live["path_changes"].as_u64().unwrap_or(0),
+    ))
 }
 
 /// What the client logged as its first path to the server.
@@ -264,17 +268,7 @@ fn show_paths() {
 
 /// The port's URBs forwarded, completed and unlinked, from `status --json`.
 fn port_counts() -> Result<(u64, u64, u64)> {
-    let out = Command::new(CLIENT)
-        .args(["--json", "status"])
-        .env("P2P_USB_CLIENT_CONFIG", "/tmp/p2p-client.toml")
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let live = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .map(|p| p["live"].clone())
-        .find(|l| l.is_object())
-        .context("status --json shows no live port")?;
+    let live = live_port().context("status --json shows no live port")?;
     let n = |k: &str| live[k].as_u64().unwrap_or(0);
     Ok((n("submitted"), n("completed"), n("unlinked")))
 }
