@@ -21,8 +21,9 @@ use transport::daemon::read_for_edit;
 pub struct Config {
     /// The client's secret key (its identity).
     pub key_file: Option<PathBuf>,
-    /// How to reach servers behind NAT: `true` for n0's public relays, or the URL of your
-    /// own relay (`false`, the default: direct addresses and the relay a ticket names).
+    /// How to reach servers behind NAT: `true` (the default) for n0's public relays and
+    /// discovery, the URL of your own relay, or `false` for direct addresses and the relay a
+    /// ticket names.
     pub relay: transport::relay::RelaySetting,
     /// PEM certificates to trust for your own relay (a self-signed one).
     pub relay_ca: Option<PathBuf>,
@@ -240,7 +241,7 @@ const NEW_FILE_HEADER: &str = "\
 /// Adds (or replaces) `[servers.NAME]`, keeping the file's comments.
 pub fn pair(path: &Path, name: &str, ticket: &Ticket) -> Result<(), ConfigError> {
     // The header sits above a root key, so tables added later go below it.
-    let text = read_for_edit(path, || format!("{NEW_FILE_HEADER}\nrelay = false\n"))?;
+    let text = read_for_edit(path, || format!("{NEW_FILE_HEADER}\nrelay = true\n"))?;
     Config::parse(&text, path)?;
     let mut doc: toml_edit::DocumentMut = text.parse().expect("a config that parsed is TOML");
     let servers = doc
@@ -395,13 +396,13 @@ mod tests {
         pair(&path, "pi", &t).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.starts_with("# p2p-usb-client config"), "{text}");
-        let text = text.replace("relay = false\n", "");
-        std::fs::write(&path, format!("# mine\nrelay = true\n{text}")).unwrap();
+        let text = text.replace("relay = true\n", "");
+        std::fs::write(&path, format!("# mine\nrelay = false\n{text}")).unwrap();
         pair(&path, "desk", &t).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.starts_with("# mine\n"), "{text}");
         let c = Config::load_or_default(&path).unwrap();
-        assert_eq!(c.relay, transport::relay::RelaySetting::Public(true));
+        assert_eq!(c.relay, transport::relay::RelaySetting::Public(false));
         assert_eq!(c.servers.len(), 2);
     }
 }

@@ -34,11 +34,12 @@ struct Cli {
     /// The config file.
     #[arg(long, global = true, env = "P2P_USB_CLIENT_CONFIG", default_value_os_t = daemon::default_config_path(Role::Client))]
     config: PathBuf,
-    /// Reach servers behind NAT through a relay: `--relay` for n0's public ones,
-    /// `--relay=https://HOST[:PORT]` for your own [default: the config's relay, else only the
-    /// relay a server's ticket names].
+    /// Reach servers behind NAT through relays: `--relay` for n0's public ones and their
+    /// discovery, `--relay=https://HOST[:PORT]` for your own, `--relay=off` for direct
+    /// addresses only; a server's ticket adds the relay it names [default: the config's relay,
+    /// else n0's public ones].
     #[arg(long, global = true, value_name = "URL", num_args = 0..=1, require_equals = true,
-          default_missing_value = transport::relay::PUBLIC_FLAG)]
+          default_missing_value = transport::relay::PUBLIC_FLAG, env = "P2P_USB_RELAY")]
     relay: Option<String>,
     /// PEM certificates to trust for your own relay (one with a self-signed certificate)
     /// [default: the config's relay_ca].

@@ -26,8 +26,8 @@ pub struct Config {
     pub key_file: Option<PathBuf>,
     /// Local addresses to listen on; empty means every interface, a random port.
     pub bind: Vec<SocketAddr>,
-    /// How clients behind NAT reach us: `true` for n0's public relays, or the URL of our own
-    /// relay (`false`, the default: direct addresses only).
+    /// How clients behind NAT reach us: `true` (the default) for n0's public relays and
+    /// discovery, the URL of our own relay, or `false` for direct addresses only.
     pub relay: transport::relay::RelaySetting,
     /// PEM certificates to trust for our own relay (a self-signed one).
     pub relay_ca: Option<PathBuf>,

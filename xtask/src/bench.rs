@@ -21,6 +21,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::{RunArgs, lab};
+use xtask::cmdline::DAEMON_ENV;
 
 /// Which bench to run.
 #[derive(clap::Subcommand, Clone, Copy)]
@@ -254,6 +255,8 @@ fn tunnel_bench(out: &Path) -> Result<()> {
     let client = |args: &[&str]| -> Result<Value> {
         let o = Command::new(release.join("p2p-usb-client"))
             .args(args)
+            .envs(DAEMON_ENV.iter().copied())
+            .env("P2P_USB_CLIENT_CONFIG", dir.join("client.toml"))
             .env("P2P_USB_CLIENT_KEY", &client_key)
             .env("RUST_LOG", "warn")
             .output()?;
@@ -268,11 +271,14 @@ fn tunnel_bench(out: &Path) -> Result<()> {
     };
     let id = Command::new(release.join("p2p-usb-client"))
         .arg("id")
+        .envs(DAEMON_ENV.iter().copied())
         .env("P2P_USB_CLIENT_KEY", &client_key)
         .output()?;
     let id = String::from_utf8_lossy(&id.stdout).trim().to_owned();
     let ticket_file = dir.join("ticket");
     let mut server = Command::new(release.join("p2p-usb-server"))
+        .envs(DAEMON_ENV.iter().copied())
+        .env("P2P_USB_SERVER_CONFIG", dir.join("server.toml"))
         .arg("--simulate")
         .arg(&disk)
         .args(["--allow", &id, "--bind", "127.0.0.1:0", "--ticket-file"])

@@ -16,6 +16,12 @@ pub mod cmdline {
     pub const TIMEOUT: &str = "lab.timeout";
     /// `1` runs the remaining scenarios after one fails.
     pub const KEEP_GOING: &str = "lab.keep_going";
+    /// Undotted `KEY=VALUE` words the kernel hands to init as its environment, so every
+    /// process in the VM inherits them. Relays and discovery default to n0's public ones; no
+    /// test may reach those (the VM has no network card either), so both daemons start with
+    /// them off, and a scenario that wants a relay names its own with `--relay=URL`, which
+    /// wins over this.
+    pub const DAEMON_ENV: &[(&str, &str)] = &[("P2P_USB_RELAY", "off")];
 }
 
 pub mod qemu_usb;

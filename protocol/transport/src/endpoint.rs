@@ -7,9 +7,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use iroh::address_lookup::{DnsAddressLookup, PkarrPublisher, PkarrResolver};
 use iroh::endpoint::{MtuDiscoveryConfig, PortmapperConfig, QuicTransportConfig, VarInt, presets};
 use iroh::tls::CaTlsConfig;
-use iroh::{Endpoint, RelayMode, SecretKey};
+use iroh::{Endpoint, RelayMap, RelayMode, SecretKey};
 
 use crate::relay::Relays;
 
@@ -58,7 +59,7 @@ impl NetConfig {
     pub fn loopback() -> Self {
         NetConfig {
             bind: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
-            relays: Relays::Off,
+            relays: Relays::OFF,
             port_mapping: false,
             idle_timeout: Duration::from_millis(1500),
         }
@@ -128,13 +129,16 @@ pub async fn bind_endpoint(
         .secret_key(secret)
         .alpns(alpns)
         .transport_config(transport)
-        .relay_mode(match &config.relays {
-            Relays::Off => RelayMode::Disabled,
-            Relays::Public => RelayMode::Default,
-            Relays::Own { urls, .. } => RelayMode::custom(urls.iter().cloned()),
-        });
-    if let Relays::Own { ca: Some(ca), .. } = &config.relays {
-        builder = builder.ca_tls_config(CaTlsConfig::custom_roots(ca.iter().cloned()));
+        .relay_mode(relay_mode(&config.relays));
+    if let Some(ca) = &config.relays.ca {
+        builder =
+            builder.ca_tls_config(CaTlsConfig::embedded().with_extra_roots(ca.iter().cloned()));
+    }
+    if config.relays.public {
+        builder = builder
+            .address_lookup(PkarrPublisher::n0_dns())
+            .address_lookup(PkarrResolver::n0_dns())
+            .address_lookup(DnsAddressLookup::n0_dns());
     }
     if !config.port_mapping {
         builder = builder.portmapper_config(PortmapperConfig::Disabled);
@@ -154,9 +158,47 @@ pub async fn bind_endpoint(
         .map_err(|e| BindError::Bind(e.to_string()))
 }
 
+/// iroh's relay mode for `relays`: n0's map (staging when iroh is told to) with any others
+/// added to it.
+fn relay_mode(relays: &Relays) -> RelayMode {
+    let own = relays.own.iter().cloned();
+    match (relays.public, relays.own.is_empty()) {
+        (false, true) => RelayMode::Disabled,
+        (false, false) => RelayMode::custom(own),
+        (true, true) => iroh::endpoint::default_relay_mode(),
+        (true, false) => {
+            let map = match iroh::endpoint::default_relay_mode() {
+                RelayMode::Staging => iroh::defaults::staging::default_relay_map(),
+                _ => iroh::defaults::prod::default_relay_map(),
+            };
+            map.extend(&RelayMap::from_iter(own));
+            RelayMode::Custom(map)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn public_relays_keep_n0s_and_add_the_others() {
+        let mine = crate::parse_relay_url("https://relay.example.org").unwrap();
+        assert!(matches!(relay_mode(&Relays::OFF), RelayMode::Disabled));
+        assert!(matches!(relay_mode(&Relays::public()), RelayMode::Default));
+        let RelayMode::Custom(map) = relay_mode(&Relays::own(mine.clone())) else {
+            panic!("own relay");
+        };
+        assert_eq!(map.len(), 1);
+        let RelayMode::Custom(map) = relay_mode(&Relays::public().with(Some(&mine))) else {
+            panic!("public and own");
+        };
+        assert!(map.contains(&mine));
+        assert_eq!(
+            map.len(),
+            iroh::defaults::prod::default_relay_map().len() + 1
+        );
+    }
 
     #[tokio::test]
     async fn an_idle_timeout_out_of_range_is_refused_before_binding() {

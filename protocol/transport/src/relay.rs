@@ -19,49 +19,81 @@ const MAX_CA_CERTS: usize = 16;
 /// The largest relay CA file read.
 const MAX_CA_FILE: u64 = 1024 * 1024;
 
-/// The relays an endpoint uses to reach peers it cannot reach directly.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum Relays {
-    /// None: direct addresses only (a LAN, the tests).
-    #[default]
-    Off,
-    /// n0's public relays.
-    Public,
-    /// Relays the user runs.
-    Own {
-        /// Their URLs, the first one the home relay.
-        urls: Vec<RelayUrl>,
-        /// Certificates to trust for them instead of the usual web roots (a self-signed or
-        /// private-CA relay); `None` trusts the web roots.
-        ca: Option<Vec<CertificateDer<'static>>>,
-    },
+/// What `--relay=off` (or `P2P_USB_RELAY=off`) says: no relay of our own, no discovery.
+pub const OFF_FLAG: &str = "off";
+
+/// The relays an endpoint uses to reach peers it cannot reach directly, and whether it uses
+/// n0's discovery to find them by id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relays {
+    /// n0's public relays and its DNS discovery: our endpoint id and home relay published,
+    /// peers looked up by theirs, so a ticket whose addresses went stale still connects.
+    pub public: bool,
+    /// Relays users run: ours (a server's first one is its home, which the ticket names) and
+    /// those servers' tickets name.
+    pub own: Vec<RelayUrl>,
+    /// Certificates to trust besides the web's roots, for a self-signed or private-CA relay.
+    pub ca: Option<Vec<CertificateDer<'static>>>,
 }
 
-impl Relays {
-    /// These relays, plus `url` (a server's, from its ticket) if it is not among them. `Off`
-    /// becomes that one relay, so a client with no relay of its own can follow a ticket's.
-    pub fn with(self, url: Option<&RelayUrl>) -> Relays {
-        let Some(url) = url else {
-            return self;
-        };
-        match self {
-            Relays::Off => Relays::Own {
-                urls: vec![url.clone()],
-                ca: None,
-            },
-            Relays::Public => Relays::Public,
-            Relays::Own { mut urls, ca } => {
-                if !urls.contains(url) {
-                    urls.push(url.clone());
-                }
-                Relays::Own { urls, ca }
-            }
-        }
+impl Default for Relays {
+    /// n0's public relays and discovery: what a peer behind a home router needs, untouched.
+    fn default() -> Self {
+        Relays::public()
     }
 }
 
-/// The `relay` key of either config file: `true` for n0's public relays, `false` (the
-/// default) for none, or the URL of the user's own relay.
+impl Relays {
+    /// None, and no discovery: direct addresses only (a LAN, every test).
+    pub const OFF: Relays = Relays {
+        public: false,
+        own: Vec::new(),
+        ca: None,
+    };
+
+    /// n0's public relays and discovery.
+    pub fn public() -> Relays {
+        Relays {
+            public: true,
+            ..Relays::OFF
+        }
+    }
+
+    /// The user's own relay.
+    pub fn own(url: RelayUrl) -> Relays {
+        Relays {
+            own: vec![url],
+            ..Relays::OFF
+        }
+    }
+
+    /// No relay and no discovery at all.
+    pub fn is_off(&self) -> bool {
+        !self.public && self.own.is_empty()
+    }
+
+    /// These relays, plus `url` (a server's, from its ticket) if it is not among them, so a
+    /// client reaches a server through the relay the server is at whatever its own setting.
+    pub fn with(mut self, url: Option<&RelayUrl>) -> Relays {
+        let Some(url) = url else {
+            return self;
+        };
+        let known = self.own.contains(url) || (self.public && is_public_relay(url));
+        if !known {
+            self.own.push(url.clone());
+        }
+        self
+    }
+}
+
+/// Whether `url` is one of n0's public relays (production or staging).
+pub fn is_public_relay(url: &RelayUrl) -> bool {
+    iroh::defaults::prod::default_relay_map().contains(url)
+        || iroh::defaults::staging::default_relay_map().contains(url)
+}
+
+/// The `relay` key of either config file: `true` (the default) for n0's public relays and
+/// discovery, `false` for none, or the URL of the user's own relay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelaySetting {
     /// `relay = true` / `false`.
@@ -72,7 +104,7 @@ pub enum RelaySetting {
 
 impl Default for RelaySetting {
     fn default() -> Self {
-        RelaySetting::Public(false)
+        RelaySetting::Public(true)
     }
 }
 
@@ -112,16 +144,11 @@ pub enum RelayConfigError {
     /// The relay CA could not be read.
     #[error("relay_ca: {0}")]
     Ca(#[from] RelayCaError),
-    /// A CA for n0's public relays, whose certificates come from the web's roots.
-    #[error(
-        "relay_ca is for your own relay, not n0's public ones: set relay = \"https://...\" (or --relay=URL), or drop relay_ca"
-    )]
-    CaWithoutOwnRelay,
 }
 
-/// The relays the flags and the config ask for: `flag` is `--relay`'s value
-/// ([`PUBLIC_FLAG`] when given bare), `ca` the relay CA file from the flag or the config. A CA
-/// with no relay of our own is kept for the relays that servers' tickets name.
+/// The relays the flags and the config ask for: `flag` is `--relay`'s value ([`PUBLIC_FLAG`]
+/// when given bare, [`OFF_FLAG`] for none), `ca` the relay CA file from the flag or the config,
+/// trusted besides the web's roots (so also for the relays servers' tickets name).
 pub fn relays_from(
     flag: Option<&str>,
     config: &RelaySetting,
@@ -130,31 +157,18 @@ pub fn relays_from(
     let own = |field, text: &str| {
         parse_relay_url(text).map_err(|source| RelayConfigError::Url { field, source })
     };
-    let relays = match (flag, config) {
-        (Some(PUBLIC_FLAG), _) => Relays::Public,
-        (Some(url), _) => Relays::Own {
-            urls: vec![own("--relay", url)?],
-            ca: None,
-        },
-        (None, RelaySetting::Public(true)) => Relays::Public,
-        (None, RelaySetting::Public(false)) => Relays::Off,
-        (None, RelaySetting::Url(url)) => Relays::Own {
-            urls: vec![url.clone()],
-            ca: None,
-        },
+    let mut relays = match (flag.map(str::trim), config) {
+        (Some(PUBLIC_FLAG), _) => Relays::public(),
+        (Some(OFF_FLAG), _) => Relays::OFF,
+        (Some(url), _) => Relays::own(own("--relay", url)?),
+        (None, RelaySetting::Public(true)) => Relays::public(),
+        (None, RelaySetting::Public(false)) => Relays::OFF,
+        (None, RelaySetting::Url(url)) => Relays::own(url.clone()),
     };
-    match (relays, ca) {
-        (relays, None) => Ok(relays),
-        (Relays::Public, Some(_)) => Err(RelayConfigError::CaWithoutOwnRelay),
-        (Relays::Own { urls, .. }, Some(path)) => Ok(Relays::Own {
-            urls,
-            ca: Some(load_relay_ca(path)?),
-        }),
-        (Relays::Off, Some(path)) => Ok(Relays::Own {
-            urls: Vec::new(),
-            ca: Some(load_relay_ca(path)?),
-        }),
+    if let Some(path) = ca {
+        relays.ca = Some(load_relay_ca(path)?);
     }
+    Ok(relays)
 }
 
 /// Why a relay URL was refused.
@@ -284,24 +298,27 @@ mod tests {
         let url = RelaySetting::Url(parse_relay_url("https://relay.example.org").unwrap());
         assert_eq!(
             relays_from(None, &RelaySetting::default(), None).unwrap(),
-            Relays::Off
+            Relays::public()
         );
+        assert_eq!(Relays::default(), Relays::public());
         assert_eq!(
-            relays_from(None, &RelaySetting::Public(true), None).unwrap(),
-            Relays::Public
+            relays_from(None, &RelaySetting::Public(false), None).unwrap(),
+            Relays::OFF
+        );
+        assert!(relays_from(Some(OFF_FLAG), &url, None).unwrap().is_off());
+        assert!(
+            relays_from(Some(OFF_FLAG), &RelaySetting::Public(true), None)
+                .unwrap()
+                .is_off()
         );
         assert_eq!(
             relays_from(Some(PUBLIC_FLAG), &url, None).unwrap(),
-            Relays::Public
+            Relays::public()
         );
-        assert!(matches!(
-            relays_from(None, &url, None).unwrap(),
-            Relays::Own { ref urls, ca: None } if urls.len() == 1
-        ));
+        let mine = relays_from(None, &url, None).unwrap();
+        assert!(!mine.public && mine.own.len() == 1 && mine.ca.is_none());
         let e = relays_from(Some("http://x.example"), &url, None).unwrap_err();
         assert!(e.to_string().starts_with("--relay: "), "{e}");
-        let e = relays_from(None, &RelaySetting::Public(true), Some(Path::new("/x"))).unwrap_err();
-        assert!(matches!(e, RelayConfigError::CaWithoutOwnRelay), "{e}");
         let e = relays_from(None, &url, Some(Path::new("/nonexistent/ca.pem"))).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
     }
@@ -331,27 +348,16 @@ mod tests {
     fn a_ticket_relay_joins_the_configured_ones_once() {
         let a = parse_relay_url("https://a.example").unwrap();
         let b = parse_relay_url("https://b.example").unwrap();
-        assert_eq!(Relays::Off.with(None), Relays::Off);
-        assert_eq!(
-            Relays::Off.with(Some(&a)),
-            Relays::Own {
-                urls: vec![a.clone()],
-                ca: None
-            }
-        );
-        let own = Relays::Own {
-            urls: vec![a.clone()],
-            ca: None,
-        };
+        assert_eq!(Relays::OFF.with(None), Relays::OFF);
+        assert_eq!(Relays::OFF.with(Some(&a)), Relays::own(a.clone()));
+        let own = Relays::own(a.clone());
         assert_eq!(own.clone().with(Some(&a)), own);
-        assert_eq!(
-            own.with(Some(&b)),
-            Relays::Own {
-                urls: vec![a, b.clone()],
-                ca: None
-            }
-        );
-        assert_eq!(Relays::Public.with(Some(&b)), Relays::Public);
+        assert_eq!(own.with(Some(&b)).own, vec![a, b.clone()]);
+        // A public client follows a server at its own relay, and needs nothing more for a
+        // server at one of n0's.
+        assert_eq!(Relays::public().with(Some(&b)).own, vec![b]);
+        let n0 = iroh::defaults::prod::default_relay_map().urls::<Vec<_>>()[0].clone();
+        assert_eq!(Relays::public().with(Some(&n0)), Relays::public());
     }
 
     #[test]

@@ -139,30 +139,30 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGHUP: re-read the config. A broken file is logged and the old settings stay.
 /// How long the ticket waits for the home relay of n0's public relays to be known.
 const PUBLIC_RELAY_WAIT: Duration = Duration::from_secs(5);
 
 /// The relay the ticket names: our own (known from the settings), or the public one the
 /// endpoint chose as its home, if it found one in time; none without relays.
 async fn home_relay(endpoint: &iroh::Endpoint, relays: &Relays) -> Option<iroh::RelayUrl> {
-    match relays {
-        Relays::Off => None,
-        Relays::Own { urls, .. } => urls.first().cloned(),
-        Relays::Public => {
-            if tokio::time::timeout(PUBLIC_RELAY_WAIT, endpoint.online())
-                .await
-                .is_err()
-            {
-                tracing::warn!(
-                    "no public relay reached within {PUBLIC_RELAY_WAIT:?}; the ticket names none"
-                );
-            }
-            endpoint.addr().relay_urls().next().cloned()
-        }
+    if let Some(own) = relays.own.first() {
+        return Some(own.clone());
     }
+    if !relays.public {
+        return None;
+    }
+    if tokio::time::timeout(PUBLIC_RELAY_WAIT, endpoint.online())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "no public relay reached within {PUBLIC_RELAY_WAIT:?}; the ticket names none"
+        );
+    }
+    endpoint.addr().relay_urls().next().cloned()
 }
 
+/// SIGHUP: re-read the config. A broken file is logged and the old settings stay.
 fn reload(cli: &Cli, server: &Server, source: &Source) {
     let mut states = vec![sd_notify::NotifyState::Reloading];
     states.extend(sd_notify::NotifyState::monotonic_usec_now());

@@ -94,7 +94,7 @@ enum Event {
 
 /// Boots the VM and follows it until the guest powers off or the host gives up.
 pub fn boot(b: &Boot) -> Result<Outcome> {
-    let append = format!(
+    let mut append = format!(
         "console=ttyS0 rdinit=/init panic=-1 loglevel=4 quiet {}={} {}={} {}={}",
         cmdline::SCENARIOS,
         b.scenarios.join(","),
@@ -103,6 +103,9 @@ pub fn boot(b: &Boot) -> Result<Outcome> {
         cmdline::KEEP_GOING,
         u8::from(b.keep_going),
     );
+    for (key, value) in cmdline::DAEMON_ENV {
+        append.push_str(&format!(" {key}={value}"));
+    }
     if !cmd::exists("qemu-system-x86_64") {
         anyhow::bail!(
             "QEMU is not installed; `cargo xtask lab build` installs it, or run: \

@@ -8,7 +8,7 @@ use std::fs;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use serde_json::json;
 use xtask::{cmdline, format_line, pace, tag};
 
@@ -33,6 +33,13 @@ pub fn main() -> ExitCode {
 }
 
 fn setup() -> Result<()> {
+    for (key, value) in cmdline::DAEMON_ENV {
+        let got = std::env::var(key).unwrap_or_default();
+        ensure!(
+            got == *value,
+            "init's environment has {key}={got:?}, not {value:?}: the kernel command line lost it"
+        );
+    }
     let mounts: &[(&str, &str, &str)] = &[
         ("proc", "proc", "/proc"),
         ("sysfs", "sysfs", "/sys"),
