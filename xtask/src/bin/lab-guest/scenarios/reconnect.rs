@@ -1,6 +1,7 @@
 //! The network drops and the server restarts: `p2p-usb-client run` (what the systemd service
 //! runs) must bring the device back by itself each time, with its data intact and no ghost
-//! vhci port.
+//! vhci port. Before that, network interfaces come and go under a read, and the attachment
+//! must not even notice.
 //!
 //! A 10 s cut (netem 100 % loss on the guest's loopback) outlasts the QUIC idle timeout, so
 //! both sides end the attachment; the server gives the device back to its kernel driver and
@@ -9,6 +10,7 @@
 //! address with the same key has the same ticket, and the client comes back the same way.
 
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -27,6 +29,9 @@ const SIZE: usize = 16 * MIB;
 const CHECKED: usize = 4 * MIB;
 const BIND: &str = "127.0.0.1:47811";
 const CUT: Duration = Duration::from_secs(10);
+/// Interfaces added and removed under one read, at most.
+const MAX_CHURN: usize = 40;
+const IP: &str = "/usr/sbin/ip";
 /// From the path's return (or the server's restart) to the device readable again: the
 /// back-off is capped at 2 s in this config, an attach takes ~3 s under TCG.
 const RECOVER: Duration = Duration::from_secs(30);
@@ -63,7 +68,22 @@ pub fn run() -> Result<()> {
     )?;
     log!("auto-attached as {}", disk.display());
 
-    // 1. The network is cut for 10 s.
+    // 1. Network interfaces come and go under a read (a USB network adapter plugged, a VPN
+    //    brought up, Wi-Fi roaming): each is a link change to iroh, which rebinds its sockets
+    //    and re-checks its paths. The attachment must ride through them: the same port, the
+    //    disk never gone, the read byte-exact.
+    let port = vhci_port_in_use()?;
+    let churned = churn_under_read(&disk, backing, || remote().is_some())?;
+    ensure!(
+        vhci_port_in_use()? == port,
+        "the attachment moved to another port during the interface churn"
+    );
+    log!(
+        "interface churn: {churned} interfaces came and went under a 16 MiB read, the attachment stayed"
+    );
+    metric("interfaces_churned", churned as f64);
+
+    // 2. The network is cut for 10 s.
     netem::set(Duration::ZERO, 100.0)?;
     let cut_at = Instant::now();
     let went = sys::wait_for("the remote disk to go during the cut", CUT, || {
@@ -85,7 +105,7 @@ pub fn run() -> Result<()> {
     metric("net_cut_recover_secs", recovered);
     one_port_in_use()?;
 
-    // 2. The server is killed and started again on the same address with the same key. (A
+    // 3. The server is killed and started again on the same address with the same key. (A
     //    killed server cannot hand the device back to its kernel driver; the new one claims it
     //    as it finds it.)
     drop(server);
@@ -122,4 +142,41 @@ fn one_port_in_use() -> Result<()> {
     let (used, status) = vhci_ports_in_use()?;
     ensure!(used == 1, "{used} vhci ports in use, want 1:\n{status}");
     Ok(())
+}
+
+/// Adds and removes a veth pair with addresses, again and again, while `disk` is read whole
+/// and checked against `backing`; how many pairs came and went. Fails if the disk went away
+/// or the read was not byte-exact.
+fn churn_under_read(disk: &Path, backing: &Path, present: impl Fn() -> bool) -> Result<usize> {
+    modules::load(modules::NAT)?;
+    sys::write("/proc/sys/vm/drop_caches", "3")?;
+    let reader = {
+        let (disk, backing) = (disk.to_owned(), backing.to_owned());
+        std::thread::spawn(move || bench::read_verify_mib_s(&disk, SIZE, &backing))
+    };
+    let ip = |args: &[&str]| sys::run(Command::new(IP).args(args)).map(drop);
+    let mut churned = 0;
+    while !reader.is_finished() && churned < MAX_CHURN {
+        let (a, b) = (format!("churn{churned}a"), format!("churn{churned}b"));
+        let addr = format!("10.77.{}.1/24", churned % 250);
+        ip(&["link", "add", &a, "type", "veth", "peer", "name", &b])?;
+        ip(&["addr", "add", &addr, "dev", &a])?;
+        ip(&["link", "set", &a, "up"])?;
+        ip(&["link", "set", &b, "up"])?;
+        std::thread::sleep(Duration::from_millis(300));
+        ip(&["link", "del", &a])?;
+        churned += 1;
+        ensure!(
+            present(),
+            "the remote disk went away after {churned} interfaces came and went"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mib_s = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the reader panicked"))?
+        .context("the read under interface churn")?;
+    metric("churn_read_mib_s", mib_s);
+    ensure!(churned > 0, "the read ended before any interface came");
+    Ok(churned)
 }
