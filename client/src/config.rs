@@ -27,6 +27,9 @@ pub struct Config {
     pub relay: transport::relay::RelaySetting,
     /// PEM certificates to trust for your own relay (a self-signed one).
     pub relay_ca: Option<PathBuf>,
+    /// The cipher to prefer: `"auto"` (the default: AES-GCM where the CPU has AES
+    /// instructions, ChaCha20-Poly1305 where it does not), `"aes-gcm"` or `"chacha20"`.
+    pub cipher: transport::cipher::CipherSetting,
     /// Give up on a silent server after this long (`--idle-timeout-ms`).
     pub idle_timeout_ms: Option<u64>,
     /// Record per-URB latency telemetry (see `attach --telemetry`); off unless set.

@@ -31,6 +31,9 @@ pub struct Config {
     pub relay: transport::relay::RelaySetting,
     /// PEM certificates to trust for our own relay (a self-signed one).
     pub relay_ca: Option<PathBuf>,
+    /// The cipher to prefer: `"auto"` (the default: AES-GCM where the CPU has AES
+    /// instructions, ChaCha20-Poly1305 where it does not), `"aes-gcm"` or `"chacha20"`.
+    pub cipher: transport::cipher::CipherSetting,
     /// Ask the router for a port mapping (UPnP, PCP, NAT-PMP).
     pub port_mapping: bool,
     /// Release a silent client's devices after this long.

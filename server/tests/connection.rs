@@ -16,6 +16,7 @@ use server::config::{ShareRule, rule_from_spec};
 use server::connection::{Allowlist, Policy, Server, ServerConfig};
 use server::device::{CompletionSender, DeviceEvent, DeviceSource, OpenError, OpenedDevice};
 use tokio::sync::broadcast;
+use transport::cipher::Suite;
 use transport::{ClientError, NetConfig, ServerConnection, bind_endpoint};
 
 /// A loopback device: bulk OUT on endpoint 2 fills a buffer that bulk IN on endpoint 1 drains;
@@ -145,8 +146,8 @@ struct Lab {
     _server: Endpoint,
 }
 
-async fn endpoint(alpns: Vec<Vec<u8>>) -> Endpoint {
-    bind_endpoint(SecretKey::generate(), alpns, &NetConfig::loopback())
+async fn endpoint(alpns: Vec<Vec<u8>>, net: &NetConfig) -> Endpoint {
+    bind_endpoint(SecretKey::generate(), alpns, net)
         .await
         .unwrap()
 }
@@ -165,6 +166,11 @@ fn allowlist(allowed: Option<&[&SecretKey]>) -> Allowlist {
 
 /// A server with share rules that may carry PINs.
 async fn lab_with(allowed: Option<&[&SecretKey]>, pins: Vec<ShareRule>) -> Lab {
+    lab_on(allowed, pins, &NetConfig::loopback()).await
+}
+
+/// [`lab_with`] on an endpoint bound with `net`.
+async fn lab_on(allowed: Option<&[&SecretKey]>, pins: Vec<ShareRule>, net: &NetConfig) -> Lab {
     let releases = Arc::new(AtomicUsize::new(0));
     let source = Arc::new(Source {
         info: info(),
@@ -178,7 +184,7 @@ async fn lab_with(allowed: Option<&[&SecretKey]>, pins: Vec<ShareRule>) -> Lab {
         pin_penalty: Duration::from_millis(10),
         ..ServerConfig::default()
     };
-    let ep = endpoint(vec![ALPN.to_vec()]).await;
+    let ep = endpoint(vec![ALPN.to_vec()], net).await;
     let addr = EndpointAddr::new(ep.id()).with_ip_addr(ep.bound_sockets()[0]);
     let server = Server::new(source.clone(), config);
     tokio::spawn(server.clone().run(ep.clone()));
@@ -192,9 +198,15 @@ async fn lab_with(allowed: Option<&[&SecretKey]>, pins: Vec<ShareRule>) -> Lab {
 }
 
 async fn client(lab: &Lab, key: &SecretKey) -> Result<Arc<ServerConnection>, ClientError> {
-    let ep = bind_endpoint(key.clone(), vec![], &NetConfig::loopback())
-        .await
-        .unwrap();
+    client_on(lab, key, &NetConfig::loopback()).await
+}
+
+async fn client_on(
+    lab: &Lab,
+    key: &SecretKey,
+    net: &NetConfig,
+) -> Result<Arc<ServerConnection>, ClientError> {
+    let ep = bind_endpoint(key.clone(), vec![], net).await.unwrap();
     ServerConnection::connect(&ep, lab.server_addr.clone(), Capabilities::TIMING, "test").await
 }
 
@@ -221,6 +233,25 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("timed out waiting for: {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_preferring_different_ciphers_still_connect() {
+    let with = |cipher| NetConfig {
+        cipher,
+        ..NetConfig::loopback()
+    };
+    for (server, client) in [
+        (Suite::ChaCha20, Suite::AesGcm),
+        (Suite::AesGcm, Suite::ChaCha20),
+        (Suite::ChaCha20, Suite::ChaCha20),
+    ] {
+        let lab = lab_on(None, vec![], &with(server)).await;
+        let conn = client_on(&lab, &SecretKey::generate(), &with(client))
+            .await
+            .unwrap_or_else(|e| panic!("server {server}, client {client}: {e}"));
+        assert_eq!(conn.list_devices().await.unwrap().len(), 1);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

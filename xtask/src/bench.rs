@@ -251,6 +251,154 @@ fn tunnel_bench(out: &Path) -> Result<()> {
     fs::create_dir_all(&dir)?;
     let disk = dir.join("sim.img");
     fs::File::create(&disk)?.set_len(256 * 1024 * 1024)?;
+    let mut runs = Vec::new();
+    for cipher in CIPHERS {
+        eprintln!(
+            "bench: {cipher}: 2000 bare iroh round trips, then 2000 URB round trips and a 256 MiB read"
+        );
+        runs.push((cipher, tunnel_run(&release, &dir, &disk, cipher)?));
+    }
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    type Row = (
+        &'static str,
+        Box<dyn Fn(&TunnelRun) -> String>,
+        &'static str,
+    );
+    let rows: Vec<Row> = vec![
+        (
+            "bare iroh round trip p50 / p99 (us)",
+            Box::new(move |r| format!("{:.0} / {:.0}", r.ping50(), r.ping99())),
+            "",
+        ),
+        (
+            "URB round trip p50 / p99 (us)",
+            Box::new(move |r| format!("{:.0} / {:.0}", r.urb50(), r.urb99())),
+            "",
+        ),
+        (
+            "added per URB p50 / p99 (us)",
+            Box::new(move |r| {
+                format!(
+                    "{:.0} / {:.0}",
+                    r.urb50() - r.ping50(),
+                    r.urb99() - r.ping99()
+                )
+            }),
+            "<= 50 / <= 200",
+        ),
+        (
+            "URB/s, one at a time",
+            Box::new(move |r| format!("{:.0}", 1e6 / r.urb50())),
+            "",
+        ),
+        (
+            "read MiB/s (256 MiB, 16 KiB URBs)",
+            Box::new(move |r| format!("{:.1}", f(&r.probe, "read_mib_s"))),
+            "",
+        ),
+        (
+            "CPU s per GiB, both daemons",
+            Box::new(move |r| format!("{:.1}", r.cpu_per_gib())),
+            "",
+        ),
+        (
+            "server peak RSS MiB",
+            Box::new(move |r| format!("{:.1}", r.server_rss)),
+            "<= 20",
+        ),
+        (
+            "client peak RSS MiB",
+            Box::new(move |r| format!("{:.1}", f(&r.probe, "peak_rss_mib"))),
+            "<= 20",
+        ),
+    ];
+    println!();
+    println!(
+        "host loopback tunnel (this CPU {} AES instructions)",
+        if transport_has_aes() { "has" } else { "has no" }
+    );
+    print!("{:<38}", "");
+    for (cipher, _) in &runs {
+        print!(" {cipher:>16}");
+    }
+    println!(" {:>16}", "goal");
+    for (label, value, goal) in &rows {
+        print!("{label:<38}");
+        for (_, run) in &runs {
+            print!(" {:>16}", value(run));
+        }
+        println!(" {goal:>16}");
+    }
+    let json_path = out.join("tunnel.json");
+    let json: serde_json::Map<String, Value> = runs
+        .iter()
+        .map(|(cipher, r)| {
+            (
+                cipher.to_string(),
+                json!({"ping": r.ping, "probe": r.probe, "server_peak_rss_mib": r.server_rss,
+                       "server_cpu_secs": r.server_cpu, "cpu_secs_per_gib": r.cpu_per_gib()}),
+            )
+        })
+        .collect();
+    fs::write(&json_path, serde_json::to_string_pretty(&json)?)?;
+    println!("\nwrote {}", json_path.display());
+    Ok(())
+}
+
+/// The `cipher` settings the tunnel bench runs with, one pass each.
+const CIPHERS: [&str; 2] = ["aes-gcm", "chacha20"];
+/// Bytes the tunnel bench's probe reads.
+const TUNNEL_READ_MIB: u32 = 256;
+
+/// One pass of the tunnel bench.
+struct TunnelRun {
+    ping: Value,
+    probe: Value,
+    server_rss: f64,
+    server_cpu: f64,
+}
+
+impl TunnelRun {
+    fn get(v: &Value, k: &str) -> f64 {
+        v[k].as_f64().unwrap_or(f64::NAN)
+    }
+    fn ping50(&self) -> f64 {
+        Self::get(&self.ping, "p50_ms") * 1e3
+    }
+    fn ping99(&self) -> f64 {
+        Self::get(&self.ping, "p99_ms") * 1e3
+    }
+    fn urb50(&self) -> f64 {
+        Self::get(&self.probe, "round_trip_p50_us")
+    }
+    fn urb99(&self) -> f64 {
+        Self::get(&self.probe, "round_trip_p99_us")
+    }
+    /// Both daemons' CPU over the whole pass (round trips included) per GiB read.
+    fn cpu_per_gib(&self) -> f64 {
+        (self.server_cpu + Self::get(&self.probe, "cpu_secs"))
+            / (f64::from(TUNNEL_READ_MIB) / 1024.0)
+    }
+}
+
+/// Whether this host's CPU has AES instructions (what `cipher = "auto"` looks at).
+fn transport_has_aes() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Starts a server sharing `disk` and runs the client's ping and probe against it, both with
+/// `cipher = "<cipher>"` in their configs.
+fn tunnel_run(release: &Path, dir: &Path, disk: &Path, cipher: &str) -> Result<TunnelRun> {
+    let setting = format!("cipher = \"{cipher}\"\n");
+    fs::write(dir.join("client.toml"), &setting)?;
+    fs::write(dir.join("server.toml"), &setting)?;
     let client_key = dir.join("client.key");
     let client = |args: &[&str]| -> Result<Value> {
         let o = Command::new(release.join("p2p-usb-client"))
@@ -272,15 +420,17 @@ fn tunnel_bench(out: &Path) -> Result<()> {
     let id = Command::new(release.join("p2p-usb-client"))
         .arg("id")
         .envs(DAEMON_ENV.iter().copied())
+        .env("P2P_USB_CLIENT_CONFIG", dir.join("client.toml"))
         .env("P2P_USB_CLIENT_KEY", &client_key)
         .output()?;
     let id = String::from_utf8_lossy(&id.stdout).trim().to_owned();
     let ticket_file = dir.join("ticket");
+    let _ = fs::remove_file(&ticket_file);
     let mut server = Command::new(release.join("p2p-usb-server"))
         .envs(DAEMON_ENV.iter().copied())
         .env("P2P_USB_SERVER_CONFIG", dir.join("server.toml"))
         .arg("--simulate")
-        .arg(&disk)
+        .arg(disk)
         .args(["--allow", &id, "--bind", "127.0.0.1:0", "--ticket-file"])
         .arg(&ticket_file)
         .env("P2P_USB_SERVER_KEY", dir.join("server.key"))
@@ -288,7 +438,7 @@ fn tunnel_bench(out: &Path) -> Result<()> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let result = (|| -> Result<(Value, Value, f64)> {
+    let result = (|| -> Result<TunnelRun> {
         let start = Instant::now();
         let ticket = loop {
             if let Ok(t) = fs::read_to_string(&ticket_file)
@@ -301,84 +451,40 @@ fn tunnel_bench(out: &Path) -> Result<()> {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        eprintln!(
-            "bench: 2000 bare iroh round trips, then 2000 URB round trips and a 256 MiB read"
-        );
         let ping = client(&["--json", "ping", &ticket, "--count", "2000"])?;
         let probe = client(&[
             "--json",
             "probe",
             &ticket,
             "--read-mib",
-            "256",
+            &TUNNEL_READ_MIB.to_string(),
             "--round-trips",
             "2000",
         ])?;
-        Ok((ping, probe, peak_rss_mib(server.id())))
+        let server_cpu = fs::read_to_string(format!("/proc/{}/stat", server.id()))
+            .ok()
+            .and_then(|s| stat_cpu_secs(&s))
+            .unwrap_or(f64::NAN);
+        Ok(TunnelRun {
+            ping,
+            probe,
+            server_rss: peak_rss_mib(server.id()),
+            server_cpu,
+        })
     })();
     let _ = server.kill();
     let _ = server.wait();
-    let (ping, probe, server_rss) = result?;
-    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-    let (ping50, ping99) = (f(&ping, "p50_ms") * 1e3, f(&ping, "p99_ms") * 1e3);
-    let (urb50, urb99) = (
-        f(&probe, "round_trip_p50_us"),
-        f(&probe, "round_trip_p99_us"),
-    );
-    let rows = [
-        (
-            "bare iroh round trip p50 / p99 (us)",
-            format!("{ping50:.0} / {ping99:.0}"),
-            "".to_owned(),
-        ),
-        (
-            "URB round trip p50 / p99 (us)",
-            format!("{urb50:.0} / {urb99:.0}"),
-            "".to_owned(),
-        ),
-        (
-            "added per URB p50 / p99 (us)",
-            format!("{:.0} / {:.0}", urb50 - ping50, urb99 - ping99),
-            "<= 50 / <= 200".to_owned(),
-        ),
-        (
-            "URB/s, one at a time",
-            format!("{:.0}", 1e6 / urb50),
-            "".to_owned(),
-        ),
-        (
-            "read MiB/s (256 MiB, 16 KiB URBs)",
-            format!("{:.1}", f(&probe, "read_mib_s")),
-            "".to_owned(),
-        ),
-        (
-            "server peak RSS MiB",
-            format!("{server_rss:.1}"),
-            "<= 20".to_owned(),
-        ),
-        (
-            "client peak RSS MiB",
-            format!("{:.1}", f(&probe, "peak_rss_mib")),
-            "<= 20".to_owned(),
-        ),
-    ];
-    println!();
-    println!(
-        "{:<38} {:>16} {:>16}",
-        "host loopback tunnel", "measured", "goal"
-    );
-    for (label, value, goal) in &rows {
-        println!("{label:<38} {value:>16} {goal:>16}");
-    }
-    let json_path = out.join("tunnel.json");
-    fs::write(
-        &json_path,
-        serde_json::to_string_pretty(
-            &json!({"ping": ping, "probe": probe, "server_peak_rss_mib": server_rss}),
-        )?,
-    )?;
-    println!("\nwrote {}", json_path.display());
-    Ok(())
+    result
+}
+
+/// utime + stime of a `/proc/PID/stat` line in seconds (USER_HZ is 100); the daemons report
+/// their own the same way (`transport::daemon::cpu_secs`), which xtask does not link.
+fn stat_cpu_secs(stat: &str) -> Option<f64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: f64 = fields.next()?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 fn peak_rss_mib(pid: u32) -> f64 {

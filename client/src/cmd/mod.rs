@@ -96,6 +96,7 @@ pub async fn client_endpoint<'a>(
     let net = NetConfig {
         bind: vec![],
         relays,
+        cipher: transport::cipher::chosen(config.cipher),
         port_mapping: false,
         idle_timeout: Duration::from_millis(
             cli.idle_timeout_ms

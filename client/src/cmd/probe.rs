@@ -83,6 +83,7 @@ pub async fn run(
                 "round_trip_p50_us": percentile_us(&trips, 0.5),
                 "round_trip_p99_us": percentile_us(&trips, 0.99),
                 "peak_rss_mib": daemon::peak_rss_mib(),
+                "cpu_secs": daemon::cpu_secs(),
             })
         );
     } else {

@@ -225,6 +225,26 @@ pub fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
+/// CPU seconds this process has used, user and system, all threads (`/proc/self/stat`), 0
+/// where /proc is missing: the benchmarks' CPU per byte.
+pub fn cpu_secs() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| stat_cpu_secs(&s))
+        .unwrap_or(0.0)
+}
+
+/// utime + stime from a `/proc/PID/stat` line, in seconds. Linux reports them in USER_HZ,
+/// which is 100 on every architecture it ships for.
+pub fn stat_cpu_secs(stat: &str) -> Option<f64> {
+    // The command name (field 2) may hold spaces and parentheses; fields count from the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: f64 = fields.next()?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
 fn vm_hwm_kib(status: &str) -> Option<f64> {
     status
         .lines()
@@ -238,6 +258,14 @@ fn vm_hwm_kib(status: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_time_comes_from_the_fields_after_the_name() {
+        let stat = "42 (a (weird) name) S 1 42 42 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 9";
+        assert_eq!(stat_cpu_secs(stat), Some(3.25));
+        assert_eq!(stat_cpu_secs("42 (x) S 1"), None);
+        assert!(cpu_secs() >= 0.0);
+    }
 
     #[test]
     fn key_and_config_paths_follow_xdg_then_home_then_system() {

@@ -12,6 +12,7 @@ use iroh::endpoint::{MtuDiscoveryConfig, PortmapperConfig, QuicTransportConfig, 
 use iroh::tls::CaTlsConfig;
 use iroh::{Endpoint, RelayMap, RelayMode, SecretKey};
 
+use crate::cipher::{CipherSetting, Suite, crypto_provider};
 use crate::relay::Relays;
 
 /// The largest UDP payload over IPv4.
@@ -34,6 +35,8 @@ pub struct NetConfig {
     pub bind: Vec<SocketAddr>,
     /// The relays for NAT traversal.
     pub relays: Relays,
+    /// The AEAD this end puts first (see [`crate::cipher`]).
+    pub cipher: Suite,
     /// Ask the local router for a port mapping (UPnP, PCP, NAT-PMP).
     pub port_mapping: bool,
     /// Close a connection after this long without hearing from the peer: that is how a killed
@@ -60,6 +63,7 @@ impl NetConfig {
         NetConfig {
             bind: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
             relays: Relays::OFF,
+            cipher: CipherSetting::Auto.suite(),
             port_mapping: false,
             idle_timeout: Duration::from_millis(1500),
         }
@@ -126,6 +130,7 @@ pub async fn bind_endpoint(
         .receive_window(VarInt::from_u32(RECEIVE_WINDOW))
         .build();
     let mut builder = Endpoint::builder(presets::Minimal)
+        .crypto_provider(crypto_provider(config.cipher))
         .secret_key(secret)
         .alpns(alpns)
         .transport_config(transport)

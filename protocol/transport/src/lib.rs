@@ -2,11 +2,12 @@
 //!
 //! `protocol` turns bytes into messages and never touches a socket; this crate is where the
 //! bytes come from: iroh endpoints configured the one safe way ([`endpoint`]), the secret key
-//! on disk ([`key`]), relays ([`relay`]) and the path a connection takes ([`path`]), connection tickets ([`ticket`]), and frames read from and written to QUIC
+//! on disk ([`key`]), the cipher suite ([`cipher`]), relays ([`relay`]) and the path a connection takes ([`path`]), connection tickets ([`ticket`]), and frames read from and written to QUIC
 //! streams ([`framed`]). [`alloc`] sets the allocator policy both daemons run with, and
 //! [`daemon`] holds what else they share around their work (paths, config errors, signals).
 
 pub mod alloc;
+pub mod cipher;
 pub mod client;
 pub mod daemon;
 pub mod endpoint;

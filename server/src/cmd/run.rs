@@ -50,6 +50,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
             &config.relay,
             args.relay_ca.as_deref().or(config.relay_ca.as_deref()),
         )?,
+        cipher: transport::cipher::chosen(config.cipher),
         port_mapping: args.port_mapping || config.port_mapping,
         idle_timeout: Duration::from_millis(
             args.idle_timeout_ms
