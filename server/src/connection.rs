@@ -64,6 +64,10 @@ pub struct ServerConfig {
     pub pins: Vec<ShareRule>,
     /// How long a wrong PIN waits before its refusal, so guessing is slow.
     pub pin_penalty: Duration,
+    /// A client not heard from this long is gone, whatever QUIC's idle timer says
+    /// ([`transport::liveness`]); its claims are released. The endpoint's
+    /// [`transport::NetConfig::dead_peer_bound`].
+    pub silent_after: Duration,
 }
 
 /// What a config reload can change while clients are connected.
@@ -104,6 +108,7 @@ impl Default for ServerConfig {
             agent: format!("p2p-usb-server/{}", env!("CARGO_PKG_VERSION")),
             pins: Vec::new(),
             pin_penalty: Duration::from_millis(500),
+            silent_after: transport::NetConfig::loopback().dead_peer_bound(),
         }
     }
 }
@@ -327,6 +332,12 @@ impl Server {
             conn.clone(),
             format!("client {peer}"),
             path_changes.clone(),
+        ));
+        tokio::spawn(transport::liveness::watch(
+            conn.clone(),
+            self.config.silent_after,
+            close::SILENT_PEER,
+            format!("client {peer}"),
         ));
         lock(&self.peers).insert(
             key,

@@ -27,6 +27,11 @@ struct Loopback {
     releases: Arc<AtomicUsize>,
 }
 
+/// How long a client here waits on a silent server: what the daemon uses for its endpoint.
+fn silent_after() -> Duration {
+    NetConfig::loopback().dead_peer_bound()
+}
+
 fn done(id: UrbId, status: UrbStatus, data: Vec<u8>, actual: u32) -> UrbComplete {
     UrbComplete {
         id,
@@ -207,7 +212,14 @@ async fn client_on(
     net: &NetConfig,
 ) -> Result<Arc<ServerConnection>, ClientError> {
     let ep = bind_endpoint(key.clone(), vec![], net).await.unwrap();
-    ServerConnection::connect(&ep, lab.server_addr.clone(), Capabilities::TIMING, "test").await
+    ServerConnection::connect(
+        &ep,
+        lab.server_addr.clone(),
+        Capabilities::TIMING,
+        "test",
+        silent_after(),
+    )
+    .await
 }
 
 fn submit(id: u32, ep: u8, direction: Direction, length: u32, data: Vec<u8>) -> UrbClientMessage {
@@ -444,10 +456,15 @@ async fn a_client_reconnects_from_the_same_endpoint_after_closing_a_connection()
         .await
         .unwrap();
     for round in 1..=3 {
-        let conn =
-            ServerConnection::connect(&ep, lab.server_addr.clone(), Capabilities::TIMING, "test")
-                .await
-                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let conn = ServerConnection::connect(
+            &ep,
+            lab.server_addr.clone(),
+            Capabilities::TIMING,
+            "test",
+            silent_after(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("round {round}: {e}"));
         conn.attach(DeviceId(7), None).await.unwrap();
         conn.close_connection();
         eventually("the claim is released", || {
@@ -464,10 +481,15 @@ async fn a_client_whose_endpoint_closes_releases_its_claim_within_two_seconds() 
     let ep = bind_endpoint(key, vec![], &NetConfig::loopback())
         .await
         .unwrap();
-    let gone =
-        ServerConnection::connect(&ep, lab.server_addr.clone(), Capabilities::default(), "t")
-            .await
-            .unwrap();
+    let gone = ServerConnection::connect(
+        &ep,
+        lab.server_addr.clone(),
+        Capabilities::default(),
+        "t",
+        silent_after(),
+    )
+    .await
+    .unwrap();
     gone.attach(DeviceId(7), None).await.unwrap();
     // Close the whole endpoint instead of detaching: the server must release on its own.
     ep.close().await;
@@ -501,9 +523,10 @@ async fn a_client_that_falls_silent_loses_its_claim_within_two_seconds() {
             let ep = bind_endpoint(SecretKey::generate(), vec![], &NetConfig::loopback())
                 .await
                 .unwrap();
-            let conn = ServerConnection::connect(&ep, addr, Capabilities::default(), "t")
-                .await
-                .unwrap();
+            let conn =
+                ServerConnection::connect(&ep, addr, Capabilities::default(), "t", silent_after())
+                    .await
+                    .unwrap();
             conn.attach(DeviceId(7), None).await.unwrap();
             // Let the acks and a keep-alive exchange settle, so the server's last word is not
             // an unanswered packet: that is the case where its own keep-alive adds to the wait.

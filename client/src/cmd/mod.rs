@@ -72,6 +72,7 @@ pub async fn connect(cli: &Cli, server: &str) -> anyhow::Result<Arc<ServerConnec
         ticket.endpoint_addr(),
         Capabilities::TIMING,
         &agent,
+        silent_after(cli)?,
     )
     .await
     .with_context(|| format!("connecting to {}", ticket.id))
@@ -98,13 +99,27 @@ pub async fn client_endpoint<'a>(
         relays,
         cipher: transport::cipher::chosen(config.cipher),
         port_mapping: false,
-        idle_timeout: Duration::from_millis(
-            cli.idle_timeout_ms
-                .or(config.idle_timeout_ms)
-                .unwrap_or(1500),
-        ),
+        idle_timeout: idle_timeout(cli, &config),
     };
     Ok(bind_endpoint(key, vec![], &net).await?)
+}
+
+/// The idle timeout the flags and config ask for.
+fn idle_timeout(cli: &Cli, config: &Config) -> Duration {
+    Duration::from_millis(
+        cli.idle_timeout_ms
+            .or(config.idle_timeout_ms)
+            .unwrap_or(1500),
+    )
+}
+
+/// How long a server may go unheard before its connection is given up
+/// ([`transport::liveness`]): the dead-peer bound of [`client_endpoint`]'s idle timeout.
+pub fn silent_after(cli: &Cli) -> anyhow::Result<Duration> {
+    Ok(transport::endpoint::dead_peer_bound(idle_timeout(
+        cli,
+        &config(cli)?,
+    )))
 }
 
 /// The device `spec` names (the grammar of `protocol::select`); the first device if none.

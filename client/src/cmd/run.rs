@@ -10,7 +10,7 @@ use protocol::wire::Capabilities;
 use transport::ServerConnection;
 use transport::daemon;
 
-use super::{client_endpoint, config};
+use super::{client_endpoint, config, silent_after};
 use crate::Cli;
 
 /// `run`: one supervisor per server that an auto-attach rule names, until Ctrl-C/SIGTERM.
@@ -29,6 +29,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
     let vhci = Arc::new(Vhci::new(RealSys::default()));
     vhci.nports()?;
     let endpoint = client_endpoint(cli, config.servers.values().map(|s| &s.ticket)).await?;
+    let silent_after = silent_after(cli)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut supervisors = tokio::task::JoinSet::new();
     for (name, server) in &config.servers {
@@ -54,7 +55,14 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
             let (endpoint, addr) = (endpoint.clone(), addr.clone());
             async move {
                 let agent = format!("p2p-usb-client/{}", env!("CARGO_PKG_VERSION"));
-                ServerConnection::connect(&endpoint, addr, Capabilities::TIMING, &agent).await
+                ServerConnection::connect(
+                    &endpoint,
+                    addr,
+                    Capabilities::TIMING,
+                    &agent,
+                    silent_after,
+                )
+                .await
             }
         };
         let backoff = Backoff::new(config.reconnect.initial(), config.reconnect.max());

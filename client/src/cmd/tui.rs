@@ -9,7 +9,7 @@ use client::vhci::{RealSys, Vhci};
 use protocol::wire::Capabilities;
 use transport::{ServerConnection, Ticket};
 
-use super::{client_endpoint, config};
+use super::{client_endpoint, config, silent_after};
 use crate::Cli;
 
 /// `tui`: one task per server pings it every second and refreshes its device list; the screen
@@ -44,6 +44,7 @@ pub async fn run(cli: &Cli, servers: &[String]) -> anyhow::Result<()> {
         );
     }
     let endpoint = client_endpoint(cli, named.iter().map(|(_, t)| t)).await?;
+    let silent_after = silent_after(cli)?;
     let app = Arc::new(std::sync::Mutex::new(App {
         servers: named
             .iter()
@@ -67,6 +68,7 @@ pub async fn run(cli: &Cli, servers: &[String]) -> anyhow::Result<()> {
                     ticket.endpoint_addr(),
                     Capabilities::TIMING,
                     &agent,
+                    silent_after,
                 )
                 .await
                 {

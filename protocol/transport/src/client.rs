@@ -126,12 +126,15 @@ pub struct ServerConnection {
 }
 
 impl ServerConnection {
-    /// Dials `addr`, says hello, and waits for the welcome.
+    /// Dials `addr`, says hello, and waits for the welcome. The connection is closed once the
+    /// server has not been heard from for `silent_after` (the endpoint's
+    /// [`crate::NetConfig::dead_peer_bound`]; see [`crate::liveness`]).
     pub async fn connect(
         endpoint: &Endpoint,
         addr: EndpointAddr,
         capabilities: Capabilities,
         agent: &str,
+        silent_after: Duration,
     ) -> Result<Arc<Self>, ClientError> {
         let relay = addr.relay_urls().next().cloned();
         let conn = match tokio::time::timeout(REQUEST_TIMEOUT, endpoint.connect(addr, ALPN)).await {
@@ -192,6 +195,12 @@ impl ServerConnection {
             this.conn.clone(),
             format!("server {}", this.conn.remote_id()),
             this.path_changes.clone(),
+        ));
+        tokio::spawn(crate::liveness::watch(
+            this.conn.clone(),
+            silent_after,
+            protocol::wire::close::SILENT_PEER,
+            format!("server {}", this.conn.remote_id()),
         ));
         Ok(this)
     }

@@ -78,8 +78,13 @@ impl NetConfig {
     /// The longest a peer that went silent (killed, cable pulled, frozen) can still hold its
     /// connection, and so its device claims: the idle timeout plus one keep-alive interval.
     pub fn dead_peer_bound(&self) -> Duration {
-        self.idle_timeout + self.keep_alive_interval()
+        dead_peer_bound(self.idle_timeout)
     }
+}
+
+/// [`NetConfig::dead_peer_bound`] for an endpoint with `idle_timeout`.
+pub fn dead_peer_bound(idle_timeout: Duration) -> Duration {
+    idle_timeout + idle_timeout / KEEP_ALIVES_PER_IDLE
 }
 
 /// Why an endpoint could not be bound.

@@ -2,9 +2,11 @@
 //!
 //! `protocol` turns bytes into messages and never touches a socket; this crate is where the
 //! bytes come from: iroh endpoints configured the one safe way ([`endpoint`]), the secret key
-//! on disk ([`key`]), the cipher suite ([`cipher`]), relays ([`relay`]) and the path a connection takes ([`path`]), connection tickets ([`ticket`]), and frames read from and written to QUIC
-//! streams ([`framed`]). [`alloc`] sets the allocator policy both daemons run with, and
-//! [`daemon`] holds what else they share around their work (paths, config errors, signals).
+//! on disk ([`key`]), the cipher suite ([`cipher`]), relays ([`relay`]), the path a connection
+//! takes ([`path`]), ending a connection whose peer went silent ([`liveness`]), connection
+//! tickets ([`ticket`]), and frames read from and written to QUIC streams ([`framed`]).
+//! [`alloc`] sets the allocator policy both daemons run with, and [`daemon`] holds what else
+//! they share around their work (paths, config errors, signals).
 
 pub mod alloc;
 pub mod cipher;
@@ -13,6 +15,7 @@ pub mod daemon;
 pub mod endpoint;
 pub mod framed;
 pub mod key;
+pub mod liveness;
 pub mod path;
 pub mod relay;
 pub mod ticket;

@@ -96,6 +96,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
             .unwrap_or(32)
             .into(),
         pins: config.share.clone(),
+        silent_after: net.dead_peer_bound(),
         ..ServerConfig::default()
     };
     let server = Server::new(source.shared(), server_config);

@@ -92,7 +92,12 @@ pub fn run() -> Result<()> {
     std::thread::sleep(CUT.saturating_sub(cut_at.elapsed()));
     netem::clear()?;
     let back_at = Instant::now();
-    let went = went.context("the attachment outlived a 10 s cut (the idle timeout is 1.5 s)")?;
+    let went = went.with_context(|| {
+        format!(
+            "the attachment outlived a 10 s cut (the daemons' idle timeout is {} ms)",
+            super::project::idle_timeout_ms()
+        )
+    })?;
     log!("network cut: the remote disk went after {went:.2}s (the attachment timed out)");
     let disk = wait_readable(gadget.vid, gadget.pid, &want, CHECKED, RECOVER)
         .context("the client did not re-attach after the network came back")?;
