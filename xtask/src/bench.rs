@@ -108,7 +108,7 @@ fn net_bench(out: &Path) -> Result<()> {
 fn lab_bench(out: &Path) -> Result<()> {
     let args = RunArgs {
         scenarios: vec!["bench".into()],
-        timeout_secs: 900,
+        timeout_secs: 1800,
         keep_going: false,
         accel: lab::vm::Accel::Auto,
         results: None,
@@ -124,9 +124,14 @@ fn lab_bench(out: &Path) -> Result<()> {
     let mut rows = Vec::new();
     println!();
     println!(
-        "{:<30} {:>10} {:>10} {:>8}",
-        "lab (TCG, -smp 1)", "kernel", "ours", "ours/k"
+        "{:<28} {:>9} {:>9} {:>9} {:>8} {:>8}",
+        "lab (TCG, -smp 1)", "kernel", "kernel+wg", "ours", "ours/wg", "ours/k"
     );
+    let ratio = |o: Option<f64>, base: Option<f64>| match (o, base) {
+        (Some(o), Some(b)) if b > 0.0 => Some(o / b),
+        _ => None,
+    };
+    let shown = |r: Option<f64>| r.map_or("-".into(), |r| format!("{r:.2}x"));
     for rtt in [0, 2, 20] {
         for (what, unit, higher_is_better) in [
             ("read_mib_s", "read MiB/s", true),
@@ -135,30 +140,111 @@ fn lab_bench(out: &Path) -> Result<()> {
             ("small_read_p99_ms", "4 KiB read p99 ms", false),
         ] {
             let key = |who: &str| format!("{who}_{what}_rtt{rtt}");
-            let (k, o) = (get(&key("kernel")), get(&key("ours")));
-            let ratio = match (k, o) {
-                (Some(k), Some(o)) if k > 0.0 => Some(o / k),
-                _ => None,
-            };
+            let (k, wg, o) = (
+                get(&key("kernel")),
+                get(&key("kernelwg")),
+                get(&key("ours")),
+            );
             let label = format!("RTT {rtt:>2} ms {unit}");
             println!(
-                "{label:<30} {:>10} {:>10} {:>8}",
+                "{label:<28} {:>9} {:>9} {:>9} {:>8} {:>8}",
                 fmt(k),
+                fmt(wg),
                 fmt(o),
-                ratio.map_or("-".into(), |r| format!("{r:.2}x"))
+                shown(ratio(o, wg)),
+                shown(ratio(o, k)),
             );
             rows.push(
-                json!({"rtt_ms": rtt, "metric": what, "kernel": k, "ours": o,
-                "ratio": ratio, "higher_is_better": higher_is_better}),
+                json!({"rtt_ms": rtt, "metric": what, "kernel": k, "kernel_wireguard": wg,
+                "ours": o, "ratio_wireguard": ratio(o, wg), "ratio": ratio(o, k),
+                "higher_is_better": higher_is_better}),
             );
         }
     }
+    let cpu = |who: &str| get(&format!("{who}_cpu_secs_per_gib"));
+    println!(
+        "{:<28} {:>9} {:>9} {:>9} {:>8} {:>8}",
+        "CPU s per GiB",
+        fmt(cpu("kernel")),
+        fmt(cpu("kernelwg")),
+        fmt(cpu("ours")),
+        shown(ratio(cpu("ours"), cpu("kernelwg"))),
+        shown(ratio(cpu("ours"), cpu("kernel"))),
+    );
     for (key, label) in [
-        ("ours_cpu_secs_per_gib", "our CPU s per GiB (srv+cli)"),
         ("ours_server_rss_mib", "our server peak RSS MiB"),
         ("ours_client_rss_mib", "our client peak RSS MiB"),
     ] {
-        println!("{label:<30} {:>10} {:>10}", "", fmt(get(key)));
+        println!("{label:<28} {:>9} {:>9} {:>9}", "", "", fmt(get(key)));
+    }
+    println!(
+        "(kernel: USB/IP on lo, unencrypted; kernel+wg: USB/IP inside WireGuard on a veth pair; ours: the same veth pair; CPU: ours both daemons, the kernel's system + irq + softirq)"
+    );
+    println!("\ngoals (issue 21):");
+    let rw = |who: &str, dir: &str, rtt: u32| get(&format!("{who}_{dir}_mib_s_rtt{rtt}"));
+    let goals: Vec<(String, Option<f64>, f64)> = vec![
+        (
+            "RTT 0 read >= 1.0x kernel+wg".into(),
+            ratio(rw("ours", "read", 0), rw("kernelwg", "read", 0)),
+            1.0,
+        ),
+        (
+            "RTT 0 write >= 1.0x kernel+wg".into(),
+            ratio(rw("ours", "write", 0), rw("kernelwg", "write", 0)),
+            1.0,
+        ),
+        (
+            "RTT 2 ms read >= 1.0x kernel".into(),
+            ratio(rw("ours", "read", 2), rw("kernel", "read", 2)),
+            1.0,
+        ),
+        (
+            "RTT 20 ms read >= 3x kernel".into(),
+            ratio(rw("ours", "read", 20), rw("kernel", "read", 20)),
+            3.0,
+        ),
+        (
+            "RTT 20 ms write >= 2x kernel".into(),
+            ratio(rw("ours", "write", 20), rw("kernel", "write", 20)),
+            2.0,
+        ),
+    ];
+    for (goal, got, want) in &goals {
+        let verdict = match got {
+            Some(g) if g >= want => "met",
+            Some(_) => "NOT met",
+            None => "not measured",
+        };
+        println!("  {goal:<34} {:>8}  {verdict}", shown(*got));
+    }
+    let absolute = [
+        ("CPU s per GiB (ours) <= 140", cpu("ours"), 140.0),
+        (
+            "4 KiB read p50 at RTT 0 <= 2x kernel",
+            ratio(
+                get("ours_small_read_p50_ms_rtt0"),
+                get("kernel_small_read_p50_ms_rtt0"),
+            ),
+            2.0,
+        ),
+        (
+            "server peak RSS MiB <= 20",
+            get("ours_server_rss_mib"),
+            20.0,
+        ),
+        (
+            "client peak RSS MiB <= 20",
+            get("ours_client_rss_mib"),
+            20.0,
+        ),
+    ];
+    for (goal, got, bound) in absolute {
+        let verdict = match got {
+            Some(g) if g <= bound => "met",
+            Some(_) => "NOT met",
+            None => "not measured",
+        };
+        println!("  {goal:<34} {:>8}  {verdict}", fmt(got));
     }
     let json_path = out.join("lab.json");
     fs::write(
@@ -185,32 +271,35 @@ fn fmt(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v:.2}"))
 }
 
-/// A grouped bar chart of read and write MiB/s per round trip, kernel against ours.
+/// A grouped bar chart of read and write MiB/s per round trip: the kernel's USB/IP plain and
+/// inside WireGuard, and ours.
 fn chart(m: &BTreeMap<String, f64>) -> String {
-    let groups: Vec<(String, f64, f64)> = [0, 2, 20]
+    const PATHS: [(&str, &str); 3] = [
+        ("kernel", "#999"),
+        ("kernelwg", "#c77"),
+        ("ours", "#2a6fdb"),
+    ];
+    let groups: Vec<(String, [f64; 3])> = [0, 2, 20]
         .iter()
         .flat_map(|rtt| {
             ["read", "write"].map(|dir| {
-                let k = m
-                    .get(&format!("kernel_{dir}_mib_s_rtt{rtt}"))
-                    .copied()
-                    .unwrap_or(0.0);
-                let o = m
-                    .get(&format!("ours_{dir}_mib_s_rtt{rtt}"))
-                    .copied()
-                    .unwrap_or(0.0);
-                (format!("{dir} {rtt}ms"), k, o)
+                let v = PATHS.map(|(who, _)| {
+                    m.get(&format!("{who}_{dir}_mib_s_rtt{rtt}"))
+                        .copied()
+                        .unwrap_or(0.0)
+                });
+                (format!("{dir} {rtt}ms"), v)
             })
         })
         .collect();
-    let max = groups.iter().map(|g| g.1.max(g.2)).fold(1.0, f64::max);
-    let (w, h, base) = (80.0 * groups.len() as f64 + 60.0, 300.0, 250.0);
+    let max = groups.iter().flat_map(|g| g.1).fold(1.0, f64::max);
+    let (w, h, base) = (90.0 * groups.len() as f64 + 60.0, 300.0, 250.0);
     let mut svg = format!(
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11"><text x="10" y="16" font-size="13">MiB/s: kernel USB/IP (grey) vs rust-p2p-usb (blue), lab VM</text>"##
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11"><text x="10" y="16" font-size="13">MiB/s: kernel USB/IP (grey), inside WireGuard (red), rust-p2p-usb (blue), lab VM</text>"##
     );
-    for (i, (label, k, o)) in groups.iter().enumerate() {
-        let x = 40.0 + 80.0 * i as f64;
-        for (j, (v, colour)) in [(k, "#999"), (o, "#2a6fdb")].iter().enumerate() {
+    for (i, (label, values)) in groups.iter().enumerate() {
+        let x = 40.0 + 90.0 * i as f64;
+        for (j, (v, (_, colour))) in values.iter().zip(PATHS).enumerate() {
             let bh = 200.0 * *v / max;
             let bx = x + 26.0 * j as f64;
             svg += &format!(

@@ -83,6 +83,8 @@ const OPTIONAL_MODULES: &[&str] = &[
     "nft_chain_nat",
     "nft_masq",
     "nft_ct",
+    // The bench's encrypted anchor: the kernel's USB/IP inside WireGuard.
+    "wireguard",
 ];
 
 /// Debian packages whose files go into the guest (besides the kernel).
@@ -96,6 +98,7 @@ pub const GUEST_PACKAGES: &[&str] = &[
     "alsa-utils",
     "libasound2-data",
     "nftables",
+    "wireguard-tools",
 ];
 
 /// Programs taken from those packages: (package, path in package, path in guest).
@@ -112,6 +115,8 @@ const PACKAGE_PROGRAMS: &[(&str, &str, &str)] = &[
     ("alsa-utils", "usr/bin/aplay", "/usr/bin/aplay"),
     // NAT routers between the NAT scenarios' namespaces.
     ("nftables", "usr/sbin/nft", "/usr/sbin/nft"),
+    // WireGuard keys and peers for the bench's encrypted anchor.
+    ("wireguard-tools", "usr/bin/wg", "/usr/bin/wg"),
 ];
 
 /// Data directories taken whole from those packages: (package, directory in package, in

@@ -23,6 +23,7 @@ mod scenarios;
 mod sys;
 mod usbdev;
 mod usbfs;
+mod wgnet;
 
 use std::process::ExitCode;
 

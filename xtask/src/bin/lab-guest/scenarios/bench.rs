@@ -1,5 +1,7 @@
-//! Side by side in one boot: the kernel's own USB/IP and our tunnel, against the same gadget,
-//! over the same loopback, at netem round trips of 0, 2 and 20 ms. `cargo xtask bench` turns
+//! Side by side in one boot, against the same gadget, at netem round trips of 0, 2 and 20 ms:
+//! the kernel's own USB/IP on loopback (fast, but neither encrypted nor authenticated: the
+//! ceiling), the kernel's USB/IP inside WireGuard between two namespaces on a veth pair (what a
+//! careful user runs: the anchor to beat), and our tunnel over that same veth pair. `cargo xtask bench` turns
 //! the metrics into the comparison table.
 
 use std::collections::BTreeMap;
@@ -12,14 +14,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 
 use super::project::{
-    Daemon, client, client_id, show_client_log, spawn_client, start_server, vhci_port_in_use,
+    Daemon, client, client_id, show_client_log, spawn_client_in, start_server_in, vhci_port_in_use,
     vhci_ports_in_use,
 };
 use crate::bench::{self, MIB};
 use crate::gadget::Gadget;
 use crate::report::{log, metric};
 use crate::usbdev::{self, Via};
-use crate::{modules, netem, sys};
+use crate::wgnet::{self, WirePair};
+use crate::{modules, nat, netem, sys};
 
 const SIZE: usize = 64 * MIB;
 const USBIP: &str = "/usr/sbin/usbip";
@@ -30,7 +33,27 @@ const RTTS: &[(u64, usize, usize)] = &[(0, 32 * MIB, 3), (2, 16 * MIB, 1), (20, 
 /// Small reads per latency measurement.
 const SMALL_READS: usize = 60;
 
-/// Measure the kernel's USB/IP, then ours, at each round trip.
+/// Where a path's round trip is made: `lo` (plain USB/IP, the unencrypted ceiling) or the
+/// veth pair between the bench's two namespaces (USB/IP inside WireGuard, and ours).
+#[derive(Clone, Copy)]
+enum Link<'a> {
+    Lo,
+    Pair(&'a WirePair),
+}
+
+impl Link<'_> {
+    fn set_rtt(self, rtt_ms: u64) -> Result<()> {
+        match self {
+            // Loopback traffic crosses `lo` twice: half the round trip each way.
+            Link::Lo if rtt_ms == 0 => netem::clear(),
+            Link::Lo => netem::set(Duration::from_micros(rtt_ms * 500), 0.0),
+            Link::Pair(pair) => pair.set_rtt(Duration::from_millis(rtt_ms)),
+        }
+    }
+}
+
+/// Measure the kernel's USB/IP on `lo`, the kernel's USB/IP inside WireGuard, then ours over the
+/// same veth pair, at each round trip.
 pub fn run() -> Result<()> {
     modules::load(modules::STORAGE)?;
     modules::load(modules::USBIP)?;
@@ -38,53 +61,43 @@ pub fn run() -> Result<()> {
     let backing = Path::new("/tmp/bench.img");
     bench::pattern_file(backing, SIZE, 0xbe)?;
     let gadget = Gadget::local_disk(backing)?;
-    let busid = gadget.busid()?;
     let vid_pid = gadget.vid_pid();
 
-    // The kernel's USB/IP.
-    {
-        let _usbipd = Killed(
-            Command::new("/usr/sbin/usbipd")
-                .arg("-4")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?,
-        );
-        sys::wait_for("usbipd", Duration::from_secs(10), || {
-            Command::new(USBIP)
-                .args(["list", "-r", "127.0.0.1"])
-                .output()
-                .ok()
-                .filter(|o| o.status.success())
-                .map(|_| ())
-        })?;
-        sys::run(Command::new(USBIP).args(["bind", "-b", &busid]))?;
-        sys::run(Command::new(USBIP).args(["attach", "-r", "127.0.0.1", "-b", &busid]))?;
-        let disk =
-            usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Vhci, Duration::from_secs(20))?;
-        measure("kernel", &disk, None)?;
-        detach_all_usbip()?;
-        sys::run(Command::new(USBIP).args(["unbind", "-b", &busid]))?;
+    kernel_usbip("kernel", &gadget, None, "127.0.0.1", Link::Lo)?;
+    let pair = if wgnet::available() {
+        Some(WirePair::build()?)
+    } else {
+        log!("no wireguard module or wg in this lab: the WireGuard anchor is skipped");
+        None
+    };
+    if let Some(pair) = &pair {
+        kernel_usbip(
+            "kernelwg",
+            &gadget,
+            Some((wgnet::SERVER_NS, wgnet::CLIENT_NS)),
+            wgnet::SERVER_WG_IP,
+            Link::Pair(pair),
+        )?;
     }
-    usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Dummy, Duration::from_secs(15))
-        .context("the gadget did not come back after the kernel's USB/IP")?;
 
-    // Ours.
+    // Ours, over the same veth pair as WireGuard when there is one.
     let friend = client_id("friend")?;
-    let (server, ticket) = start_server(&["--share", &vid_pid, "--allow", &friend])?;
-    // With every latency hiding on (read-ahead, 1 MiB SCSI commands): the bench measures the
-    // best we do on a slow link (no unplug here).
-    let client_daemon = spawn_client(
+    let (server_ns, client_ns, bind, link) = match &pair {
+        Some(pair) => (
+            Some(wgnet::SERVER_NS),
+            Some(wgnet::CLIENT_NS),
+            format!("{}:7788", wgnet::SERVER_VETH_IP),
+            Link::Pair(pair),
+        ),
+        None => (None, None, "127.0.0.1:0".to_owned(), Link::Lo),
+    };
+    let (server, ticket) =
+        start_server_in(server_ns, &bind, &["--share", &vid_pid, "--allow", &friend])?;
+    // No flags: what a user gets (read-ahead and 1 MiB SCSI commands are the defaults).
+    let client_daemon = spawn_client_in(
+        client_ns,
         "friend",
-        &[
-            "--read-ahead",
-            "--scsi-max-sectors",
-            "2048",
-            "attach",
-            &ticket,
-            "--device",
-            &vid_pid,
-        ],
+        &["attach", &ticket, "--device", &vid_pid],
     )?;
     let disk =
         match usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Vhci, Duration::from_secs(30))
@@ -95,8 +108,7 @@ pub fn run() -> Result<()> {
                 return Err(e);
             }
         };
-    usbdev::wait_max_sectors(&disk, 2048)?;
-    measure("ours", &disk, Some((&server, &client_daemon)))?;
+    measure("ours", &disk, link, Some((&server, &client_daemon)))?;
     let (ok, _, err) = client("friend", &["detach", &vhci_port_in_use()?])?;
     ensure!(ok, "detach failed: {err}");
     // The connection's packet counts, loss and final congestion window, as the server saw them.
@@ -118,18 +130,62 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-/// Reads, writes and small-read latency at every round trip, recorded as `<who>_<what>_rtt<ms>`.
-fn measure(who: &str, disk: &Path, procs: Option<(&Daemon, &Daemon)>) -> Result<()> {
-    let cpu_before = procs.map(|(s, c)| cpu_secs(s.pid()) + cpu_secs(c.pid()));
+/// The kernel's own USB/IP, recorded as `who`: `usbipd` (in the server namespace, if given)
+/// exports the gadget, `usbip attach` (in the client namespace) imports it from `server_ip`.
+fn kernel_usbip(
+    who: &str,
+    gadget: &Gadget,
+    namespaces: Option<(&str, &str)>,
+    server_ip: &str,
+    link: Link,
+) -> Result<()> {
+    let busid = gadget.busid()?;
+    let in_ns = |ns: Option<&str>, program: &str| match ns {
+        Some(ns) => nat::in_ns(ns, program),
+        None => Command::new(program),
+    };
+    let (server_ns, client_ns) = namespaces.unzip();
+    {
+        let _usbipd = Killed(
+            in_ns(server_ns, "/usr/sbin/usbipd")
+                .arg("-4")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
+        sys::wait_for("usbipd", Duration::from_secs(20), || {
+            in_ns(client_ns, USBIP)
+                .args(["list", "-r", server_ip])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|_| ())
+        })?;
+        sys::run(Command::new(USBIP).args(["bind", "-b", &busid]))?;
+        sys::run(in_ns(client_ns, USBIP).args(["attach", "-r", server_ip, "-b", &busid]))?;
+        let disk =
+            usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Vhci, Duration::from_secs(20))?;
+        measure(who, &disk, link, None)?;
+        detach_all_usbip()?;
+        sys::run(Command::new(USBIP).args(["unbind", "-b", &busid]))?;
+    }
+    usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Dummy, Duration::from_secs(15))
+        .with_context(|| format!("the gadget did not come back after {who}'s USB/IP"))?;
+    Ok(())
+}
+
+/// Reads, writes and small-read latency at every round trip, recorded as `<who>_<what>_rtt<ms>`;
+/// then CPU seconds per GiB moved: our two daemons' own (`procs`), or for the kernel's path
+/// the guest's system, irq and softirq time.
+fn measure(who: &str, disk: &Path, link: Link, procs: Option<(&Daemon, &Daemon)>) -> Result<()> {
+    let cpu_before = cpu_of(procs);
     let pids: Vec<(&str, u32)> = procs
         .map(|(s, c)| vec![("server", s.pid()), ("client", c.pid())])
         .unwrap_or_default();
     let mut moved = 0usize;
     for &(rtt, size, runs) in RTTS {
         let split_before = CpuSplit::take(&pids);
-        if rtt > 0 {
-            netem::set(Duration::from_micros(rtt * 500), 0.0)?;
-        }
+        link.set_rtt(rtt)?;
         let result = (|| -> Result<()> {
             let mut reads = Vec::new();
             let mut writes = Vec::new();
@@ -151,25 +207,51 @@ fn measure(who: &str, disk: &Path, procs: Option<(&Daemon, &Daemon)>) -> Result<
             metric(&format!("{who}_small_read_p99_ms_rtt{rtt}"), p99);
             Ok(())
         })();
-        if rtt > 0 {
-            netem::clear()?;
-        }
+        link.set_rtt(0)?;
         result?;
     }
-    if let (Some((server, client)), Some(before)) = (procs, cpu_before) {
-        let cpu = cpu_secs(server.pid()) + cpu_secs(client.pid()) - before;
-        let gib = moved as f64 / (1024.0 * MIB as f64);
-        metric("ours_cpu_secs_per_gib", (cpu / gib * 100.0).round() / 100.0);
-        metric("ours_server_rss_mib", peak_rss_mib(server.pid()));
-        metric("ours_client_rss_mib", peak_rss_mib(client.pid()));
+    let cpu = cpu_of(procs) - cpu_before;
+    let gib = moved as f64 / (1024.0 * MIB as f64);
+    metric(
+        &format!("{who}_cpu_secs_per_gib"),
+        (cpu / gib * 100.0).round() / 100.0,
+    );
+    log!("{who}: {:.1} CPU s per GiB", cpu / gib);
+    if let Some((server, client)) = procs {
+        metric(&format!("{who}_server_rss_mib"), peak_rss_mib(server.pid()));
+        metric(&format!("{who}_client_rss_mib"), peak_rss_mib(client.pid()));
         log!(
-            "ours: {:.1} CPU s per GiB (server + client), peak RSS server {:.1} MiB, client {:.1} MiB",
-            cpu / gib,
+            "{who}: peak RSS server {:.1} MiB, client {:.1} MiB",
             peak_rss_mib(server.pid()),
             peak_rss_mib(client.pid())
         );
     }
     Ok(())
+}
+
+/// CPU seconds so far: the two daemons' user and system time, or without them the guest's
+/// system, irq and softirq time (where the kernel's USB/IP, TCP and WireGuard run).
+fn cpu_of(procs: Option<(&Daemon, &Daemon)>) -> f64 {
+    match procs {
+        Some((server, client)) => cpu_secs(server.pid()) + cpu_secs(client.pid()),
+        None => {
+            let line = fs::read_to_string("/proc/stat").unwrap_or_default();
+            let ticks: Vec<f64> = line
+                .lines()
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .skip(1)
+                .map(|v| v.parse().unwrap_or(0.0))
+                .collect();
+            // user nice system idle iowait irq softirq
+            [2, 5, 6]
+                .iter()
+                .map(|&i| ticks.get(i).unwrap_or(&0.0))
+                .sum::<f64>()
+                / 100.0
+        }
+    }
 }
 
 /// p50 and p99 of 4 KiB O_DIRECT reads spread over the disk: three URB round trips each

@@ -63,11 +63,16 @@ pub fn start_server(args: &[&str]) -> Result<(Daemon, String)> {
 /// [`start_server`] on a fixed address, so a restarted server has the same ticket (its key
 /// stays in /tmp/keys).
 pub fn start_server_on(bind: &str, args: &[&str]) -> Result<(Daemon, String)> {
+    start_server_in(None, bind, args)
+}
+
+/// [`start_server_on`] inside network namespace `ns`, if given.
+pub fn start_server_in(ns: Option<&str>, bind: &str, args: &[&str]) -> Result<(Daemon, String)> {
     std::fs::create_dir_all("/tmp/keys")?;
     let ticket_file = Path::new("/tmp/server.ticket");
     let _ = std::fs::remove_file(ticket_file);
     let log_file = std::fs::File::create("/tmp/server.log")?;
-    let child = Command::new(SERVER)
+    let child = program_in(ns, SERVER)
         .args(args)
         .args(["--bind", bind, "--ticket-file"])
         .arg(ticket_file)
@@ -103,6 +108,14 @@ pub fn start_server_on(bind: &str, args: &[&str]) -> Result<(Daemon, String)> {
         bail!("p2p-usb-server did not start");
     }
     Ok((server, ticket?))
+}
+
+/// `program`, inside network namespace `ns` if given.
+fn program_in(ns: Option<&str>, program: &str) -> Command {
+    match ns {
+        Some(ns) => crate::nat::in_ns(ns, program),
+        None => Command::new(program),
+    }
 }
 
 /// Runs `p2p-usb-client` with the key named `who`; returns (success, stdout, stderr).
@@ -147,8 +160,13 @@ pub fn show_server_log() {
 /// Starts `p2p-usb-client` with `args` as a daemon (e.g. `attach`), its output in
 /// `/tmp/client-<who>.log`.
 pub fn spawn_client(who: &str, args: &[&str]) -> Result<Daemon> {
+    spawn_client_in(None, who, args)
+}
+
+/// [`spawn_client`] inside network namespace `ns`, if given.
+pub fn spawn_client_in(ns: Option<&str>, who: &str, args: &[&str]) -> Result<Daemon> {
     let log_file = std::fs::File::create(format!("/tmp/client-{who}.log"))?;
-    let child = Command::new(CLIENT)
+    let child = program_in(ns, CLIENT)
         .args(args)
         .env("P2P_USB_CLIENT_KEY", format!("/tmp/keys/{who}.key"))
         .env("RUST_LOG", DAEMON_LOG)
