@@ -144,15 +144,8 @@ pub async fn attach(
     );
     let info = device.clone();
     let recorder = recording.map(|r| r.port(port, device.usbip_devid(), &device.bus_id));
-    // Only a device with a mass-storage interface can become a usb-storage disk; nothing else
-    // is watched for one.
-    let is_storage = device
-        .interface_classes()
-        .iter()
-        .any(|c| c[0] == protocol::bot::CLASS_MASS_STORAGE);
     let tuner = tuning
         .scsi_max_sectors
-        .filter(|_| is_storage)
         .map(|sectors| tokio::spawn(raise_max_sectors(vhci.clone(), port, sectors)));
     let task = tokio::spawn(async move {
         let end = run_port_recorded(
@@ -324,16 +317,6 @@ async fn run_port_recorded(
         None => port_run.run(events, stop).await,
     };
     let stats = port_run.session.stats();
-    let ahead = stats.read_ahead;
-    if ahead.speculated > 0 {
-        info!(
-            speculated = ahead.speculated,
-            hits = ahead.hits,
-            mismatches = ahead.mismatches,
-            discarded = ahead.discarded,
-            "read-ahead"
-        );
-    }
     let iso = port_run.session.iso_stats();
     for s in &iso {
         info!(

@@ -210,7 +210,10 @@ fn record(d: &DeviceInfo) -> DeviceRecord {
 
 fn listed(d: &DeviceInfo) -> ListedDevice {
     let interfaces: Vec<InterfaceRecord> = d
-        .interface_classes()
+        .active_configuration_bytes()
+        .and_then(|c| Configuration::parse(c).ok())
+        .map(|c| c.interface_classes())
+        .unwrap_or_default()
         .into_iter()
         .map(|[class, subclass, protocol]| InterfaceRecord {
             class,

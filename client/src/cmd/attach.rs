@@ -53,7 +53,11 @@ pub async fn run(
             events_tx.subscribe(),
             stop_rx.clone(),
             recording.as_ref(),
-            super::tuning(cli, None),
+            client::attach::Tuning {
+                read_ahead: cli.read_ahead,
+                scsi_max_sectors: cli.scsi_max_sectors,
+                interrupt_streaming: cli.interrupt_streaming,
+            },
         )
         .await;
         let a = match a {

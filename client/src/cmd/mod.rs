@@ -122,20 +122,6 @@ pub fn silent_after(cli: &Cli) -> anyhow::Result<Duration> {
     )))
 }
 
-/// How a device is attached: the latency hiding on by default, less where the flags or the
-/// device's `[[auto_attach]]` rule say. Flags win over the rule.
-pub fn tuning(cli: &Cli, rule: Option<&client::config::AutoAttach>) -> client::attach::Tuning {
-    client::attach::Tuning {
-        read_ahead: !cli.no_read_ahead && rule.is_none_or(|r| r.read_ahead),
-        scsi_max_sectors: Some(
-            cli.scsi_max_sectors
-                .or(rule.and_then(|r| r.scsi_max_sectors))
-                .unwrap_or(client::vhci::disk::MAX_SECTORS_CEILING),
-        ),
-        interrupt_streaming: cli.interrupt_streaming || rule.is_some_and(|r| r.interrupt_streaming),
-    }
-}
-
 /// The device `spec` names (the grammar of `protocol::select`); the first device if none.
 pub fn choose<'a>(devices: &'a [DeviceInfo], spec: Option<&str>) -> anyhow::Result<&'a DeviceInfo> {
     let Some(spec) = spec else {

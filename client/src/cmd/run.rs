@@ -10,7 +10,7 @@ use protocol::wire::Capabilities;
 use transport::ServerConnection;
 use transport::daemon;
 
-use super::{client_endpoint, config, silent_after, tuning};
+use super::{client_endpoint, config, silent_after};
 use crate::Cli;
 
 /// `run`: one supervisor per server that an auto-attach rule names, until Ctrl-C/SIGTERM.
@@ -40,7 +40,11 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
             .map(|r| Rule {
                 device: r.device.matcher.clone(),
                 pin: r.pin.clone(),
-                tuning: tuning(cli, Some(r)),
+                tuning: client::attach::Tuning {
+                    read_ahead: r.read_ahead || cli.read_ahead,
+                    scsi_max_sectors: cli.scsi_max_sectors.or(r.scsi_max_sectors),
+                    interrupt_streaming: r.interrupt_streaming || cli.interrupt_streaming,
+                },
             })
             .collect();
         if rules.is_empty() {

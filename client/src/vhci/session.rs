@@ -15,7 +15,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use protocol::bot::{CLASS_MASS_STORAGE, PROTOCOL_BULK_ONLY};
 use protocol::descriptors::Configuration;
 use protocol::usb::{
     Direction, EndpointNumber, IsoPacket, SetupPacket, StateChange, TransferType, UrbStatus,
@@ -44,6 +43,8 @@ pub const MAX_UNLINKS_PER_URB: usize = 4;
 /// header: the pump gathers both into one send, so a copy is only worth it for small results.
 const SPLIT_MIN: usize = 16 * 1024;
 const ENOMEM: i32 = 12;
+const CLASS_MASS_STORAGE: u8 = 0x08;
+const PROTOCOL_BULK_ONLY: u8 = 0x50;
 
 /// What the session asks its driver to do next.
 #[derive(Debug, Clone, PartialEq, Eq)]
