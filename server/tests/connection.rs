@@ -212,8 +212,13 @@ async fn client_on(
     net: &NetConfig,
 ) -> Result<Arc<ServerConnection>, ClientError> {
     let ep = bind_endpoint(key.clone(), vec![], net).await.unwrap();
+    connect_from(&ep, lab).await
+}
+
+/// A client connection to `lab`'s server from an endpoint that already exists.
+async fn connect_from(ep: &Endpoint, lab: &Lab) -> Result<Arc<ServerConnection>, ClientError> {
     ServerConnection::connect(
-        &ep,
+        ep,
         lab.server_addr.clone(),
         Capabilities::TIMING,
         "test",
@@ -456,15 +461,9 @@ async fn a_client_reconnects_from_the_same_endpoint_after_closing_a_connection()
         .await
         .unwrap();
     for round in 1..=3 {
-        let conn = ServerConnection::connect(
-            &ep,
-            lab.server_addr.clone(),
-            Capabilities::TIMING,
-            "test",
-            silent_after(),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let conn = connect_from(&ep, &lab)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
         conn.attach(DeviceId(7), None).await.unwrap();
         conn.close_connection();
         eventually("the claim is released", || {

@@ -72,7 +72,7 @@ pub async fn connect(cli: &Cli, server: &str) -> anyhow::Result<Arc<ServerConnec
         ticket.endpoint_addr(),
         Capabilities::TIMING,
         &agent,
-        silent_after(cli)?,
+        silent_after(cli, &config),
     )
     .await
     .with_context(|| format!("connecting to {}", ticket.id))
@@ -115,11 +115,8 @@ fn idle_timeout(cli: &Cli, config: &Config) -> Duration {
 
 /// How long a server may go unheard before its connection is given up
 /// ([`transport::liveness`]): the dead-peer bound of [`client_endpoint`]'s idle timeout.
-pub fn silent_after(cli: &Cli) -> anyhow::Result<Duration> {
-    Ok(transport::endpoint::dead_peer_bound(idle_timeout(
-        cli,
-        &config(cli)?,
-    )))
+pub fn silent_after(cli: &Cli, config: &Config) -> Duration {
+    transport::endpoint::dead_peer_bound(idle_timeout(cli, config))
 }
 
 /// The device `spec` names (the grammar of `protocol::select`); the first device if none.

@@ -29,7 +29,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
     let vhci = Arc::new(Vhci::new(RealSys::default()));
     vhci.nports()?;
     let endpoint = client_endpoint(cli, config.servers.values().map(|s| &s.ticket)).await?;
-    let silent_after = silent_after(cli)?;
+    let silent_after = silent_after(cli, &config);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut supervisors = tokio::task::JoinSet::new();
     for (name, server) in &config.servers {

@@ -44,7 +44,7 @@ pub async fn run(cli: &Cli, servers: &[String]) -> anyhow::Result<()> {
         );
     }
     let endpoint = client_endpoint(cli, named.iter().map(|(_, t)| t)).await?;
-    let silent_after = silent_after(cli)?;
+    let silent_after = silent_after(cli, &config);
     let app = Arc::new(std::sync::Mutex::new(App {
         servers: named
             .iter()

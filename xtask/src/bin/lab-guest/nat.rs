@@ -68,7 +68,8 @@ pub fn in_ns(ns: &str, program: &str) -> Command {
     c
 }
 
-fn ip(args: &[&str]) -> Result<()> {
+/// Runs Debian's `ip` with `args`.
+pub fn ip(args: &[&str]) -> Result<()> {
     sys::run(Command::new(IP).args(args)).map(drop)
 }
 

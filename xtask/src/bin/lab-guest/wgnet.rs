@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 
-use crate::nat::in_ns;
+use crate::nat::{in_ns, ip};
 use crate::report::log;
 use crate::{modules, sys};
 
@@ -37,10 +37,6 @@ pub struct WirePair(());
 /// Whether this kernel and initramfs can build the pair (the module and `wg` are optional).
 pub fn available() -> bool {
     modules::available("wireguard") && std::path::Path::new(WG).exists()
-}
-
-fn ip(args: &[&str]) -> Result<()> {
-    sys::run(Command::new(IP).args(args)).map(drop)
 }
 
 /// A fresh WireGuard private key and its public key, from `wg`.

@@ -14,15 +14,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 
 use super::project::{
-    Daemon, client, client_id, show_client_log, spawn_client_in, start_server_in, vhci_port_in_use,
-    vhci_ports_in_use,
+    Daemon, client, client_id, program_in, show_client_log, spawn_client_in, start_server_in,
+    vhci_port_in_use, vhci_ports_in_use,
 };
 use crate::bench::{self, MIB};
 use crate::gadget::Gadget;
 use crate::report::{log, metric};
 use crate::usbdev::{self, Via};
 use crate::wgnet::{self, WirePair};
-use crate::{modules, nat, netem, sys};
+use crate::{modules, netem, sys};
 
 const SIZE: usize = 64 * MIB;
 const USBIP: &str = "/usr/sbin/usbip";
@@ -149,21 +149,17 @@ fn kernel_usbip(
     link: Link,
 ) -> Result<()> {
     let busid = gadget.busid()?;
-    let in_ns = |ns: Option<&str>, program: &str| match ns {
-        Some(ns) => nat::in_ns(ns, program),
-        None => Command::new(program),
-    };
     let (server_ns, client_ns) = namespaces.unzip();
     {
         let _usbipd = Killed(
-            in_ns(server_ns, "/usr/sbin/usbipd")
+            program_in(server_ns, "/usr/sbin/usbipd")
                 .arg("-4")
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()?,
         );
         sys::wait_for("usbipd", Duration::from_secs(20), || {
-            in_ns(client_ns, USBIP)
+            program_in(client_ns, USBIP)
                 .args(["list", "-r", server_ip])
                 .output()
                 .ok()
@@ -171,7 +167,7 @@ fn kernel_usbip(
                 .map(|_| ())
         })?;
         sys::run(Command::new(USBIP).args(["bind", "-b", &busid]))?;
-        sys::run(in_ns(client_ns, USBIP).args(["attach", "-r", server_ip, "-b", &busid]))?;
+        sys::run(program_in(client_ns, USBIP).args(["attach", "-r", server_ip, "-b", &busid]))?;
         let disk =
             usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Vhci, Duration::from_secs(20))?;
         measure(who, &disk, link, None)?;
@@ -244,21 +240,8 @@ fn cpu_of(procs: Option<(&Daemon, &Daemon)>) -> f64 {
     match procs {
         Some((server, client)) => cpu_secs(server.pid()) + cpu_secs(client.pid()),
         None => {
-            let line = fs::read_to_string("/proc/stat").unwrap_or_default();
-            let ticks: Vec<f64> = line
-                .lines()
-                .next()
-                .unwrap_or("")
-                .split_whitespace()
-                .skip(1)
-                .map(|v| v.parse().unwrap_or(0.0))
-                .collect();
-            // user nice system idle iowait irq softirq
-            [2, 5, 6]
-                .iter()
-                .map(|&i| ticks.get(i).unwrap_or(&0.0))
-                .sum::<f64>()
-                / 100.0
+            let tick = guest_secs();
+            tick(2) + tick(5) + tick(6)
         }
     }
 }
@@ -304,6 +287,21 @@ fn cpu_secs(pid: u32) -> f64 {
     (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
 }
 
+/// The whole guest's CPU seconds so far by the index of the first line of /proc/stat: 0 user,
+/// 1 nice, 2 system, 3 idle, 4 iowait, 5 irq, 6 softirq.
+fn guest_secs() -> impl Fn(usize) -> f64 {
+    let line = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = line
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    move |i| ticks.get(i).unwrap_or(&0.0) / 100.0
+}
+
 /// Where CPU time goes: user and system seconds per thread name of each process (tokio's
 /// workers share one name and are summed), and the whole guest's split from `/proc/stat`.
 /// Under TCG our path is CPU-bound, so this says which part to make cheaper.
@@ -328,17 +326,7 @@ impl CpuSplit {
                 e.1 += f.get(12).unwrap_or(&0.0) / 100.0;
             }
         }
-        // The first line of /proc/stat: user nice system idle iowait irq softirq, in ticks.
-        let line = fs::read_to_string("/proc/stat").unwrap_or_default();
-        let cpu: Vec<f64> = line
-            .lines()
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .skip(1)
-            .map(|v| v.parse().unwrap_or(0.0))
-            .collect();
-        let tick = |i: usize| cpu.get(i).unwrap_or(&0.0) / 100.0;
+        let tick = guest_secs();
         split.insert("guest/user+nice".into(), (tick(0) + tick(1), 0.0));
         split.insert("guest/system".into(), (0.0, tick(2)));
         split.insert("guest/irq+softirq".into(), (0.0, tick(5) + tick(6)));

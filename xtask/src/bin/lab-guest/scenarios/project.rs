@@ -111,7 +111,7 @@ pub fn start_server_in(ns: Option<&str>, bind: &str, args: &[&str]) -> Result<(D
 }
 
 /// `program`, inside network namespace `ns` if given.
-fn program_in(ns: Option<&str>, program: &str) -> Command {
+pub fn program_in(ns: Option<&str>, program: &str) -> Command {
     match ns {
         Some(ns) => crate::nat::in_ns(ns, program),
         None => Command::new(program),
