@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use protocol::usb::{Direction, EndpointNumber};
 use protocol::wire::{
-    AttachHandle, DeviceInfo, EndReason, Event, UrbClientMessage, UrbServerMessage, UrbWindow,
+    AttachHandle, Capabilities, DeviceInfo, EndReason, Event, UrbClientMessage, UrbServerMessage,
+    UrbWindow,
 };
 use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{debug, info, warn};
@@ -27,6 +28,10 @@ use crate::telemetry::{PortRecorder, Recording};
 use crate::vhci::disk::{self, Tuned};
 use crate::vhci::sysfs::VDEV_ST_USED;
 use crate::vhci::{Action, KernelLink, PortSession, RealSys, Vhci};
+
+/// What this client asks a server for: each URB's server timing, and URBs held for the one
+/// they follow, without which read-ahead stays off ([`crate::vhci::readahead`]).
+pub const CAPABILITIES: Capabilities = Capabilities::TIMING.union(Capabilities::ORDERED_SUBMIT);
 
 /// How a port hides the round trip to the server; each part is off unless asked for.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -144,8 +149,15 @@ pub async fn attach(
     );
     let info = device.clone();
     let recorder = recording.map(|r| r.port(port, device.usbip_devid(), &device.bus_id));
+    // Only a device with a mass-storage interface can become a usb-storage disk; nothing else
+    // is watched for one.
+    let is_storage = device
+        .interface_classes()
+        .iter()
+        .any(|c| c[0] == protocol::bot::CLASS_MASS_STORAGE);
     let tuner = tuning
         .scsi_max_sectors
+        .filter(|_| is_storage)
         .map(|sectors| tokio::spawn(raise_max_sectors(vhci.clone(), port, sectors)));
     let task = tokio::spawn(async move {
         let end = run_port_recorded(
@@ -286,11 +298,20 @@ async fn run_port_recorded(
             "telemetry times every URB's own trip to the server: read-ahead, interrupt streaming and iso answers ahead are off"
         );
     }
+    let ordered = conn
+        .welcome()
+        .capabilities
+        .contains(Capabilities::ORDERED_SUBMIT);
+    if tuning.read_ahead && !ordered {
+        info!(
+            "the server cannot hold a URB for the one it follows (an older version): read-ahead is off"
+        );
+    }
     let mut port_run = PortRun {
         conn,
         handle,
         session: PortSession::new(device)
-            .with_read_ahead(tuning.read_ahead && !timed)
+            .with_read_ahead(tuning.read_ahead && ordered && !timed)
             .with_interrupt_streaming(tuning.interrupt_streaming && !timed)
             .with_iso_ahead(!timed),
         link,
@@ -317,6 +338,16 @@ async fn run_port_recorded(
         None => port_run.run(events, stop).await,
     };
     let stats = port_run.session.stats();
+    let ahead = stats.read_ahead;
+    if ahead.speculated > 0 {
+        info!(
+            speculated = ahead.speculated,
+            hits = ahead.hits,
+            mismatches = ahead.mismatches,
+            discarded = ahead.discarded,
+            "read-ahead"
+        );
+    }
     let iso = port_run.session.iso_stats();
     for s in &iso {
         info!(
@@ -486,13 +517,18 @@ impl PortRun {
                     endpoint,
                     direction,
                     urb,
+                    after,
                 } => {
                     let id = urb.id;
                     if let Some(r) = &mut self.recorder {
                         r.forwarded(&urb);
                     }
                     let key = (endpoint, direction);
-                    self.windows.entry(key).or_default().submit(urb);
+                    let window = self.windows.entry(key).or_default();
+                    match after {
+                        Some(after) => window.submit_after(urb, after),
+                        None => window.submit(urb),
+                    }
                     if let Err(end) = self.flush_window(key).await {
                         warn!(?id, "could not send URB: {end:?}");
                         return Some(end);

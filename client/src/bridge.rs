@@ -210,10 +210,7 @@ fn record(d: &DeviceInfo) -> DeviceRecord {
 
 fn listed(d: &DeviceInfo) -> ListedDevice {
     let interfaces: Vec<InterfaceRecord> = d
-        .active_configuration_bytes()
-        .and_then(|c| Configuration::parse(c).ok())
-        .map(|c| c.interface_classes())
-        .unwrap_or_default()
+        .interface_classes()
         .into_iter()
         .map(|[class, subclass, protocol]| InterfaceRecord {
             class,

@@ -75,18 +75,22 @@ pub struct AutoAttach {
     pub device: DeviceSpec,
     /// Its PIN, if the server asks for one.
     pub pin: Option<String>,
-    /// Mass-storage read-ahead (one round trip per SCSI command instead of three); off unless
-    /// set.
-    #[serde(default)]
+    /// Mass-storage read-ahead (one round trip per SCSI command instead of three); on unless
+    /// set to false (or `p2p-usb-client --no-read-ahead`).
+    #[serde(default = "on")]
     pub read_ahead: bool,
-    /// Raise a usb-storage disk's SCSI command size to this many sectors, so a MiB costs one
-    /// round trip instead of nine (`p2p-usb-client --scsi-max-sectors`); unset keeps the
-    /// kernel's.
+    /// A usb-storage disk's SCSI command size in sectors (`p2p-usb-client
+    /// --scsi-max-sectors`); unset is 2048, so a MiB costs one round trip instead of nine, and
+    /// 240 keeps the kernel's.
     #[serde(default, deserialize_with = "scsi_max_sectors")]
     pub scsi_max_sectors: Option<u16>,
     /// Interrupt-IN streaming (`p2p-usb-client --interrupt-streaming`); off unless set.
     #[serde(default)]
     pub interrupt_streaming: bool,
+}
+
+fn on() -> bool {
+    true
 }
 
 /// Reconnection back-off: doubles from `initial_ms` up to `max_ms`.
@@ -285,6 +289,27 @@ mod tests {
         assert!(!c.auto_attach.is_empty());
         assert_eq!(c.reconnect.max(), Duration::from_secs(30));
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn read_ahead_is_on_unless_a_rule_turns_it_off() {
+        let rule = |extra: &str| {
+            let text = format!(
+                "[servers.pi]\nticket = \"{TICKET}\"\n[[auto_attach]]\nserver = \"pi\"\ndevice = \"x\"\n{extra}"
+            );
+            Config::parse(&text, Path::new("client.toml"))
+                .unwrap()
+                .auto_attach[0]
+                .clone()
+        };
+        assert!(rule("").read_ahead);
+        assert_eq!(
+            rule("").scsi_max_sectors,
+            None,
+            "the binary fills in the default"
+        );
+        assert!(!rule("read_ahead = false\n").read_ahead);
+        assert_eq!(rule("scsi_max_sectors = 240\n").scsi_max_sectors, Some(240));
     }
 
     /// Every mistake names file, line and column, and says what was expected.

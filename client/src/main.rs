@@ -54,16 +54,25 @@ struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
-    /// Mass-storage read-ahead: a disk's READ costs one round trip instead of three (its data
-    /// and status are read as soon as the command is sent). Off by default while an unplug
-    /// under read-ahead still takes seconds to reach the kernel (see kernel-notes/LAB.md).
-    #[arg(long, global = true, env = "P2P_USB_READ_AHEAD",
+    /// Turn mass-storage read-ahead off. It is on by default: a disk's READ costs one round
+    /// trip instead of three (its data and status are fetched with the command). Off, every
+    /// URB waits for the kernel to send it; a rule's `read_ahead = false` does this for one
+    /// device.
+    #[arg(long, global = true, env = "P2P_USB_NO_READ_AHEAD",
           value_parser = clap::builder::BoolishValueParser::new())]
-    read_ahead: bool,
-    /// Raise an attached usb-storage disk's SCSI command size to this many 512-byte sectors
-    /// (at most 2048, 1 MiB; the kernel's default is 240), so a MiB read costs one round trip
-    /// instead of nine. Only a disk at the kernel's default is raised: a quirk's lower cap for
-    /// a device known to fail large transfers stays.
+    no_read_ahead: bool,
+    /// Read-ahead is the default now; the flag is accepted so older command lines still run.
+    #[arg(
+        long = "read-ahead",
+        global = true,
+        hide = true,
+        conflicts_with = "no_read_ahead"
+    )]
+    _read_ahead: bool,
+    /// An attached usb-storage disk's SCSI command size, in 512-byte sectors [default: 2048,
+    /// 1 MiB, so a MiB read costs one round trip instead of the nine of the kernel's 240]. Only
+    /// a disk at the kernel's default is raised: a quirk's lower cap for a device known to fail
+    /// large transfers stays. 240 leaves every disk as the kernel set it.
     #[arg(long, global = true, env = "P2P_USB_SCSI_MAX_SECTORS", value_name = "SECTORS",
           value_parser = clap::value_parser!(u16).range(1..=i64::from(client::vhci::disk::MAX_SECTORS_CEILING)))]
     scsi_max_sectors: Option<u16>,

@@ -7,7 +7,9 @@
 
 use std::time::{Duration, Instant};
 
-use protocol::bot::{CBW_LEN, CSW_LEN, Cbw, Csw, CswStatus};
+use protocol::bot::{
+    CBW_LEN, CLASS_MASS_STORAGE, CSW_LEN, Cbw, Csw, CswStatus, PROTOCOL_BULK_ONLY, SUBCLASS_SCSI,
+};
 use protocol::descriptors::{Configuration, DEVICE_DESCRIPTOR_LEN};
 use protocol::usb::{Direction, EndpointNumber, SetupPacket, TransferType, UrbStatus};
 use protocol::wire::{
@@ -106,7 +108,7 @@ impl Probe {
         let interface = config
             .interfaces
             .iter()
-            .find(|i| i.class == [0x08, 0x06, 0x50])
+            .find(|i| i.class == [CLASS_MASS_STORAGE, SUBCLASS_SCSI, PROTOCOL_BULK_ONLY])
             .ok_or(ProbeError::NotMassStorage)?;
         let find = |direction| {
             interface

@@ -16,6 +16,7 @@ use protocol::wire::{
     AttachHandle, URB_WINDOW, UrbClientMessage, UrbComplete, UrbId, UrbServerMessage,
     UrbStreamOpen, UrbWindow,
 };
+use server::gate::Gates;
 use server::tracker::{DeviceAction, StreamTracker};
 
 type Key = (EndpointNumber, Direction);
@@ -41,6 +42,8 @@ struct Pair {
     wire: Vec<(Key, UrbServerMessage)>,
     /// The device ignores cancels while set (it is finishing the transfer anyway).
     deaf_to_cancels: bool,
+    /// The server's book of OUT outcomes, for URBs sent to follow one.
+    gates: Gates,
 }
 
 impl Pair {
@@ -57,6 +60,7 @@ impl Pair {
             hold_to_client: false,
             wire: Vec::new(),
             deaf_to_cancels: false,
+            gates: Gates::default(),
         }
     }
 
@@ -75,25 +79,29 @@ impl Pair {
         self.settle();
     }
 
-    /// The device ends a URB it is running.
+    /// The device ends a URB it is running: an IN one with 13 bytes if it succeeded, an OUT
+    /// one having taken no data.
     fn device_completes(&mut self, id: UrbId, status: UrbStatus) {
         self.on_device.retain(|i| *i != id);
-        let data = if status == UrbStatus::Ok {
-            vec![id.0 as u8; 13]
-        } else {
-            Vec::new()
-        };
-        let done = UrbComplete {
-            id,
-            status,
-            actual_length: data.len() as u32,
-            data,
-            iso: None,
-            timing: None,
-        };
         self.now_us += 100;
-        for tracker in self.trackers.values_mut() {
-            tracker.on_complete(done.clone(), self.now_us);
+        for (key, tracker) in &mut self.trackers {
+            let recorded = key.0 != EndpointNumber::CONTROL;
+            let data = if status == UrbStatus::Ok && key.1 == Direction::In {
+                vec![id.0 as u8; 13]
+            } else {
+                Vec::new()
+            };
+            let done = UrbComplete {
+                id,
+                status,
+                actual_length: data.len() as u32,
+                data,
+                iso: None,
+                timing: None,
+            };
+            if tracker.on_complete(done, self.now_us) && recorded {
+                self.gates.record(id, status == UrbStatus::Ok);
+            }
         }
         self.settle();
     }
@@ -109,11 +117,14 @@ impl Pair {
                         endpoint,
                         direction,
                         urb,
-                    } => self
-                        .windows
-                        .entry((endpoint, direction))
-                        .or_default()
-                        .submit(urb),
+                        after,
+                    } => {
+                        let window = self.windows.entry((endpoint, direction)).or_default();
+                        match after {
+                            Some(after) => window.submit_after(urb, after),
+                            None => window.submit(urb),
+                        }
+                    }
                     Action::Unlink {
                         endpoint,
                         direction,
@@ -152,6 +163,7 @@ impl Pair {
                         .on_client(msg, self.now_us)
                         .expect("the client kept the protocol");
                 }
+                self.gates.open(tracker, false, self.now_us);
                 for answer in answers {
                     deliver(&mut self.session, answer);
                 }
@@ -439,4 +451,47 @@ fn a_client_over_the_window_is_a_violation_not_a_hang() {
         verdict,
         Err(server::tracker::Violation::QueueFull(URB_WINDOW))
     );
+}
+
+/// Read-ahead's IN phases reach the server with (or before) the CBW on another stream; a
+/// device may stall an IN that arrives before its command, or hold a CSW read queued behind
+/// the data phase (QEMU's usb-storage does both), so the server runs each phase only after the
+/// one before it, and none after a failure.
+#[test]
+fn read_ahead_reaches_the_device_only_after_its_command() {
+    let mut pair = Pair::new();
+    pair.kernel(&cbw_pdu(1, LEN, Direction::In));
+    assert_eq!(
+        pair.on_device,
+        vec![UrbId(1)],
+        "only the CBW runs; its read-ahead waits on the server"
+    );
+    pair.device_completes(UrbId(1), UrbStatus::Ok);
+    let data = pair.on_device.clone();
+    assert_eq!(
+        data.len(),
+        1,
+        "the data phase runs, the CSW read waits for it: {data:?}"
+    );
+    assert!(data[0].0 > 0xf000_0000);
+    pair.device_completes(data[0], UrbStatus::Ok);
+    let csw = pair.on_device.clone();
+    assert_eq!(csw.len(), 1, "then the CSW read");
+    pair.device_completes(csw[0], UrbStatus::Ok);
+
+    // A command the device refuses: what follows it never reaches the device, and the
+    // kernel's own status read goes to the server as usual.
+    pair.kernel(&cbw_pdu(2, LEN, Direction::In));
+    let saw_before = pair.device_saw.len();
+    pair.device_completes(UrbId(2), UrbStatus::Stall);
+    assert_eq!(
+        pair.device_saw.len(),
+        saw_before,
+        "nothing ran after the stall"
+    );
+    assert!(pair.on_device.is_empty());
+    pair.kernel(&storage_in(3, 13, false));
+    assert_eq!(pair.on_device, vec![UrbId(3)]);
+    pair.device_completes(UrbId(3), UrbStatus::Ok);
+    assert_eq!(pair.session.in_flight(), 0);
 }

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use client::vhci::{Action, BadCompletion, CloseReason, PortSession};
 use proptest::prelude::*;
 use protocol::usb::{Direction, EndpointNumber, IsoPacket, SetupPacket, TransferType, UrbStatus};
-use protocol::usbip::{CmdSubmit, Pdu, PduDecoder, SubmitBuffer, Transferred, UrbError};
+use protocol::usbip::{Pdu, PduDecoder, SubmitBuffer, Transferred, UrbError};
 use protocol::wire::{IsoComplete, UrbComplete, UrbId};
 
 mod common;
@@ -33,6 +33,7 @@ fn the_kernels_first_submit_split_anywhere_becomes_one_control_urb() {
                 endpoint,
                 direction,
                 urb,
+                after: None,
             },
         ] = &actions[..]
         else {
@@ -836,37 +837,27 @@ proptest! {
     }
 }
 
-/// A CBW for `length` bytes in `direction`, as usb-storage sends it on the bulk OUT endpoint.
-fn cbw_pdu(seqnum: u32, length: u32, direction: Direction) -> Vec<u8> {
-    let read10 = [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0];
-    let cbw = protocol::bot::Cbw::new(seqnum, length, direction == Direction::In, 0, &read10)
-        .unwrap()
-        .to_bytes()
-        .to_vec();
-    submit_pdu(seqnum, 2, SubmitBuffer::Out(cbw), [0; 8], None)
-}
-
-/// A bulk IN URB on 0x81 with the flags usb-storage gives it (`URB_SHORT_NOT_OK` on data).
-fn storage_in(seqnum: u32, len: u32, short_not_ok: bool) -> Vec<u8> {
-    Pdu::CmdSubmit(CmdSubmit {
-        seqnum,
-        devid: DEVID,
-        ep: ep(1),
-        transfer_flags: 0x200 | 0x0004 | u32::from(short_not_ok),
-        start_frame: 0,
-        interval: 0,
-        setup: SetupPacket([0x55; 8]),
-        buffer: SubmitBuffer::In(len),
-        iso: None,
-    })
-    .to_bytes()
-}
-
 fn out_done(id: u32, actual: u32) -> UrbComplete {
     UrbComplete {
         actual_length: actual,
         ..completed_with(id, UrbStatus::Ok)
     }
+}
+
+/// The URB each read-ahead on 0x81 IN must follow on the server.
+fn read_ahead_after(actions: &[Action]) -> Vec<Option<UrbId>> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Submit {
+                endpoint,
+                direction: Direction::In,
+                after,
+                ..
+            } if *endpoint == ep(1) => Some(*after),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The ids and lengths of the URBs sent to the server on 0x81 IN.
@@ -878,6 +869,7 @@ fn read_ahead_ids(actions: &[Action]) -> Vec<(u32, u32)> {
                 endpoint,
                 direction: Direction::In,
                 urb,
+                ..
             } if *endpoint == ep(1) => Some((urb.id.0, urb.length)),
             _ => None,
         })
@@ -897,6 +889,11 @@ fn a_read_costs_one_round_trip_its_data_and_status_come_from_read_ahead() {
         "data and CSW are queued with the CBW: {actions:?}"
     );
     assert_eq!((ahead[0].1, ahead[1].1), (4096, 13));
+    assert_eq!(
+        read_ahead_after(&actions),
+        vec![Some(UrbId(10)), Some(UrbId(ahead[0].0))],
+        "on the server, the data waits for the CBW and the CSW for the data"
+    );
     let data: Vec<u8> = (0..4096).map(|i| (i % 251) as u8).collect();
     session.on_completion(out_done(10, 31));
     session.on_completion(completed_in(ahead[0].0, data.clone()));
@@ -932,6 +929,67 @@ fn a_read_costs_one_round_trip_its_data_and_status_come_from_read_ahead() {
     );
     assert_eq!(session.stats().read_ahead.hits, 2);
     assert_eq!(session.in_flight(), 0);
+    let stats = session.stats();
+    assert_eq!(
+        (stats.submitted, stats.completed),
+        (3, 3),
+        "URBs answered by read-ahead count as taken and completed"
+    );
+}
+
+#[test]
+fn a_write_reads_its_status_ahead_behind_its_last_data_urb() {
+    let mut session = PortSession::new(&device());
+    session.on_kernel_bytes(&cbw_pdu(20, 8192, Direction::Out));
+    let actions = drain(&mut session);
+    assert!(
+        read_ahead_ids(&actions).is_empty(),
+        "nothing is read before the data is sent: {actions:?}"
+    );
+    // The data phase in two URBs: the CSW is read ahead behind the second.
+    let data = SubmitBuffer::Out(vec![0xa5; 4096]);
+    session.on_kernel_bytes(&submit_pdu(21, 2, data.clone(), [0; 8], None));
+    assert!(read_ahead_ids(&drain(&mut session)).is_empty());
+    session.on_kernel_bytes(&submit_pdu(22, 2, data, [0; 8], None));
+    let actions = drain(&mut session);
+    let ahead = read_ahead_ids(&actions);
+    assert_eq!(ahead.iter().map(|a| a.1).collect::<Vec<_>>(), vec![13]);
+    assert_eq!(read_ahead_after(&actions), vec![Some(UrbId(22))]);
+    for (id, len) in [(20, 31), (21, 4096), (22, 4096)] {
+        session.on_completion(out_done(id, len));
+    }
+    session.on_completion(completed_in(ahead[0].0, vec![0x53; 13]));
+    drain(&mut session);
+    // The kernel's CSW read is answered without the server.
+    session.on_kernel_bytes(&storage_in(23, 13, false));
+    let actions = drain(&mut session);
+    assert!(
+        actions.iter().all(|a| matches!(a, Action::ToKernel(_))),
+        "{actions:?}"
+    );
+    assert_eq!(session.stats().read_ahead.hits, 1);
+    assert_eq!(session.in_flight(), 0);
+}
+
+#[test]
+fn a_read_ahead_the_server_refused_leaves_the_kernels_urb_to_the_server() {
+    // The CBW failed on the device, so the server never ran what followed it: both come back
+    // Unlinked with nothing moved, and the kernel's own URB goes out as usual.
+    let mut session = PortSession::new(&device());
+    session.on_kernel_bytes(&cbw_pdu(30, 512, Direction::In));
+    let ahead = read_ahead_ids(&drain(&mut session));
+    session.on_completion(completed_with(30, UrbStatus::Stall));
+    session.on_completion(completed_with(ahead[0].0, UrbStatus::Unlinked));
+    session.on_completion(completed_with(ahead[1].0, UrbStatus::Unlinked));
+    drain(&mut session);
+    session.on_kernel_bytes(&storage_in(31, 13, false));
+    let actions = drain(&mut session);
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Submit { urb, after: None, .. } if urb.id == UrbId(31))),
+        "{actions:?}"
+    );
 }
 
 #[test]

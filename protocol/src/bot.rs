@@ -12,6 +12,12 @@ pub const CSW_LEN: usize = 13;
 const CBW_SIGNATURE: u32 = 0x4342_5355;
 /// `dCSWSignature`, "USBS" little-endian.
 const CSW_SIGNATURE: u32 = 0x5342_5355;
+/// The mass-storage interface class (`bInterfaceClass`).
+pub const CLASS_MASS_STORAGE: u8 = 0x08;
+/// The SCSI transparent command set (`bInterfaceSubClass`), what nearly every USB disk speaks.
+pub const SUBCLASS_SCSI: u8 = 0x06;
+/// The Bulk-Only transport's interface protocol (`bInterfaceProtocol`), as opposed to UAS's.
+pub const PROTOCOL_BULK_ONLY: u8 = 0x50;
 /// Bulk-Only Mass Storage Reset (class request to the interface, §3.1).
 pub const MASS_STORAGE_RESET: u8 = 0xff;
 /// Get Max LUN (class request to the interface, §3.2).

@@ -85,6 +85,18 @@ fn urb_messages_bytes_are_frozen() {
         frame_bytes(&submit).unwrap(),
         hex("0000000e 01 05 02 00 02 00 00 03 03 aabbcc 00 00")
     );
+    let UrbClientMessage::Submit(urb) = submit else {
+        unreachable!()
+    };
+    let after = UrbClientMessage::SubmitAfter {
+        after: UrbId(4),
+        urb,
+    };
+    // variant 3 (SubmitAfter), after 4, then the same submission.
+    assert_eq!(
+        frame_bytes(&after).unwrap(),
+        hex("0000000f 03 04 05 02 00 02 00 00 03 03 aabbcc 00 00")
+    );
     let complete = UrbServerMessage::Complete(UrbComplete {
         id: UrbId(5),
         status: UrbStatus::Stall,
@@ -351,7 +363,11 @@ proptest! {
             endpoint: open.1,
             direction: Direction::In,
         })];
-        client.extend(submits.into_iter().map(UrbClientMessage::Submit));
+        let after = submits.first().map(|s| s.id);
+        client.extend(submits.iter().cloned().map(UrbClientMessage::Submit));
+        if let Some(after) = after {
+            client.extend(submits.into_iter().map(|urb| UrbClientMessage::SubmitAfter { after, urb }));
+        }
         client.push(UrbClientMessage::Unlink(UrbId(4)));
         let mut bytes = Vec::new();
         for m in &client { encode_frame(m, &mut bytes).unwrap(); }

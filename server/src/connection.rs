@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use iroh::endpoint::{Connection, RecvStream, SendStream, VarInt};
 use iroh::{Endpoint, EndpointId};
-use protocol::usb::UrbStatus;
+use protocol::usb::{EndpointNumber, UrbStatus};
 use protocol::wire::{
     AttachHandle, AttachRefusal, Capabilities, ClientMessage, EndReason, Event,
     MAX_DEVICES_PER_LIST, Pong, Request, Response, ServerMessage, UrbClientMessage,
@@ -25,10 +25,12 @@ use transport::{FramedRecv, FramedSend, StreamError};
 
 use crate::config::ShareRule;
 use crate::device::{DeviceEvent, DeviceSource, OpenError, OpenedDevice};
+use crate::gate::Gates;
 use crate::tracker::{DeviceAction, StreamTracker, Violation, completion};
 
-/// What this server can do.
-pub const CAPABILITIES: Capabilities = Capabilities::TIMING;
+/// What this server can do: time its URBs, and hold a URB for the one it follows (the
+/// ordering a client's read-ahead needs, [`crate::gate`]).
+pub const CAPABILITIES: Capabilities = Capabilities::TIMING.union(Capabilities::ORDERED_SUBMIT);
 
 /// Who may connect.
 #[derive(Debug, Clone)]
@@ -135,6 +137,8 @@ struct Attachment {
     /// Becomes true when the attachment ends; its URB streams finish after their last
     /// completion.
     ended: watch::Sender<bool>,
+    /// Its OUT URBs' outcomes, for the URBs sent to follow one.
+    gates: Gates,
 }
 
 impl Attachment {
@@ -612,6 +616,7 @@ impl Session {
                             traffic: self.server.traffic(device),
                             opened: Mutex::new(Some(opened)),
                             ended: watch::channel(false).0,
+                            gates: Gates::default(),
                         });
                         lock(&self.attachments).insert(handle, attachment);
                         info!(target: "audit", peer = %self.peer, ?device, ?handle, bus_id = %info.bus_id, "attached");
@@ -724,44 +729,54 @@ impl Session {
         let mut tracker = StreamTracker::new(&open, self.server.config.queue_depth, timing);
         let (done_tx, mut done_rx) = mpsc::unbounded_channel();
         let mut ended = attachment.ended.subscribe();
+        let mut gate_changes = attachment.gates.subscribe();
+        // What read-ahead's IN phases wait for: how a URB before them ended.
+        let records_outcomes = open.endpoint != EndpointNumber::CONTROL;
         let mut client_finished = false;
         loop {
             let gone = *ended.borrow();
+            let gated = tracker.gated_on().is_some();
             tokio::select! {
                 // Every frame is read at once, so an unlink is never stuck behind submissions;
                 // the URB window bounds them (a client over it is a violation).
                 msg = rx.next(), if !client_finished && !gone => match msg? {
                     Some(msg) => {
-                        if let UrbClientMessage::Submit(urb) = &msg {
+                        if let UrbClientMessage::Submit(urb) | UrbClientMessage::SubmitAfter { urb, .. } = &msg {
                             attachment.traffic.to_device.fetch_add(urb.data.len() as u64, Ordering::Relaxed);
                         }
                         tracker.on_client(msg, now_us())?;
-                        while let Some(action) = tracker.poll_action() {
-                            run_action(&attachment, action, &open, &done_tx);
-                        }
                     }
                     None => client_finished = true,
                 },
                 Some(done) = done_rx.recv() => {
-                    let count = |done: &protocol::wire::UrbComplete| {
+                    let mut take = |done: protocol::wire::UrbComplete| {
                         let t = &attachment.traffic;
                         t.from_device.fetch_add(done.data.len() as u64, Ordering::Relaxed);
                         t.urbs.fetch_add(1, Ordering::Relaxed);
-                    };
-                    count(&done);
-                    tracker.on_complete(done, now_us());
-                    while let Ok(done) = done_rx.try_recv() {
-                        count(&done);
+                        if records_outcomes {
+                            attachment.gates.record(done.id, done.status == UrbStatus::Ok);
+                        }
                         tracker.on_complete(done, now_us());
+                    };
+                    take(done);
+                    while let Ok(done) = done_rx.try_recv() {
+                        take(done);
                     }
                 },
                 _ = ended.changed(), if !gone => {},
+                _ = gate_changes.changed(), if gated => {},
+            }
+            let closing = client_finished || *ended.borrow();
+            attachment.gates.open(&mut tracker, closing, now_us());
+            // A completion (or an opened gate) can start URBs that waited, as a submit can.
+            while let Some(action) = tracker.poll_action() {
+                run_action(&attachment, action, &open, &done_tx);
             }
             while let Some(msg) = tracker.poll_message() {
                 tx.queue(&msg)?;
             }
             tx.flush().await?;
-            if (client_finished || *ended.borrow()) && tracker.in_flight() == 0 {
+            if closing && tracker.in_flight() == 0 {
                 break;
             }
         }

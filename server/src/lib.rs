@@ -3,6 +3,7 @@
 pub mod config;
 pub mod connection;
 pub mod device;
+pub mod gate;
 pub mod status;
 pub mod tracker;
 pub mod tui;

@@ -9,6 +9,10 @@
 //! window, [`protocol::wire::window`]), so an unlink is seen whatever is queued. At most
 //! `depth` URBs run on the device at once; later ones wait here in order, and an unlink of a
 //! waiting URB is answered at once without the device ever seeing it.
+//!
+//! A URB sent with `SubmitAfter` also waits, at the head of the queue and holding the ones
+//! behind it, until the session reports how the OUT URB it names ended
+//! ([`StreamTracker::gated_on`], [`StreamTracker::open_gate`]).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -85,8 +89,8 @@ pub struct StreamTracker {
     depth: usize,
     timing: bool,
     in_flight: HashMap<UrbId, InFlight>,
-    /// Waiting URBs, in arrival order.
-    waiting: VecDeque<UrbSubmit>,
+    /// Waiting URBs, in arrival order, each with the URB it must follow, if any.
+    waiting: VecDeque<(UrbSubmit, Option<UrbId>)>,
     /// Running or cancelling on the device.
     running: usize,
     bytes: u64,
@@ -126,7 +130,10 @@ impl StreamTracker {
     pub fn on_client(&mut self, msg: UrbClientMessage, now_us: u64) -> Result<(), Violation> {
         match msg {
             UrbClientMessage::Open(_) => Err(Violation::Reopen),
-            UrbClientMessage::Submit(urb) => self.on_submit(urb, now_us),
+            UrbClientMessage::Submit(urb) => self.on_submit(urb, None, now_us),
+            UrbClientMessage::SubmitAfter { after, urb } => {
+                self.on_submit(urb, Some(after), now_us)
+            }
             UrbClientMessage::Unlink(id) => {
                 match self.in_flight.get_mut(&id).map(|u| u.state.clone()) {
                     Some(State::Running) => {
@@ -137,7 +144,7 @@ impl StreamTracker {
                     }
                     Some(State::Waiting) => {
                         // Never reached the device: cancelled here and now.
-                        self.waiting.retain(|u| u.id != id);
+                        self.waiting.retain(|(u, _)| u.id != id);
                         self.finish(completion(id, UrbStatus::Unlinked), true, now_us);
                     }
                     // A second unlink of the same URB adds nothing.
@@ -152,7 +159,12 @@ impl StreamTracker {
         }
     }
 
-    fn on_submit(&mut self, urb: UrbSubmit, now_us: u64) -> Result<(), Violation> {
+    fn on_submit(
+        &mut self,
+        urb: UrbSubmit,
+        after: Option<UrbId>,
+        now_us: u64,
+    ) -> Result<(), Violation> {
         let control_stream = self.endpoint == EndpointNumber::CONTROL;
         let same_endpoint =
             urb.endpoint == self.endpoint && (control_stream || urb.direction == self.direction);
@@ -185,15 +197,39 @@ impl StreamTracker {
                 bytes,
             },
         );
-        self.waiting.push_back(urb);
+        self.waiting.push_back((urb, after));
         self.start_waiting(now_us);
         Ok(())
     }
 
-    /// Moves waiting URBs to the device while fewer than `depth` run there.
+    /// The URB whose end the queue's head waits for, if it waits for one.
+    pub fn gated_on(&self) -> Option<UrbId> {
+        self.waiting.front().and_then(|(_, after)| *after)
+    }
+
+    /// The URB [`Self::gated_on`] names ended, successfully if `ok`: the head may run now, or,
+    /// after a failure, never reaches the device and completes `Unlinked` (the device would
+    /// not be in the state it was sent for).
+    pub fn open_gate(&mut self, ok: bool, now_us: u64) {
+        let Some((urb, after)) = self.waiting.front_mut() else {
+            return;
+        };
+        if after.take().is_none() || ok {
+            self.start_waiting(now_us);
+            return;
+        }
+        let id = urb.id;
+        self.waiting.pop_front();
+        self.finish(completion(id, UrbStatus::Unlinked), false, now_us);
+        self.start_waiting(now_us);
+    }
+
+    /// Moves waiting URBs to the device while fewer than `depth` run there, up to one that
+    /// waits for another URB.
     fn start_waiting(&mut self, now_us: u64) {
         while self.running < self.depth
-            && let Some(urb) = self.waiting.pop_front()
+            && self.gated_on().is_none()
+            && let Some((urb, _)) = self.waiting.pop_front()
         {
             if let Some(u) = self.in_flight.get_mut(&urb.id) {
                 u.state = State::Running;
@@ -346,6 +382,71 @@ mod tests {
             .collect();
         assert_eq!(ids, vec![2, 0, 3, 1]);
         assert_eq!(t.in_flight(), 0);
+    }
+
+    fn after(id: u32, after: u32) -> UrbClientMessage {
+        let UrbClientMessage::Submit(urb) = bulk_in(id) else {
+            unreachable!()
+        };
+        UrbClientMessage::SubmitAfter {
+            after: UrbId(after),
+            urb,
+        }
+    }
+
+    #[test]
+    fn a_urb_sent_after_another_holds_the_queue_until_its_gate_opens() {
+        let mut t = StreamTracker::new(&open(1, Direction::In), 8, false);
+        t.on_client(after(0xffff_ffff, 10), 0).unwrap();
+        t.on_client(after(0xffff_fffe, 10), 0).unwrap();
+        t.on_client(bulk_in(11), 0).unwrap();
+        assert_eq!(t.gated_on(), Some(UrbId(10)));
+        let (actions, messages) = drain(&mut t);
+        assert!(actions.is_empty() && messages.is_empty(), "{actions:?}");
+        t.open_gate(true, 5);
+        assert_eq!(t.gated_on(), Some(UrbId(10)), "the second waits its turn");
+        t.open_gate(true, 5);
+        assert_eq!(t.gated_on(), None);
+        let (actions, _) = drain(&mut t);
+        let ids: Vec<u32> = actions
+            .iter()
+            .map(|a| match a {
+                DeviceAction::Submit(u) => u.id.0,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(ids, vec![0xffff_ffff, 0xffff_fffe, 11], "in arrival order");
+    }
+
+    #[test]
+    fn a_gate_that_fails_never_lets_its_urb_reach_the_device() {
+        let mut t = StreamTracker::new(&open(1, Direction::In), 8, false);
+        t.on_client(after(0xffff_ffff, 10), 0).unwrap();
+        t.on_client(after(0xffff_fffe, 10), 0).unwrap();
+        t.open_gate(false, 1);
+        t.open_gate(false, 1);
+        let (actions, messages) = drain(&mut t);
+        assert!(actions.is_empty(), "{actions:?}");
+        assert_eq!(messages.len(), 2);
+        assert!(
+            messages.iter().all(|m| matches!(m,
+            UrbServerMessage::Complete(c) if c.status == UrbStatus::Unlinked && c.data.is_empty()))
+        );
+        assert_eq!(t.in_flight(), 0);
+        // An unlink of one still gated is answered at once, like any waiting URB's.
+        t.on_client(after(0xffff_fffd, 12), 2).unwrap();
+        t.on_client(UrbClientMessage::Unlink(UrbId(0xffff_fffd)), 2)
+            .unwrap();
+        let (actions, messages) = drain(&mut t);
+        assert!(actions.is_empty());
+        assert_eq!(
+            messages[1],
+            UrbServerMessage::UnlinkDone {
+                id: UrbId(0xffff_fffd),
+                cancelled: true
+            }
+        );
+        assert_eq!(t.gated_on(), None);
     }
 
     #[test]

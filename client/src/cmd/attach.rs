@@ -53,11 +53,7 @@ pub async fn run(
             events_tx.subscribe(),
             stop_rx.clone(),
             recording.as_ref(),
-            client::attach::Tuning {
-                read_ahead: cli.read_ahead,
-                scsi_max_sectors: cli.scsi_max_sectors,
-                interrupt_streaming: cli.interrupt_streaming,
-            },
+            super::tuning(cli, None),
         )
         .await;
         let a = match a {

@@ -23,7 +23,7 @@ pub async fn run(cli: &Cli, ticket: &str, addr: std::net::SocketAddr) -> anyhow:
         addr.ip()
     );
     std::io::stdout().flush()?;
-    client::bridge::serve(conn.clone(), addr, events_tx, stop_rx, cli.read_ahead).await?;
+    client::bridge::serve(conn.clone(), addr, events_tx, stop_rx, !cli.no_read_ahead).await?;
     conn.close().await;
     Ok(())
 }

@@ -20,7 +20,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use client::config::Config;
 use protocol::select::{DeviceFacts, DeviceMatch};
-use protocol::wire::{Capabilities, DeviceInfo, Event};
+use protocol::wire::{DeviceInfo, Event};
 use transport::daemon::{self, Role};
 use transport::{NetConfig, ServerConnection, Ticket, bind_endpoint, load_or_create_secret_key};
 
@@ -70,7 +70,7 @@ pub async fn connect(cli: &Cli, server: &str) -> anyhow::Result<Arc<ServerConnec
     ServerConnection::connect(
         &endpoint,
         ticket.endpoint_addr(),
-        Capabilities::TIMING,
+        client::attach::CAPABILITIES,
         &agent,
         silent_after(cli, &config),
     )
@@ -117,6 +117,20 @@ fn idle_timeout(cli: &Cli, config: &Config) -> Duration {
 /// ([`transport::liveness`]): the dead-peer bound of [`client_endpoint`]'s idle timeout.
 pub fn silent_after(cli: &Cli, config: &Config) -> Duration {
     transport::endpoint::dead_peer_bound(idle_timeout(cli, config))
+}
+
+/// How a device is attached: the latency hiding on by default, less where the flags or the
+/// device's `[[auto_attach]]` rule say. Flags win over the rule.
+pub fn tuning(cli: &Cli, rule: Option<&client::config::AutoAttach>) -> client::attach::Tuning {
+    client::attach::Tuning {
+        read_ahead: !cli.no_read_ahead && rule.is_none_or(|r| r.read_ahead),
+        scsi_max_sectors: Some(
+            cli.scsi_max_sectors
+                .or(rule.and_then(|r| r.scsi_max_sectors))
+                .unwrap_or(client::vhci::disk::MAX_SECTORS_CEILING),
+        ),
+        interrupt_streaming: cli.interrupt_streaming || rule.is_some_and(|r| r.interrupt_streaming),
+    }
 }
 
 /// The device `spec` names (the grammar of `protocol::select`); the first device if none.

@@ -6,11 +6,10 @@ use std::sync::Arc;
 use anyhow::bail;
 use client::supervisor::{Backoff, Rule};
 use client::vhci::{RealSys, Vhci};
-use protocol::wire::Capabilities;
 use transport::ServerConnection;
 use transport::daemon;
 
-use super::{client_endpoint, config, silent_after};
+use super::{client_endpoint, config, silent_after, tuning};
 use crate::Cli;
 
 /// `run`: one supervisor per server that an auto-attach rule names, until Ctrl-C/SIGTERM.
@@ -40,11 +39,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
             .map(|r| Rule {
                 device: r.device.matcher.clone(),
                 pin: r.pin.clone(),
-                tuning: client::attach::Tuning {
-                    read_ahead: r.read_ahead || cli.read_ahead,
-                    scsi_max_sectors: cli.scsi_max_sectors.or(r.scsi_max_sectors),
-                    interrupt_streaming: r.interrupt_streaming || cli.interrupt_streaming,
-                },
+                tuning: tuning(cli, Some(r)),
             })
             .collect();
         if rules.is_empty() {
@@ -58,7 +53,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                 ServerConnection::connect(
                     &endpoint,
                     addr,
-                    Capabilities::TIMING,
+                    client::attach::CAPABILITIES,
                     &agent,
                     silent_after,
                 )

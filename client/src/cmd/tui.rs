@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use anyhow::bail;
 use client::vhci::{RealSys, Vhci};
-use protocol::wire::Capabilities;
 use transport::{ServerConnection, Ticket};
 
 use super::{client_endpoint, config, silent_after};
@@ -66,7 +65,7 @@ pub async fn run(cli: &Cli, servers: &[String]) -> anyhow::Result<()> {
                 let conn = match ServerConnection::connect(
                     &endpoint,
                     ticket.endpoint_addr(),
-                    Capabilities::TIMING,
+                    client::attach::CAPABILITIES,
                     &agent,
                     silent_after,
                 )

@@ -9,6 +9,13 @@
 //! (where USB's order keeps them behind anything already there), and when the kernel's own
 //! IN URBs arrive they take the results, often already here, in the same order.
 //!
+//! A write (data OUT) has its CSW read ahead too, once the kernel has sent the whole data
+//! phase. Every speculation goes to the server with `SubmitAfter` naming the URB before it
+//! (the CBW or a write's last data URB, then the data phase for the CSW): the server holds it
+//! until that URB has completed on the device, as the kernel would have. A device may stall an
+//! IN that arrives before its command, or take a CSW read queued behind the data phase for
+//! more data (QEMU's usb-storage does both), and the OUT and IN streams race to the server.
+//!
 //! Correctness is kept by construction: the speculative URBs are ordinary URBs the device
 //! runs in the order the kernel would have run them, so the data and statuses the kernel sees
 //! are the device's own. A kernel URB that does not match the next speculation (another
@@ -54,10 +61,12 @@ const DATA_FLAGS: u32 = transfer_flags::SHORT_NOT_OK | transfer_flags::DIR_IN;
 const CSW_FLAGS: u32 = transfer_flags::DIR_IN;
 
 /// What a CBW tells read-ahead.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Cbw {
     /// Bytes of the data phase, if it is an IN phase the device will send.
     pub data_in: Option<u32>,
+    /// Bytes of the data phase, if it is an OUT phase the kernel will send.
+    pub data_out: Option<u32>,
 }
 
 /// Reads `data` as a CBW, if it is a valid one (anything else is forwarded as it is).
@@ -65,6 +74,7 @@ pub fn parse_cbw(data: &[u8]) -> Option<Cbw> {
     let cbw = bot::Cbw::parse(data).ok()?;
     Some(Cbw {
         data_in: cbw.data_in_len(),
+        data_out: (!cbw.data_in && cbw.data_len > 0).then_some(cbw.data_len),
     })
 }
 
@@ -83,6 +93,9 @@ pub struct Speculate {
     pub transfer_type: TransferType,
     /// The polling interval the kernel's URB asked for (0 for bulk).
     pub interval: i32,
+    /// The OUT URB (a kernel seqnum) the server must see complete before it runs this one:
+    /// the CBW, or a write's last data URB. None for interrupt streaming.
+    pub after: Option<u32>,
 }
 
 /// A speculative URB to cancel on the server.
@@ -166,6 +179,9 @@ pub struct ReadAhead {
     /// Interrupt-IN streaming; turned off with read-ahead by a mismatch.
     streaming: bool,
     queues: HashMap<EndpointNumber, VecDeque<Speculation>>,
+    /// Per IN endpoint, the bytes of a write's data phase the kernel has still to send: its
+    /// CSW is read ahead behind the last of them.
+    writes: HashMap<EndpointNumber, u32>,
     next_id: u32,
     cancels: Vec<Cancel>,
     stats: ReadAheadStats,
@@ -178,6 +194,7 @@ impl ReadAhead {
             enabled,
             streaming: false,
             queues: HashMap::new(),
+            writes: HashMap::new(),
             next_id: FIRST_ID,
             cancels: Vec::new(),
             stats: ReadAheadStats::default(),
@@ -206,27 +223,75 @@ impl ReadAhead {
         }
     }
 
-    /// The kernel sent `cbw` on a BOT OUT endpoint whose IN endpoint is `endpoint_in`:
-    /// the IN URBs to queue behind it.
-    pub fn on_cbw(&mut self, endpoint_in: EndpointNumber, cbw: Cbw) -> Vec<Speculate> {
-        if !self.enabled || self.next_id < LOWEST_ID + 2 {
+    /// The kernel sent the bulk OUT URB `seqnum` carrying `data` on a BOT OUT endpoint whose
+    /// IN endpoint is `endpoint_in`: a CBW, or part of a write's data phase. Returns the IN
+    /// URBs to queue behind it.
+    pub fn on_bulk_out(
+        &mut self,
+        endpoint_in: EndpointNumber,
+        seqnum: u32,
+        data: &[u8],
+    ) -> Vec<Speculate> {
+        if let Some(remaining) = self.writes.remove(&endpoint_in) {
+            let sent = u32::try_from(data.len()).unwrap_or(u32::MAX);
+            return match sent.cmp(&remaining) {
+                std::cmp::Ordering::Less => {
+                    self.writes.insert(endpoint_in, remaining - sent);
+                    Vec::new()
+                }
+                std::cmp::Ordering::Equal => {
+                    self.queue_phases(endpoint_in, &[(CSW_LEN, CSW_FLAGS)], seqnum)
+                }
+                // More than the CBW announced: not a command we understand.
+                std::cmp::Ordering::Greater => Vec::new(),
+            };
+        }
+        match parse_cbw(data) {
+            Some(cbw) => self.on_cbw(endpoint_in, cbw, seqnum),
+            None => Vec::new(),
+        }
+    }
+
+    /// The kernel sent `cbw` (URB `seqnum`) on a BOT OUT endpoint whose IN endpoint is
+    /// `endpoint_in`: the IN URBs to queue behind it. A write's CSW waits for its data.
+    pub fn on_cbw(&mut self, endpoint_in: EndpointNumber, cbw: Cbw, seqnum: u32) -> Vec<Speculate> {
+        if !self.enabled {
             return Vec::new();
         }
         self.flush(endpoint_in);
+        if let Some(length) = cbw.data_out {
+            self.writes.insert(endpoint_in, length);
+            return Vec::new();
+        }
+        match cbw.data_in {
+            None => self.queue_phases(endpoint_in, &[(CSW_LEN, CSW_FLAGS)], seqnum),
+            Some(length) if length <= MAX_DATA_LEN => self.queue_phases(
+                endpoint_in,
+                &[(length, DATA_FLAGS), (CSW_LEN, CSW_FLAGS)],
+                seqnum,
+            ),
+            Some(_) => Vec::new(),
+        }
+    }
+
+    /// Queues bulk IN speculations of these lengths and flags, the first to run after
+    /// `after`, each next one after the one before it: a device may take an IN queued behind
+    /// the data phase for more data (QEMU's usb-storage holds it there for good), so the CSW
+    /// read reaches it only once the data phase has ended.
+    fn queue_phases(
+        &mut self,
+        endpoint_in: EndpointNumber,
+        phases: &[(u32, u32)],
+        mut after: u32,
+    ) -> Vec<Speculate> {
+        let room = MAX_QUEUED.saturating_sub(phases.len());
         let queue = self.queues.entry(endpoint_in).or_default();
-        if queue.len() + 2 > MAX_QUEUED {
+        if !self.enabled || self.next_id < LOWEST_ID + 2 || queue.len() > room {
             return Vec::new();
         }
-        let mut phases = Vec::with_capacity(2);
-        if let Some(length) = cbw.data_in.filter(|&l| l <= MAX_DATA_LEN) {
-            phases.push((length, DATA_FLAGS));
-        } else if cbw.data_in.is_some() {
-            return Vec::new();
-        }
-        phases.push((CSW_LEN, CSW_FLAGS));
         let out: Vec<Speculate> = phases
-            .into_iter()
-            .map(|(length, flags)| {
+            .iter()
+            .map(|&(length, flags)| {
                 let spec = Speculate {
                     id: 0,
                     endpoint: endpoint_in,
@@ -234,8 +299,11 @@ impl ReadAhead {
                     flags,
                     transfer_type: TransferType::Bulk,
                     interval: 0,
+                    after: Some(after),
                 };
-                push_speculation(&mut self.next_id, queue, spec)
+                let spec = push_speculation(&mut self.next_id, queue, spec);
+                after = spec.id;
+                spec
             })
             .collect();
         self.stats.speculated += out.len() as u64;
@@ -244,6 +312,8 @@ impl ReadAhead {
 
     /// Routes a kernel bulk IN URB (or, while streaming, interrupt IN URB) on `endpoint`.
     pub fn claim(&mut self, endpoint: EndpointNumber, cmd: CmdSubmit) -> Claim {
+        // The kernel reads: whatever write it was sending is over (finished, or abandoned).
+        self.writes.remove(&endpoint);
         let Some(queue) = self.queues.get_mut(&endpoint) else {
             return Claim::Forward(cmd);
         };
@@ -326,7 +396,10 @@ impl ReadAhead {
             // The device's next transfers would not be the ones we guessed.
             cancel_from(queue, index + 1, endpoint, &mut self.cancels);
         }
-        let cancelled = c.status == UrbStatus::Unlinked && queue[index].cancelling;
+        // Unlinked with nothing moved: it never reached the device, whether we cancelled it or
+        // the server refused it because the OUT URB before it failed.
+        let cancelled =
+            c.status == UrbStatus::Unlinked && (queue[index].cancelling || c.actual_length == 0);
         let spec = &mut queue[index];
         match std::mem::replace(&mut spec.state, State::Running) {
             State::Running if cancelled => {
@@ -486,11 +559,18 @@ mod tests {
         assert_eq!(
             parse_cbw(&cbw(4096, true)),
             Some(Cbw {
-                data_in: Some(4096)
+                data_in: Some(4096),
+                ..Cbw::default()
             })
         );
-        assert_eq!(parse_cbw(&cbw(4096, false)), Some(Cbw { data_in: None }));
-        assert_eq!(parse_cbw(&cbw(0, true)), Some(Cbw { data_in: None }));
+        assert_eq!(
+            parse_cbw(&cbw(4096, false)),
+            Some(Cbw {
+                data_out: Some(4096),
+                ..Cbw::default()
+            })
+        );
+        assert_eq!(parse_cbw(&cbw(0, true)), Some(Cbw::default()));
         assert_eq!(parse_cbw(&cbw(4096, true)[..30]), None);
         let mut bad = cbw(4096, true);
         bad[0] = b'X';
@@ -500,7 +580,7 @@ mod tests {
     #[test]
     fn a_read_queues_data_then_csw_and_the_kernel_takes_both_in_order() {
         let mut ra = ReadAhead::new(true);
-        let specs = ra.on_cbw(ep(1), parse_cbw(&cbw(8192, true)).unwrap());
+        let specs = ra.on_cbw(ep(1), parse_cbw(&cbw(8192, true)).unwrap(), 100);
         assert_eq!(specs.len(), 2);
         assert_eq!((specs[0].length, specs[0].flags), (8192, DATA_FLAGS));
         assert_eq!((specs[1].length, specs[1].flags), (CSW_LEN, CSW_FLAGS));
@@ -536,7 +616,7 @@ mod tests {
     #[test]
     fn a_kernel_urb_that_comes_first_takes_over_the_running_speculation() {
         let mut ra = ReadAhead::new(true);
-        let specs = ra.on_cbw(ep(1), Cbw { data_in: None });
+        let specs = ra.on_cbw(ep(1), Cbw::default(), 100);
         assert_eq!(specs.len(), 1, "a write's CBW queues only the CSW");
         let Claim::Bound(cmd, id) = ra.claim(ep(1), kernel_in(9, 13, CSW_FLAGS)) else {
             panic!()
@@ -553,7 +633,14 @@ mod tests {
     #[test]
     fn a_failed_data_phase_cancels_the_csw_behind_it() {
         let mut ra = ReadAhead::new(true);
-        let specs = ra.on_cbw(ep(1), Cbw { data_in: Some(512) });
+        let specs = ra.on_cbw(
+            ep(1),
+            Cbw {
+                data_in: Some(512),
+                ..Cbw::default()
+            },
+            100,
+        );
         ra.on_completion(done(specs[0].id, UrbStatus::Stall, vec![]));
         assert_eq!(
             ra.take_cancels(),
@@ -581,7 +668,14 @@ mod tests {
     #[test]
     fn a_cancel_that_lost_the_race_still_delivers_the_devices_data() {
         let mut ra = ReadAhead::new(true);
-        let specs = ra.on_cbw(ep(1), Cbw { data_in: Some(512) });
+        let specs = ra.on_cbw(
+            ep(1),
+            Cbw {
+                data_in: Some(512),
+                ..Cbw::default()
+            },
+            100,
+        );
         ra.on_completion(done(specs[0].id, UrbStatus::Stall, vec![]));
         ra.take_cancels();
         ra.claim(ep(1), kernel_in(1, 512, DATA_FLAGS));
@@ -605,7 +699,9 @@ mod tests {
             ep(1),
             Cbw {
                 data_in: Some(1024),
+                ..Cbw::default()
             },
+            100,
         );
         ra.on_completion(done(specs[0].id, UrbStatus::Ok, vec![5; 1024]));
         match ra.claim(ep(1), kernel_in(1, 512, DATA_FLAGS)) {
@@ -617,13 +713,20 @@ mod tests {
         }
         assert_eq!(ra.stats().mismatches, 1);
         assert_eq!(ra.take_cancels().len(), 1, "the CSW read was still running");
-        assert!(ra.on_cbw(ep(1), Cbw { data_in: None }).is_empty());
+        assert!(ra.on_cbw(ep(1), Cbw::default(), 100).is_empty());
     }
 
     #[test]
     fn a_parked_urb_can_be_unlinked_and_its_speculation_stays_known() {
         let mut ra = ReadAhead::new(true);
-        let specs = ra.on_cbw(ep(1), Cbw { data_in: Some(512) });
+        let specs = ra.on_cbw(
+            ep(1),
+            Cbw {
+                data_in: Some(512),
+                ..Cbw::default()
+            },
+            100,
+        );
         // Flags the speculation did not guess: it waits for the cancelled read to settle.
         assert!(matches!(
             ra.claim(ep(1), kernel_in(1, 512, 0)),
@@ -642,9 +745,16 @@ mod tests {
     #[test]
     fn a_new_command_discards_what_the_last_left() {
         let mut ra = ReadAhead::new(true);
-        let first = ra.on_cbw(ep(1), Cbw { data_in: Some(512) });
+        let first = ra.on_cbw(
+            ep(1),
+            Cbw {
+                data_in: Some(512),
+                ..Cbw::default()
+            },
+            100,
+        );
         ra.on_completion(done(first[0].id, UrbStatus::Ok, vec![0; 512]));
-        let second = ra.on_cbw(ep(1), Cbw { data_in: None });
+        let second = ra.on_cbw(ep(1), Cbw::default(), 100);
         assert_eq!(second.len(), 1);
         assert_eq!(ra.stats().discarded, 1);
         assert_eq!(
@@ -655,10 +765,42 @@ mod tests {
     }
 
     #[test]
+    fn a_write_reads_its_csw_ahead_only_once_all_its_data_is_sent() {
+        let mut ra = ReadAhead::new(true);
+        assert!(ra.on_bulk_out(ep(1), 10, &cbw(1024, false)).is_empty());
+        assert!(ra.on_bulk_out(ep(1), 11, &[0; 512]).is_empty());
+        let specs = ra.on_bulk_out(ep(1), 12, &[0; 512]);
+        assert_eq!(specs.len(), 1);
+        assert_eq!((specs[0].length, specs[0].after), (CSW_LEN, Some(12)));
+        // A write the kernel gave up on (it reads instead) leaves nothing behind: the next
+        // CBW is read as one.
+        assert!(ra.on_bulk_out(ep(1), 20, &cbw(1024, false)).is_empty());
+        let _ = ra.claim(ep(1), kernel_in(21, 13, CSW_FLAGS));
+        let specs = ra.on_bulk_out(ep(1), 22, &cbw(512, true));
+        assert_eq!(specs.len(), 2);
+        assert_eq!(specs[0].after, Some(22), "the data phase follows the CBW");
+        assert_eq!(
+            specs[1].after,
+            Some(specs[0].id),
+            "the CSW follows the data"
+        );
+    }
+
+    #[test]
     fn kernel_seqnums_near_the_speculative_ids_turn_it_off() {
         let mut ra = ReadAhead::new(true);
         ra.note_kernel_seqnum(LOWEST_ID);
-        assert!(ra.on_cbw(ep(1), Cbw { data_in: Some(512) }).is_empty());
+        assert!(
+            ra.on_cbw(
+                ep(1),
+                Cbw {
+                    data_in: Some(512),
+                    ..Cbw::default()
+                },
+                100
+            )
+            .is_empty()
+        );
         assert!(matches!(
             ra.on_completion(done(5, UrbStatus::Ok, vec![])),
             Settled::NotOurs(_)

@@ -15,6 +15,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
+use protocol::bot::{CLASS_MASS_STORAGE, PROTOCOL_BULK_ONLY};
 use protocol::descriptors::Configuration;
 use protocol::usb::{
     Direction, EndpointNumber, IsoPacket, SetupPacket, StateChange, TransferType, UrbStatus,
@@ -43,8 +44,6 @@ pub const MAX_UNLINKS_PER_URB: usize = 4;
 /// header: the pump gathers both into one send, so a copy is only worth it for small results.
 const SPLIT_MIN: usize = 16 * 1024;
 const ENOMEM: i32 = 12;
-const CLASS_MASS_STORAGE: u8 = 0x08;
-const PROTOCOL_BULK_ONLY: u8 = 0x50;
 
 /// What the session asks its driver to do next.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +57,9 @@ pub enum Action {
         direction: Direction,
         /// The URB, with the kernel's seqnum as its id.
         urb: UrbSubmit,
+        /// The URB (on another stream) the server must see complete before running this one:
+        /// read-ahead's ([`UrbClientMessage::SubmitAfter`]).
+        after: Option<UrbId>,
     },
     /// Ask the server to cancel a URB sent earlier on that stream.
     Unlink {
@@ -165,9 +167,10 @@ pub enum BadCompletion {
 /// Counters for the UI; cheap to copy out after every batch of actions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SessionStats {
-    /// URBs forwarded to the server.
+    /// Kernel URBs forwarded to the server, or answered by read-ahead: each gets one
+    /// RET_SUBMIT ([`Self::completed`]) unless an unlink ends it first.
     pub submitted: u64,
-    /// RET_SUBMITs sent to the kernel for forwarded URBs.
+    /// RET_SUBMITs sent to the kernel for those URBs.
     pub completed: u64,
     /// URBs answered here without the server (unknown endpoint, table full, bad iso shape).
     pub answered_locally: u64,
@@ -618,18 +621,15 @@ impl PortSession {
                 self.speculate(specs);
             }
             (TransferType::Bulk, Direction::Out) => {
-                let cbw = match &cmd.buffer {
-                    SubmitBuffer::Out(data) => readahead::parse_cbw(data),
-                    SubmitBuffer::In(_) => None,
+                let specs = match (&cmd.buffer, self.endpoints.bot_in_for(cmd.ep)) {
+                    (SubmitBuffer::Out(data), Some(endpoint_in)) => {
+                        self.read_ahead.on_bulk_out(endpoint_in, cmd.seqnum, data)
+                    }
+                    _ => Vec::new(),
                 };
-                let endpoint_out = cmd.ep;
+                self.push_cancels();
                 self.forward(cmd, transfer_type, direction);
-                if let Some(cbw) = cbw
-                    && let Some(endpoint_in) = self.endpoints.bot_in_for(endpoint_out)
-                {
-                    let specs = self.read_ahead.on_cbw(endpoint_in, cbw);
-                    self.speculate(specs);
-                }
+                self.speculate(specs);
             }
             _ => self.forward(cmd, transfer_type, direction),
         }
@@ -644,6 +644,7 @@ impl PortSession {
             Claim::Forward(cmd) => self.forward(cmd, transfer_type, Direction::In),
             Claim::Answer(cmd, c) => self.answer_with(cmd, c),
             Claim::Bound(cmd, wire_id) => {
+                self.stats.submitted += 1;
                 let urb = in_flight_of(&cmd, wire_id, Direction::In, None);
                 self.in_flight.insert(cmd.seqnum, urb);
             }
@@ -669,6 +670,7 @@ impl PortSession {
                     interval: spec.interval,
                     iso: None,
                 },
+                after: spec.after.map(UrbId),
             });
         }
     }
@@ -725,6 +727,7 @@ impl PortSession {
                     packets,
                 }),
             },
+            after: None,
         });
         if let Some(endpoint) = ahead {
             self.answer_ahead(endpoint);
@@ -733,6 +736,7 @@ impl PortSession {
 
     /// Answers a kernel URB with a read-ahead completion, as if the server had run it.
     fn answer_with(&mut self, cmd: CmdSubmit, completion: UrbComplete) {
+        self.stats.submitted += 1;
         let urb = in_flight_of(&cmd, cmd.seqnum, Direction::In, None);
         self.complete(cmd.seqnum, &urb, completion);
     }

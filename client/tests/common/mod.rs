@@ -184,3 +184,29 @@ pub fn ret_unlink_of(pdu: &Pdu) -> (u32, i32) {
         other => panic!("expected RET_UNLINK, got {other:?}"),
     }
 }
+
+/// A CBW for `length` bytes in `direction`, as usb-storage sends it on the bulk OUT endpoint.
+pub fn cbw_pdu(seqnum: u32, length: u32, direction: Direction) -> Vec<u8> {
+    let read10 = [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+    let cbw = protocol::bot::Cbw::new(seqnum, length, direction == Direction::In, 0, &read10)
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    submit_pdu(seqnum, 2, SubmitBuffer::Out(cbw), [0; 8], None)
+}
+
+/// A bulk IN URB on 0x81 with the flags usb-storage gives it (`URB_SHORT_NOT_OK` on data).
+pub fn storage_in(seqnum: u32, len: u32, short_not_ok: bool) -> Vec<u8> {
+    Pdu::CmdSubmit(CmdSubmit {
+        seqnum,
+        devid: DEVID,
+        ep: ep(1),
+        transfer_flags: 0x200 | 0x0004 | u32::from(short_not_ok),
+        start_frame: 0,
+        interval: 0,
+        setup: SetupPacket([0x55; 8]),
+        buffer: SubmitBuffer::In(len),
+        iso: None,
+    })
+    .to_bytes()
+}

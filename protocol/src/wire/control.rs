@@ -34,17 +34,20 @@ impl Capabilities {
     pub const INTERRUPT_STREAMING: Capabilities = Capabilities(1 << 2);
     /// Completions carry the server's timing split.
     pub const TIMING: Capabilities = Capabilities(1 << 3);
+    /// The server holds a URB sent with `SubmitAfter` until the URB it names has completed:
+    /// what read-ahead needs to be safe on every device, so a client speculates only with it.
+    pub const ORDERED_SUBMIT: Capabilities = Capabilities(1 << 4);
 
     /// Both sets.
-    pub fn union(self, other: Capabilities) -> Capabilities {
+    pub const fn union(self, other: Capabilities) -> Capabilities {
         Capabilities(self.0 | other.0)
     }
     /// Only what both sets have.
-    pub fn intersection(self, other: Capabilities) -> Capabilities {
+    pub const fn intersection(self, other: Capabilities) -> Capabilities {
         Capabilities(self.0 & other.0)
     }
     /// Whether every bit of `other` is set here.
-    pub fn contains(self, other: Capabilities) -> bool {
+    pub const fn contains(self, other: Capabilities) -> bool {
         self.0 & other.0 == other.0
     }
 }

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::frame::{Invalid, Validate, at_most};
-use crate::descriptors::DEVICE_DESCRIPTOR_LEN;
+use crate::descriptors::{Configuration, DEVICE_DESCRIPTOR_LEN};
 use crate::select::VidPid;
 use crate::usb::Speed;
 
@@ -106,6 +106,16 @@ impl DeviceInfo {
             .iter()
             .find(|c| c.get(5) == Some(&self.active_configuration))
             .map(|c| c.as_slice())
+    }
+
+    /// The class triple of each interface of the active configuration (none if unconfigured
+    /// or its descriptor does not parse): what a USB/IP device list shows, and how a client
+    /// tells a disk from a keyboard before any driver binds.
+    pub fn interface_classes(&self) -> Vec<[u8; 3]> {
+        self.active_configuration_bytes()
+            .and_then(|c| Configuration::parse(c).ok())
+            .map(|c| c.interface_classes())
+            .unwrap_or_default()
     }
 }
 

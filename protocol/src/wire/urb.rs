@@ -114,6 +114,19 @@ pub enum UrbClientMessage {
     Submit(UrbSubmit),
     /// Cancel a URB submitted earlier on this stream.
     Unlink(UrbId),
+    /// Run a URB once the URB `after`, sent earlier on any stream of the attachment but
+    /// control, has completed on the device ([`super::Capabilities::ORDERED_SUBMIT`]).
+    /// Read-ahead's IN phases go this way: a device may stall an IN that reaches it before the
+    /// command it answers, or take a status read queued behind a data phase for more data
+    /// (QEMU's usb-storage does both), and the streams race to the server. The URB waits at the
+    /// head of its stream, holding the ones behind it; if `after` fails, it never reaches the
+    /// device and completes `Unlinked`.
+    SubmitAfter {
+        /// The URB it follows.
+        after: UrbId,
+        /// The URB.
+        urb: UrbSubmit,
+    },
 }
 
 /// What the server sends on a URB stream.
@@ -205,7 +218,9 @@ impl Validate for UrbComplete {
 impl Validate for UrbClientMessage {
     fn validate(&self) -> Result<(), Invalid> {
         match self {
-            UrbClientMessage::Submit(s) => s.validate(),
+            UrbClientMessage::Submit(s) | UrbClientMessage::SubmitAfter { urb: s, .. } => {
+                s.validate()
+            }
             UrbClientMessage::Open(_) | UrbClientMessage::Unlink(_) => Ok(()),
         }
     }

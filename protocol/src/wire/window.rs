@@ -41,8 +41,8 @@ pub struct UrbWindow {
     /// Sent and not yet completed, with the bytes each holds.
     outstanding: HashMap<UrbId, u64>,
     bytes: u64,
-    /// Not sent yet: the window was full.
-    held: VecDeque<UrbSubmit>,
+    /// Not sent yet: the window was full. With the URB each must follow, if any.
+    held: VecDeque<(UrbSubmit, Option<UrbId>)>,
     to_send: VecDeque<UrbClientMessage>,
     answers: VecDeque<UrbServerMessage>,
 }
@@ -56,14 +56,21 @@ impl UrbWindow {
     /// A submission from the kernel: sent now if it fits, held otherwise (behind any held
     /// before it, so the endpoint's order is kept).
     pub fn submit(&mut self, urb: UrbSubmit) {
-        self.held.push_back(urb);
+        self.held.push_back((urb, None));
+        self.release();
+    }
+
+    /// [`Self::submit`] for a URB the server must hold until `after` has completed
+    /// ([`UrbClientMessage::SubmitAfter`]).
+    pub fn submit_after(&mut self, urb: UrbSubmit, after: UrbId) {
+        self.held.push_back((urb, Some(after)));
         self.release();
     }
 
     /// An unlink: sent if its URB was sent; answered here, exactly as the server would, if the
     /// URB was still held (it never reached the server, so it was cancelled).
     pub fn unlink(&mut self, id: UrbId) {
-        if let Some(pos) = self.held.iter().position(|u| u.id == id) {
+        if let Some(pos) = self.held.iter().position(|(u, _)| u.id == id) {
             self.held.remove(pos);
             self.answers
                 .push_back(UrbServerMessage::Complete(UrbComplete {
@@ -116,19 +123,22 @@ impl UrbWindow {
     }
 
     fn release(&mut self) {
-        while let Some(next) = self.held.front() {
+        while let Some((next, _)) = self.held.front() {
             let bytes = urb_bytes(next);
             let fits = self.outstanding.len() < URB_WINDOW
                 && (self.outstanding.is_empty() || self.bytes + bytes <= URB_WINDOW_BYTES);
             if !fits {
                 break;
             }
-            let Some(urb) = self.held.pop_front() else {
+            let Some((urb, after)) = self.held.pop_front() else {
                 break;
             };
             self.outstanding.insert(urb.id, bytes);
             self.bytes += bytes;
-            self.to_send.push_back(UrbClientMessage::Submit(urb));
+            self.to_send.push_back(match after {
+                Some(after) => UrbClientMessage::SubmitAfter { after, urb },
+                None => UrbClientMessage::Submit(urb),
+            });
         }
     }
 }

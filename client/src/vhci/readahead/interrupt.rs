@@ -62,6 +62,7 @@ impl ReadAhead {
             flags: flags & transfer_flags::FORWARDED,
             transfer_type: TransferType::Interrupt,
             interval,
+            after: None,
         };
         let out: Vec<Speculate> = (0..wanted)
             .map(|_| push_speculation(&mut self.next_id, queue, spec))
@@ -94,7 +95,17 @@ mod tests {
     fn streaming_keeps_the_device_polled_ahead_and_hands_reports_over_in_order() {
         let mut ra = ReadAhead::new(false);
         ra.set_streaming(true);
-        assert!(ra.on_cbw(ep(1), Cbw { data_in: Some(512) }).is_empty());
+        assert!(
+            ra.on_cbw(
+                ep(1),
+                Cbw {
+                    data_in: Some(512),
+                    ..Cbw::default()
+                },
+                100
+            )
+            .is_empty()
+        );
         // The kernel's first URB goes to the server; three more poll behind it.
         assert!(matches!(
             ra.claim(ep(1), kernel_in(1, 8, INT_FLAGS)),

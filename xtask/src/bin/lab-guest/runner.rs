@@ -187,7 +187,7 @@ pub fn run(name: &str, timeout: Duration) -> Value {
     };
     if status == "fail" {
         // What the kernel said last (SCSI errors, resets, OOM) is often why.
-        for line in kernel_log_tail(30) {
+        for line in kernel_log_tail(60) {
             println!("[{name}] dmesg: {line}");
         }
         if let Ok(meminfo) = std::fs::read_to_string("/proc/meminfo")

@@ -93,20 +93,11 @@ pub fn run() -> Result<()> {
     };
     let (server, ticket) =
         start_server_in(server_ns, &bind, &["--share", &vid_pid, "--allow", &friend])?;
-    // With the latency hiding a user turns on (read-ahead, 1 MiB SCSI commands): not yet the
-    // defaults (kernel-notes/LAB.md, "Read-ahead and unplug").
+    // No flags: what a user gets (read-ahead and 1 MiB SCSI commands are the defaults).
     let client_daemon = spawn_client_in(
         client_ns,
         "friend",
-        &[
-            "--read-ahead",
-            "--scsi-max-sectors",
-            "2048",
-            "attach",
-            &ticket,
-            "--device",
-            &vid_pid,
-        ],
+        &["attach", &ticket, "--device", &vid_pid],
     )?;
     let disk =
         match usbdev::wait_block_device(gadget.vid, gadget.pid, Via::Vhci, Duration::from_secs(30))

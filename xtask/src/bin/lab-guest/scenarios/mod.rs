@@ -101,7 +101,7 @@ pub const ALL: &[Scenario] = &[
     },
     Scenario {
         name: "hiding",
-        about: "attach with read-ahead and 1 MiB SCSI commands over 2 ms RTT: the disk's cap is raised, direct and buffered reads and a write are byte-exact",
+        about: "attach with no flags over 2 ms RTT: read-ahead and 1 MiB SCSI commands are on by default (the disk's cap is raised, read-ahead answers URBs), direct and buffered reads and a write are byte-exact",
         default: true,
         run: hiding::run,
     },
@@ -113,7 +113,7 @@ pub const ALL: &[Scenario] = &[
     },
     Scenario {
         name: "bench",
-        about: "kernel USB/IP and our tunnel side by side at netem RTT 0/2/20 ms: read/write MiB/s, 4 KiB read latency, RSS, CPU/GiB",
+        about: "kernel USB/IP on lo, kernel USB/IP inside WireGuard on a veth pair, and ours on that veth pair, side by side at netem RTT 0/2/20 ms: read/write MiB/s, 4 KiB read latency, RSS, CPU/GiB",
         default: false,
         run: bench::run,
     },

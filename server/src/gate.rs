@@ -1,0 +1,114 @@
+//! Which URBs of one attachment have ended, for the URBs that wait on them.
+//!
+//! A client's read-ahead sends a mass-storage command's IN phases with `SubmitAfter`, naming
+//! the URB before each (the CBW or a write's last data, then the data phase for the CSW): none
+//! may reach the device before it, and the CBW rides another URB stream, each with its own
+//! task here. Every stream but control records each completion; one whose queue head waits
+//! looks the outcome up, and is woken when a new one is recorded. The book keeps the last [`RECENT`] outcomes: the
+//! URB named is always one the client sent just before, so it is there or still to come.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use protocol::wire::UrbId;
+use tokio::sync::watch;
+
+use crate::tracker::StreamTracker;
+
+/// Outcomes kept per attachment.
+pub const RECENT: usize = 256;
+
+/// The last [`RECENT`] OUT completions, oldest first, as (id, succeeded).
+#[derive(Debug, Default)]
+pub struct Book {
+    recent: VecDeque<(UrbId, bool)>,
+}
+
+impl Book {
+    /// Records how `id` ended, forgetting the oldest past [`RECENT`].
+    pub fn record(&mut self, id: UrbId, ok: bool) {
+        if self.recent.len() == RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((id, ok));
+    }
+
+    /// How `id` ended, if it has (the latest record wins).
+    pub fn outcome(&self, id: UrbId) -> Option<bool> {
+        self.recent
+            .iter()
+            .rev()
+            .find(|(i, _)| *i == id)
+            .map(|&(_, ok)| ok)
+    }
+}
+
+/// The book of one attachment, shared by its URB stream tasks.
+#[derive(Debug)]
+pub struct Gates {
+    book: Mutex<Book>,
+    recorded: watch::Sender<u64>,
+}
+
+impl Default for Gates {
+    fn default() -> Self {
+        Gates {
+            book: Mutex::default(),
+            recorded: watch::channel(0).0,
+        }
+    }
+}
+
+impl Gates {
+    /// Records how URB `id` ended and wakes the streams waiting on one.
+    pub fn record(&self, id: UrbId, ok: bool) {
+        self.book
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(id, ok);
+        self.recorded.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Changes each time an outcome is recorded.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.recorded.subscribe()
+    }
+
+    /// Lets the tracker's waiting head go for every URB it waits on that has ended; with
+    /// `closing` (the stream or attachment is ending, nothing more will come) the rest are
+    /// refused too.
+    pub fn open(&self, tracker: &mut StreamTracker, closing: bool, now_us: u64) {
+        while let Some(after) = tracker.gated_on() {
+            let outcome = self
+                .book
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .outcome(after);
+            match outcome {
+                Some(ok) => tracker.open_gate(ok, now_us),
+                None if closing => tracker.open_gate(false, now_us),
+                None => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_book_keeps_the_latest_outcomes() {
+        let mut book = Book::default();
+        assert_eq!(book.outcome(UrbId(1)), None);
+        book.record(UrbId(1), true);
+        book.record(UrbId(2), false);
+        assert_eq!(book.outcome(UrbId(1)), Some(true));
+        assert_eq!(book.outcome(UrbId(2)), Some(false));
+        for i in 0..RECENT as u32 {
+            book.record(UrbId(100 + i), true);
+        }
+        assert_eq!(book.outcome(UrbId(1)), None, "forgotten past RECENT");
+        assert_eq!(book.recent.len(), RECENT);
+    }
+}
