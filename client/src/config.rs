@@ -84,8 +84,9 @@ pub struct AutoAttach {
     /// 240 keeps the kernel's.
     #[serde(default, deserialize_with = "scsi_max_sectors")]
     pub scsi_max_sectors: Option<u16>,
-    /// Interrupt-IN streaming (`p2p-usb-client --interrupt-streaming`); off unless set.
-    #[serde(default)]
+    /// Interrupt-IN streaming (the device polled a few URBs ahead of the kernel); on unless
+    /// set to false (or `p2p-usb-client --no-interrupt-streaming`).
+    #[serde(default = "on")]
     pub interrupt_streaming: bool,
 }
 
@@ -309,6 +310,8 @@ mod tests {
             "the binary fills in the default"
         );
         assert!(!rule("read_ahead = false\n").read_ahead);
+        assert!(rule("").interrupt_streaming);
+        assert!(!rule("interrupt_streaming = false\n").interrupt_streaming);
         assert_eq!(rule("scsi_max_sectors = 240\n").scsi_max_sectors, Some(240));
     }
 

@@ -76,11 +76,20 @@ struct Cli {
     #[arg(long, global = true, env = "P2P_USB_SCSI_MAX_SECTORS", value_name = "SECTORS",
           value_parser = clap::value_parser!(u16).range(1..=i64::from(client::vhci::disk::MAX_SECTORS_CEILING)))]
     scsi_max_sectors: Option<u16>,
-    /// Interrupt-IN streaming for keyboards, mice, game pads: the server keeps polling a few
-    /// URBs ahead of the kernel's one, so reports are not spaced a round trip apart.
-    #[arg(long, global = true, env = "P2P_USB_INTERRUPT_STREAMING",
+    /// Turn interrupt-IN streaming off. It is on by default: for keyboards, mice, game pads
+    /// the device is polled a few URBs ahead of the kernel's one, so reports are not spaced a
+    /// round trip apart. A rule's `interrupt_streaming = false` does this for one device.
+    #[arg(long, global = true, env = "P2P_USB_NO_INTERRUPT_STREAMING",
           value_parser = clap::builder::BoolishValueParser::new())]
-    interrupt_streaming: bool,
+    no_interrupt_streaming: bool,
+    /// Streaming is the default now; the flag is accepted so older command lines still run.
+    #[arg(
+        long = "interrupt-streaming",
+        global = true,
+        hide = true,
+        conflicts_with = "no_interrupt_streaming"
+    )]
+    _interrupt_streaming: bool,
     #[command(subcommand)]
     command: Command,
 }

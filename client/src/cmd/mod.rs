@@ -129,7 +129,8 @@ pub fn tuning(cli: &Cli, rule: Option<&client::config::AutoAttach>) -> client::a
                 .or(rule.and_then(|r| r.scsi_max_sectors))
                 .unwrap_or(client::vhci::disk::MAX_SECTORS_CEILING),
         ),
-        interrupt_streaming: cli.interrupt_streaming || rule.is_some_and(|r| r.interrupt_streaming),
+        interrupt_streaming: !cli.no_interrupt_streaming
+            && rule.is_none_or(|r| r.interrupt_streaming),
     }
 }
 

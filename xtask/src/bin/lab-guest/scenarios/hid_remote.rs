@@ -34,8 +34,8 @@ pub fn run() -> Result<()> {
     let friend = client_id("friend")?;
     let (_server, ticket) = start_server(&["--share", &vid_pid, "--allow", &friend])?;
     for (label, flags) in [
-        ("plain", &[][..]),
-        ("streaming", &["--interrupt-streaming"][..]),
+        ("plain", &["--no-interrupt-streaming"][..]),
+        ("streaming", &[][..]),
     ] {
         let rate = type_through(&g, &ticket, flags)
             .with_context(|| format!("typing through the tunnel ({label})"))?;
