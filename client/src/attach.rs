@@ -610,11 +610,11 @@ async fn write_stream(
     mut rx: mpsc::UnboundedReceiver<UrbClientMessage>,
 ) {
     while let Some(msg) = rx.recv().await {
-        if tx.queue(&msg).is_err() {
+        if tx.queue_owned(msg).is_err() {
             break;
         }
         while let Ok(msg) = rx.try_recv() {
-            if tx.queue(&msg).is_err() {
+            if tx.queue_owned(msg).is_err() {
                 return;
             }
         }

@@ -352,6 +352,24 @@ proptest! {
     }
 
     #[test]
+    fn a_message_encoded_around_its_data_is_the_same_frame(
+        c in urb_complete(),
+        s in urb_submit(),
+        after in any::<u32>(),
+    ) {
+        let AroundData { head, tail } = complete_around_data(&c).unwrap();
+        let whole = [head, c.data.clone(), tail].concat();
+        prop_assert_eq!(whole, frame_bytes(&UrbServerMessage::Complete(c)).unwrap());
+        let AroundData { head, tail } = submit_around_data(None, &s).unwrap();
+        let whole = [head, s.data.clone(), tail].concat();
+        prop_assert_eq!(whole, frame_bytes(&UrbClientMessage::Submit(s.clone())).unwrap());
+        let AroundData { head, tail } = submit_around_data(Some(UrbId(after)), &s).unwrap();
+        let whole = [head, s.data.clone(), tail].concat();
+        let message = UrbClientMessage::SubmitAfter { after: UrbId(after), urb: s };
+        prop_assert_eq!(whole, frame_bytes(&message).unwrap());
+    }
+
+    #[test]
     fn urb_messages_round_trip_over_any_split(
         submits in prop::collection::vec(urb_submit(), 1..5),
         completes in prop::collection::vec(urb_complete(), 1..5),

@@ -773,7 +773,7 @@ impl Session {
                 run_action(&attachment, action, &open, &done_tx);
             }
             while let Some(msg) = tracker.poll_message() {
-                tx.queue(&msg)?;
+                tx.queue_owned(msg)?;
             }
             tx.flush().await?;
             if closing && tracker.in_flight() == 0 {

@@ -25,6 +25,8 @@ struct Loopback {
     buffer: VecDeque<u8>,
     waiting: VecDeque<(UrbSubmit, CompletionSender)>,
     releases: Arc<AtomicUsize>,
+    /// Every URB id the device was given, in order.
+    submitted: Arc<std::sync::Mutex<Vec<u32>>>,
 }
 
 /// How long a client here waits on a silent server: what the daemon uses for its endpoint.
@@ -58,6 +60,7 @@ impl Loopback {
 
 impl OpenedDevice for Loopback {
     fn submit(&mut self, urb: UrbSubmit, tx: CompletionSender) {
+        self.submitted.lock().unwrap().push(urb.id.0);
         match (urb.endpoint.get(), urb.direction) {
             (0, Direction::In) => {
                 let data = vec![0xab; urb.length as usize];
@@ -98,6 +101,7 @@ struct Source {
     info: DeviceInfo,
     events: broadcast::Sender<DeviceEvent>,
     releases: Arc<AtomicUsize>,
+    submitted: Arc<std::sync::Mutex<Vec<u32>>>,
 }
 
 impl DeviceSource for Source {
@@ -112,6 +116,7 @@ impl DeviceSource for Source {
             buffer: VecDeque::new(),
             waiting: VecDeque::new(),
             releases: self.releases.clone(),
+            submitted: self.submitted.clone(),
         }))
     }
     fn subscribe(&self) -> broadcast::Receiver<DeviceEvent> {
@@ -181,6 +186,7 @@ async fn lab_on(allowed: Option<&[&SecretKey]>, pins: Vec<ShareRule>, net: &NetC
         info: info(),
         events: broadcast::channel(8).0,
         releases: releases.clone(),
+        submitted: Arc::default(),
     });
     let config = ServerConfig {
         allow: allowlist(allowed),
@@ -220,7 +226,7 @@ async fn connect_from(ep: &Endpoint, lab: &Lab) -> Result<Arc<ServerConnection>,
     ServerConnection::connect(
         ep,
         lab.server_addr.clone(),
-        Capabilities::TIMING,
+        Capabilities::TIMING.union(Capabilities::ORDERED_SUBMIT),
         "test",
         silent_after(),
     )
@@ -384,6 +390,91 @@ async fn attach_is_exclusive_and_urbs_flow_with_many_in_flight() {
     b.attach(DeviceId(7), None)
         .await
         .expect("free again after detach");
+}
+
+/// Large URBs go from their own buffers both ways (`queue_owned`), between small frames in
+/// the same batch; a read sent to follow a write (`SubmitAfter`) waits for it on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_urbs_and_ordered_reads_cross_byte_exact() {
+    const BIG: usize = 64 * 1024;
+    let lab = lab(None).await;
+    let a = client(&lab, &SecretKey::generate()).await.unwrap();
+    assert!(
+        a.welcome()
+            .capabilities
+            .contains(Capabilities::ORDERED_SUBMIT)
+    );
+    let (handle, _) = a.attach(DeviceId(7), None).await.unwrap();
+    let (mut in_tx, mut in_rx) = a
+        .open_urb_stream(handle, EndpointNumber::new(1).unwrap(), Direction::In)
+        .await
+        .unwrap();
+    let (mut out_tx, mut out_rx) = a
+        .open_urb_stream(handle, EndpointNumber::new(2).unwrap(), Direction::Out)
+        .await
+        .unwrap();
+    // The reads go first, each to follow its write, which is not even sent yet.
+    for id in 0..3u32 {
+        let UrbClientMessage::Submit(urb) = submit(10 + id, 1, Direction::In, BIG as u32, vec![])
+        else {
+            unreachable!()
+        };
+        in_tx
+            .queue_owned(UrbClientMessage::SubmitAfter {
+                after: UrbId(100 + id),
+                urb,
+            })
+            .unwrap();
+    }
+    in_tx.flush().await.unwrap();
+    let pattern: Vec<u8> = (0..3 * BIG as u32)
+        .map(|i| (i * 13 + i / 251) as u8)
+        .collect();
+    for (id, chunk) in pattern.chunks(BIG).enumerate() {
+        let id = 100 + id as u32;
+        out_tx
+            .queue_owned(submit(id, 2, Direction::Out, BIG as u32, chunk.to_vec()))
+            .unwrap();
+        // A small frame between the large ones, in the same write.
+        out_tx
+            .queue_owned(submit(200 + id, 2, Direction::Out, 1, vec![0xee]))
+            .unwrap();
+    }
+    out_tx.flush().await.unwrap();
+    for _ in 0..6 {
+        match out_rx.next().await.unwrap().unwrap() {
+            UrbServerMessage::Complete(c) => assert_eq!(c.status, UrbStatus::Ok),
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut read = Vec::new();
+    for id in 0..3u32 {
+        match in_rx.next().await.unwrap().unwrap() {
+            UrbServerMessage::Complete(c) => {
+                assert_eq!((c.id, c.status), (UrbId(10 + id), UrbStatus::Ok));
+                read.extend(c.data);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // The loopback hands out bytes in arrival order: each big write, then its small one.
+    let mut want = Vec::new();
+    for chunk in pattern.chunks(BIG) {
+        want.extend_from_slice(chunk);
+        want.push(0xee);
+    }
+    assert_eq!(read.len(), 3 * BIG);
+    assert_eq!(read, want[..3 * BIG], "byte-exact, in order");
+    let submitted = lab.source.submitted.lock().unwrap().clone();
+    let at = |id: u32| submitted.iter().position(|&i| i == id).unwrap();
+    for i in 0..3 {
+        assert!(
+            at(10 + i) > at(100 + i),
+            "read {} reached the device only after its write: {submitted:?}",
+            10 + i
+        );
+    }
+    a.detach(handle).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,7 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::urb::{UrbComplete, UrbId, UrbSubmit};
 use crate::buf::InBuf;
 use crate::usb::MAX_TRANSFER_LEN;
 
@@ -95,6 +96,75 @@ pub fn encode_frame<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), Fram
     }
     out[start..start + LENGTH_PREFIX_LEN].copy_from_slice(&(body as u32).to_be_bytes());
     Ok(())
+}
+
+/// A frame in two pieces around a URB's data, so a large payload can be sent from its own
+/// buffer instead of being copied into the frame: `head` (the length prefix and the message up
+/// to the data's length) and `tail` (the fields after the data). `head`, the data, then `tail`
+/// is byte for byte [`encode_frame`] of the message (tests hold that for every kind).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AroundData {
+    /// Everything before the data's bytes.
+    pub head: Vec<u8>,
+    /// Everything after them.
+    pub tail: Vec<u8>,
+}
+
+/// `UrbServerMessage::Complete(c)` around `c.data`.
+pub fn complete_around_data(c: &UrbComplete) -> Result<AroundData, FrameError> {
+    // Variant 0 (Complete), then `UrbComplete`'s fields in order; the data is postcard bytes:
+    // its length as a varint, then the bytes.
+    const COMPLETE: u32 = 0;
+    let len = data_len(&c.data)?;
+    around(
+        &(COMPLETE, c.id, c.status, c.actual_length, len),
+        len,
+        &(&c.iso, &c.timing),
+    )
+}
+
+/// `UrbClientMessage::Submit(urb)`, or `SubmitAfter { after, urb }`, around `urb.data`.
+pub fn submit_around_data(after: Option<UrbId>, u: &UrbSubmit) -> Result<AroundData, FrameError> {
+    const SUBMIT: u32 = 1;
+    const SUBMIT_AFTER: u32 = 3;
+    let len = data_len(&u.data)?;
+    let fields = (
+        u.id,
+        u.endpoint,
+        u.direction,
+        u.transfer_type,
+        u.flags,
+        &u.setup,
+        u.length,
+        len,
+    );
+    let tail = (u.interval, &u.iso);
+    match after {
+        None => around(&(SUBMIT, fields), len, &tail),
+        Some(after) => around(&(SUBMIT_AFTER, after, fields), len, &tail),
+    }
+}
+
+fn data_len(data: &[u8]) -> Result<u32, FrameError> {
+    u32::try_from(data.len()).map_err(|_| FrameError::TooLarge {
+        len: data.len() as u64,
+    })
+}
+
+fn around<H: Serialize, T: Serialize>(
+    head: &H,
+    len: u32,
+    tail: &T,
+) -> Result<AroundData, FrameError> {
+    let mut head =
+        postcard::to_extend(head, vec![0; LENGTH_PREFIX_LEN]).map_err(FrameError::Encode)?;
+    let tail = postcard::to_extend(tail, Vec::new()).map_err(FrameError::Encode)?;
+    let body = (head.len() - LENGTH_PREFIX_LEN) as u64 + u64::from(len) + tail.len() as u64;
+    if body > u64::from(MAX_FRAME_LEN) {
+        return Err(FrameError::TooLarge { len: body });
+    }
+    head[..LENGTH_PREFIX_LEN].copy_from_slice(&(body as u32).to_be_bytes());
+    Ok(AroundData { head, tail })
 }
 
 /// One frame holding `msg`.

@@ -44,7 +44,8 @@ pub use control::{
 };
 pub use device::{ClassTriple, DeviceId, DeviceInfo};
 pub use frame::{
-    FrameDecoder, FrameError, Invalid, MAX_FRAME_LEN, Validate, encode_frame, frame_bytes,
+    AroundData, FrameDecoder, FrameError, Invalid, MAX_FRAME_LEN, Validate, complete_around_data,
+    encode_frame, frame_bytes, submit_around_data,
 };
 pub use urb::{
     IsoComplete, IsoSubmit, ServerTiming, UrbClientMessage, UrbComplete, UrbId, UrbServerMessage,

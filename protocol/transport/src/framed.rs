@@ -2,7 +2,10 @@
 
 use bytes::Bytes;
 use iroh::endpoint::{ReadError, RecvStream, SendStream, WriteError};
-use protocol::wire::{FrameDecoder, FrameError, Validate, encode_frame};
+use protocol::wire::{
+    AroundData, FrameDecoder, FrameError, UrbClientMessage, UrbServerMessage, Validate,
+    complete_around_data, encode_frame, submit_around_data,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -82,8 +85,14 @@ impl<T: DeserializeOwned + Validate> FramedRecv<T> {
 pub struct FramedSend<T> {
     stream: SendStream,
     buf: Vec<u8>,
+    /// Pieces queued before `buf`, in order: frames, and large payloads in their own buffers.
+    chunks: Vec<Bytes>,
     _message: std::marker::PhantomData<fn(T)>,
 }
+
+/// IN data from this size on is sent from its own buffer, behind its frame's head, rather than
+/// copied into the frame: a copy of each payload byte saved, for one more chunk on the stream.
+pub const OWN_BUFFER_FROM: usize = 16 * 1024;
 
 impl<T: Serialize> FramedSend<T> {
     /// Wraps a send stream.
@@ -91,6 +100,7 @@ impl<T: Serialize> FramedSend<T> {
         FramedSend {
             stream,
             buf: Vec::new(),
+            chunks: Vec::new(),
             _message: std::marker::PhantomData,
         }
     }
@@ -108,11 +118,19 @@ impl<T: Serialize> FramedSend<T> {
     /// every byte once more, and keep our buffer at the size of the largest batch ever sent:
     /// a MiB per stream after one 1 MiB URB). The next message starts a fresh one.
     pub async fn flush(&mut self) -> Result<(), StreamError> {
-        if !self.buf.is_empty() {
-            let chunk = Bytes::from(std::mem::take(&mut self.buf));
-            self.stream.write_chunk(chunk).await?;
+        self.seal();
+        if !self.chunks.is_empty() {
+            self.stream.write_all_chunks(&mut self.chunks).await?;
+            self.chunks.clear();
         }
         Ok(())
+    }
+
+    /// Moves what `buf` holds to the chunks.
+    fn seal(&mut self) {
+        if !self.buf.is_empty() {
+            self.chunks.push(Bytes::from(std::mem::take(&mut self.buf)));
+        }
     }
 
     /// Writes one message now.
@@ -126,4 +144,76 @@ impl<T: Serialize> FramedSend<T> {
         // Finishing a stream the peer already stopped is not an error worth reporting.
         let _ = self.stream.finish();
     }
+}
+
+impl<T: Serialize + Payload> FramedSend<T> {
+    /// Queues a message; a URB's data of [`OWN_BUFFER_FROM`] bytes or more goes to the stream
+    /// as its own chunk behind the frame's head rather than being copied into the frame.
+    pub fn queue_owned(&mut self, msg: T) -> Result<(), StreamError> {
+        if msg.payload_len() < OWN_BUFFER_FROM {
+            return self.queue(&msg);
+        }
+        let (AroundData { head, tail }, data) = msg.into_parts()?;
+        self.buf.extend_from_slice(&head);
+        self.seal();
+        self.chunks.push(Bytes::from(data));
+        self.buf = tail;
+        Ok(())
+    }
+}
+
+/// A message that may carry a URB's data, which [`FramedSend::queue_owned`] sends from its
+/// own buffer.
+pub trait Payload: Sized {
+    /// Bytes of URB data it carries.
+    fn payload_len(&self) -> usize;
+    /// Its frame around the data, and the data.
+    fn into_parts(self) -> Result<(AroundData, Vec<u8>), FrameError>;
+}
+
+impl Payload for UrbServerMessage {
+    fn payload_len(&self) -> usize {
+        match self {
+            UrbServerMessage::Complete(c) => c.data.len(),
+            UrbServerMessage::UnlinkDone { .. } => 0,
+        }
+    }
+    fn into_parts(self) -> Result<(AroundData, Vec<u8>), FrameError> {
+        match self {
+            UrbServerMessage::Complete(c) => Ok((complete_around_data(&c)?, c.data)),
+            other => whole(&other),
+        }
+    }
+}
+
+impl Payload for UrbClientMessage {
+    fn payload_len(&self) -> usize {
+        match self {
+            UrbClientMessage::Submit(u) | UrbClientMessage::SubmitAfter { urb: u, .. } => {
+                u.data.len()
+            }
+            UrbClientMessage::Open(_) | UrbClientMessage::Unlink(_) => 0,
+        }
+    }
+    fn into_parts(self) -> Result<(AroundData, Vec<u8>), FrameError> {
+        match self {
+            UrbClientMessage::Submit(u) => Ok((submit_around_data(None, &u)?, u.data)),
+            UrbClientMessage::SubmitAfter { after, urb } => {
+                Ok((submit_around_data(Some(after), &urb)?, urb.data))
+            }
+            other => whole(&other),
+        }
+    }
+}
+
+/// A message with no data to split out: all of it is the head.
+fn whole<T: Serialize>(msg: &T) -> Result<(AroundData, Vec<u8>), FrameError> {
+    let head = protocol::wire::frame_bytes(msg)?;
+    Ok((
+        AroundData {
+            head,
+            tail: Vec::new(),
+        },
+        Vec::new(),
+    ))
 }
