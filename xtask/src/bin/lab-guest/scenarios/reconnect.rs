@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 
 use super::project::{
-    client, client_id, spawn_client, start_server_on, stop_supervisor, vhci_port_in_use,
-    vhci_ports_in_use, wait_readable,
+    client, client_id, show_client_log, show_server_log, spawn_client, start_server_on,
+    stop_supervisor, vhci_port_in_use, vhci_ports_in_use, wait_readable,
 };
 use crate::bench::{self, MIB};
 use crate::gadget::Gadget;
@@ -73,7 +73,10 @@ pub fn run() -> Result<()> {
     //    and re-checks its paths. The attachment must ride through them: the same port, the
     //    disk never gone, the read byte-exact.
     let port = vhci_port_in_use()?;
-    let churned = churn_under_read(&disk, backing, || remote().is_some())?;
+    let churned = churn_under_read(&disk, backing, || remote().is_some()).inspect_err(|_| {
+        show_client_log("friend");
+        show_server_log();
+    })?;
     ensure!(
         vhci_port_in_use()? == port,
         "the attachment moved to another port during the interface churn"
