@@ -85,7 +85,6 @@ impl Pair {
         self.on_device.retain(|i| *i != id);
         self.now_us += 100;
         for (key, tracker) in &mut self.trackers {
-            let recorded = key.0 != EndpointNumber::CONTROL;
             let data = if status == UrbStatus::Ok && key.1 == Direction::In {
                 vec![id.0 as u8; 13]
             } else {
@@ -99,9 +98,7 @@ impl Pair {
                 iso: None,
                 timing: None,
             };
-            if tracker.on_complete(done, self.now_us) && recorded {
-                self.gates.record(id, status == UrbStatus::Ok);
-            }
+            tracker.on_complete(done, self.now_us);
         }
         self.settle();
     }
@@ -163,7 +160,8 @@ impl Pair {
                         .on_client(msg, self.now_us)
                         .expect("the client kept the protocol");
                 }
-                self.gates.open(tracker, false, self.now_us);
+                let record = key.0 != EndpointNumber::CONTROL;
+                self.gates.settle(tracker, record, false, self.now_us);
                 for answer in answers {
                     deliver(&mut self.session, answer);
                 }

@@ -993,6 +993,47 @@ fn a_read_ahead_the_server_refused_leaves_the_kernels_urb_to_the_server() {
 }
 
 #[test]
+fn a_kernel_urb_on_a_refused_read_ahead_goes_to_the_server_itself() {
+    // The kernel's read took over a speculation that the server then never ran (the URB
+    // before it failed): the read is sent as its own URB, not answered -ECONNRESET.
+    let mut session = PortSession::new(&device());
+    session.on_kernel_bytes(&cbw_pdu(40, 512, Direction::In));
+    let ahead = read_ahead_ids(&drain(&mut session));
+    session.on_kernel_bytes(&storage_in(41, 512, true));
+    assert!(
+        read_ahead_ids(&drain(&mut session)).is_empty(),
+        "bound, not sent"
+    );
+    session.on_completion(completed_with(ahead[0].0, UrbStatus::Unlinked));
+    let actions = drain(&mut session);
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Submit { urb, after: None, .. } if urb.id == UrbId(41))),
+        "{actions:?}"
+    );
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::ToKernel(_))),
+        "nothing reached the kernel yet: {actions:?}"
+    );
+    session.on_completion(completed_in(41, vec![9; 512]));
+    let pdus = returns(
+        &kernel_bytes(&drain(&mut session)),
+        &[(41, Direction::In, 512)],
+    );
+    assert_eq!(
+        ret_submit_of(&pdus[0]),
+        (41, UrbStatus::Ok, &Transferred::In(vec![9; 512]))
+    );
+    let stats = session.stats();
+    assert_eq!(
+        stats.submitted - stats.completed,
+        1,
+        "only the CBW is still out"
+    );
+}
+
+#[test]
 fn a_kernel_urb_that_took_over_a_read_ahead_can_be_unlinked() {
     let mut session = PortSession::new(&device());
     session.on_kernel_bytes(&cbw_pdu(10, 512, Direction::In));

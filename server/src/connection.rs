@@ -137,7 +137,7 @@ struct Attachment {
     /// Becomes true when the attachment ends; its URB streams finish after their last
     /// completion.
     ended: watch::Sender<bool>,
-    /// Its OUT URBs' outcomes, for the URBs sent to follow one.
+    /// How its URBs ended, for the URBs sent to follow one.
     gates: Gates,
 }
 
@@ -753,9 +753,6 @@ impl Session {
                         let t = &attachment.traffic;
                         t.from_device.fetch_add(done.data.len() as u64, Ordering::Relaxed);
                         t.urbs.fetch_add(1, Ordering::Relaxed);
-                        if records_outcomes {
-                            attachment.gates.record(done.id, done.status == UrbStatus::Ok);
-                        }
                         tracker.on_complete(done, now_us());
                     };
                     take(done);
@@ -767,7 +764,9 @@ impl Session {
                 _ = gate_changes.changed(), if gated => {},
             }
             let closing = client_finished || *ended.borrow();
-            attachment.gates.open(&mut tracker, closing, now_us());
+            attachment
+                .gates
+                .settle(&mut tracker, records_outcomes, closing, now_us());
             // A completion (or an opened gate) can start URBs that waited, as a submit can.
             while let Some(action) = tracker.poll_action() {
                 run_action(&attachment, action, &open, &done_tx);

@@ -3,9 +3,12 @@
 //! A client's read-ahead sends a mass-storage command's IN phases with `SubmitAfter`, naming
 //! the URB before each (the CBW or a write's last data, then the data phase for the CSW): none
 //! may reach the device before it, and the CBW rides another URB stream, each with its own
-//! task here. Every stream but control records each completion; one whose queue head waits
-//! looks the outcome up, and is woken when a new one is recorded. The book keeps the last [`RECENT`] outcomes: the
-//! URB named is always one the client sent just before, so it is there or still to come.
+//! task here. Every stream but control records how each of its URBs ended (the device, an
+//! unlink or a refused gate); one whose queue head waits looks the outcome up, and is woken
+//! when a new one is recorded. The book keeps the last [`RECENT`] outcomes: the URB named is
+//! one the client sent just before, so it is there or still to come; one that never comes
+//! leaves the URB waiting until the client unlinks it or the stream ends, within the client's
+//! URB window (and only IN URBs, which carry no data, may wait: the tracker refuses others).
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -18,7 +21,7 @@ use crate::tracker::StreamTracker;
 /// Outcomes kept per attachment.
 pub const RECENT: usize = 256;
 
-/// The last [`RECENT`] OUT completions, oldest first, as (id, succeeded).
+/// The last [`RECENT`] outcomes, oldest first, as (id, succeeded).
 #[derive(Debug, Default)]
 pub struct Book {
     recent: VecDeque<(UrbId, bool)>,
@@ -74,10 +77,29 @@ impl Gates {
         self.recorded.subscribe()
     }
 
+    /// Records every ending the tracker reports (with `record`; not for the control stream)
+    /// and lets its head go as far as the book allows, until neither moves: a head may wait
+    /// on a URB of its own stream (a CSW read on the data read before it).
+    pub fn settle(&self, tracker: &mut StreamTracker, record: bool, closing: bool, now_us: u64) {
+        loop {
+            self.open(tracker, closing, now_us);
+            let mut recorded = false;
+            while let Some((id, ok)) = tracker.poll_outcome() {
+                if record {
+                    self.record(id, ok);
+                }
+                recorded = true;
+            }
+            if !recorded {
+                return;
+            }
+        }
+    }
+
     /// Lets the tracker's waiting head go for every URB it waits on that has ended; with
     /// `closing` (the stream or attachment is ending, nothing more will come) the rest are
     /// refused too.
-    pub fn open(&self, tracker: &mut StreamTracker, closing: bool, now_us: u64) {
+    fn open(&self, tracker: &mut StreamTracker, closing: bool, now_us: u64) {
         while let Some(after) = tracker.gated_on() {
             let outcome = self
                 .book
@@ -96,6 +118,54 @@ impl Gates {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use protocol::usb::{Direction, EndpointNumber, TransferType, UrbStatus};
+    use protocol::wire::{
+        AttachHandle, UrbClientMessage, UrbServerMessage, UrbStreamOpen, UrbSubmit,
+    };
+
+    fn read_after(id: u32, after: u32) -> UrbClientMessage {
+        UrbClientMessage::SubmitAfter {
+            after: UrbId(after),
+            urb: UrbSubmit {
+                id: UrbId(id),
+                endpoint: EndpointNumber::new(1).unwrap(),
+                direction: Direction::In,
+                transfer_type: TransferType::Bulk,
+                flags: 0,
+                setup: None,
+                length: 13,
+                data: vec![],
+                interval: 0,
+                iso: None,
+            },
+        }
+    }
+
+    #[test]
+    fn a_failed_command_refuses_its_data_read_and_the_status_read_behind_that() {
+        let open = UrbStreamOpen {
+            handle: AttachHandle(1),
+            endpoint: EndpointNumber::new(1).unwrap(),
+            direction: Direction::In,
+        };
+        let mut t = StreamTracker::new(&open, 8, false);
+        t.on_client(read_after(100, 10), 0).unwrap();
+        t.on_client(read_after(99, 100), 0).unwrap();
+        let gates = Gates::default();
+        gates.settle(&mut t, true, false, 1);
+        assert_eq!(t.gated_on(), Some(UrbId(10)), "the CBW has not ended yet");
+        gates.record(UrbId(10), false);
+        gates.settle(&mut t, true, false, 2);
+        assert_eq!(t.in_flight(), 0);
+        assert!(t.poll_action().is_none(), "neither reached the device");
+        let refused = std::iter::from_fn(|| t.poll_message())
+            .filter(
+                |m| matches!(m, UrbServerMessage::Complete(c) if c.status == UrbStatus::Unlinked),
+            )
+            .count();
+        assert_eq!(refused, 2);
+        assert_eq!(gates.book.lock().unwrap().outcome(UrbId(100)), Some(false));
+    }
 
     #[test]
     fn the_book_keeps_the_latest_outcomes() {

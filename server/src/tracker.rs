@@ -11,8 +11,9 @@
 //! waiting URB is answered at once without the device ever seeing it.
 //!
 //! A URB sent with `SubmitAfter` also waits, at the head of the queue and holding the ones
-//! behind it, until the session reports how the OUT URB it names ended
-//! ([`StreamTracker::gated_on`], [`StreamTracker::open_gate`]).
+//! behind it, until the session reports how the URB it names ended
+//! ([`StreamTracker::gated_on`], [`StreamTracker::open_gate`]); every URB's ending is reported
+//! for that ([`StreamTracker::poll_outcome`]), whether the device, an unlink or a gate ended it.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -62,6 +63,10 @@ pub enum Violation {
     /// More buffer bytes outstanding than the URB window allows.
     #[error("more than {0} bytes of URB buffers outstanding on one stream")]
     WindowBytes(u64),
+    /// A `SubmitAfter` for an OUT or control URB: only IN phases are sent to follow another
+    /// (read-ahead's), so the server never holds a peer's data waiting for an id.
+    #[error("URB {0:?} is sent to follow another but is not an IN transfer")]
+    OrderedNotIn(UrbId),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +101,8 @@ pub struct StreamTracker {
     bytes: u64,
     actions: VecDeque<DeviceAction>,
     messages: VecDeque<UrbServerMessage>,
+    /// How each URB ended (id, succeeded), for the URBs of other streams that follow one.
+    outcomes: VecDeque<(UrbId, bool)>,
 }
 
 impl StreamTracker {
@@ -113,6 +120,7 @@ impl StreamTracker {
             bytes: 0,
             actions: VecDeque::new(),
             messages: VecDeque::new(),
+            outcomes: VecDeque::new(),
         }
     }
 
@@ -146,6 +154,8 @@ impl StreamTracker {
                         // Never reached the device: cancelled here and now.
                         self.waiting.retain(|(u, _)| u.id != id);
                         self.finish(completion(id, UrbStatus::Unlinked), true, now_us);
+                        // It may have been a gated head holding the rest back.
+                        self.start_waiting(now_us);
                     }
                     // A second unlink of the same URB adds nothing.
                     Some(State::Cancelling) => {}
@@ -179,6 +189,12 @@ impl StreamTracker {
         }
         if self.in_flight.contains_key(&urb.id) {
             return Err(Violation::DuplicateId(urb.id));
+        }
+        let ordered_in = urb.direction == Direction::In
+            && urb.data.is_empty()
+            && self.endpoint != EndpointNumber::CONTROL;
+        if after.is_some() && !ordered_in {
+            return Err(Violation::OrderedNotIn(urb.id));
         }
         if self.in_flight.len() >= URB_WINDOW {
             return Err(Violation::QueueFull(URB_WINDOW));
@@ -271,6 +287,7 @@ impl StreamTracker {
             });
         }
         let id = done.id;
+        self.outcomes.push_back((id, done.status == UrbStatus::Ok));
         let cancelled = done.status == UrbStatus::Unlinked;
         self.messages.push_back(UrbServerMessage::Complete(done));
         if unlinked_here || urb.state == State::Cancelling {
@@ -287,6 +304,11 @@ impl StreamTracker {
     /// The next message for the client.
     pub fn poll_message(&mut self) -> Option<UrbServerMessage> {
         self.messages.pop_front()
+    }
+
+    /// How the next URB ended (id, succeeded), oldest first.
+    pub fn poll_outcome(&mut self) -> Option<(UrbId, bool)> {
+        self.outcomes.pop_front()
     }
 
     /// The URBs still in flight, for completing them when the device is gone.
@@ -447,6 +469,48 @@ mod tests {
             }
         );
         assert_eq!(t.gated_on(), None);
+    }
+
+    #[test]
+    fn unlinking_a_gated_head_lets_the_urbs_behind_it_run() {
+        let mut t = StreamTracker::new(&open(1, Direction::In), 8, false);
+        t.on_client(after(0xffff_ffff, 10), 0).unwrap();
+        t.on_client(bulk_in(11), 0).unwrap();
+        assert!(drain(&mut t).0.is_empty());
+        t.on_client(UrbClientMessage::Unlink(UrbId(0xffff_ffff)), 1)
+            .unwrap();
+        let (actions, _) = drain(&mut t);
+        assert!(
+            matches!(&actions[..], [DeviceAction::Submit(u)] if u.id == UrbId(11)),
+            "{actions:?}"
+        );
+        let outcomes: Vec<_> = std::iter::from_fn(|| t.poll_outcome()).collect();
+        assert_eq!(
+            outcomes,
+            vec![(UrbId(0xffff_ffff), false)],
+            "its ending is reported"
+        );
+    }
+
+    #[test]
+    fn only_in_urbs_may_be_sent_to_follow_another() {
+        let mut t = StreamTracker::new(&open(2, Direction::Out), 8, false);
+        let out = UrbClientMessage::SubmitAfter {
+            after: UrbId(1),
+            urb: UrbSubmit {
+                id: UrbId(2),
+                endpoint: ep(2),
+                direction: Direction::Out,
+                transfer_type: TransferType::Bulk,
+                flags: 0,
+                setup: None,
+                length: 3,
+                data: vec![1, 2, 3],
+                interval: 0,
+                iso: None,
+            },
+        };
+        assert_eq!(t.on_client(out, 0), Err(Violation::OrderedNotIn(UrbId(2))));
     }
 
     #[test]

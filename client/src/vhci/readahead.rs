@@ -93,8 +93,9 @@ pub struct Speculate {
     pub transfer_type: TransferType,
     /// The polling interval the kernel's URB asked for (0 for bulk).
     pub interval: i32,
-    /// The OUT URB (a kernel seqnum) the server must see complete before it runs this one:
-    /// the CBW, or a write's last data URB. None for interrupt streaming.
+    /// The URB the server must see complete before it runs this one: the CBW or a write's
+    /// last data URB (kernel seqnums), or for a CSW the data read before it. None for
+    /// interrupt streaming.
     pub after: Option<u32>,
 }
 
@@ -131,6 +132,10 @@ pub enum Settled {
     Answer(CmdSubmit, UrbComplete),
     /// A parked kernel URB must go to the server after all.
     Forward(CmdSubmit),
+    /// The speculation the kernel's URB `cmd` took over never reached the device (the URB
+    /// before it failed, or it was cancelled): the port sends `cmd` to the server itself,
+    /// unless the kernel unlinked it meanwhile, and then answers it with this completion.
+    Refused(CmdSubmit, UrbComplete),
     /// Kept for a kernel URB still to come, or dropped.
     Absorbed,
 }
@@ -139,7 +144,9 @@ pub enum Settled {
 enum State {
     Running,
     Done(UrbComplete),
-    Bound(u32),
+    /// A kernel URB took it over; kept to send it to the server itself should the server
+    /// refuse the speculation (the URB before it failed).
+    Bound(CmdSubmit),
     Parked(CmdSubmit),
 }
 
@@ -310,6 +317,12 @@ impl ReadAhead {
         out
     }
 
+    /// A control URB goes out: usb-storage's reset recovery (Bulk-Only Mass Storage Reset,
+    /// CLEAR_FEATURE) after a failed phase, so a write still owed its data is over.
+    pub fn on_control(&mut self) {
+        self.writes.clear();
+    }
+
     /// Routes a kernel bulk IN URB (or, while streaming, interrupt IN URB) on `endpoint`.
     pub fn claim(&mut self, endpoint: EndpointNumber, cmd: CmdSubmit) -> Claim {
         // The kernel reads: whatever write it was sending is over (finished, or abandoned).
@@ -340,7 +353,7 @@ impl ReadAhead {
             let spec = &mut queue[index];
             match std::mem::replace(&mut spec.state, State::Running) {
                 State::Running if matches && !spec.cancelling => {
-                    spec.state = State::Bound(cmd.seqnum);
+                    spec.state = State::Bound(cmd.clone());
                     self.stats.hits += 1;
                     return Claim::Bound(cmd, spec.id);
                 }
@@ -380,7 +393,7 @@ impl ReadAhead {
     pub fn bound_seqnum(&self, id: u32) -> Option<u32> {
         let (endpoint, index) = self.find(id)?;
         match self.queues[&endpoint][index].state {
-            State::Bound(seqnum) => Some(seqnum),
+            State::Bound(ref cmd) => Some(cmd.seqnum),
             _ => None,
         }
     }
@@ -397,7 +410,7 @@ impl ReadAhead {
             cancel_from(queue, index + 1, endpoint, &mut self.cancels);
         }
         // Unlinked with nothing moved: it never reached the device, whether we cancelled it or
-        // the server refused it because the OUT URB before it failed.
+        // the server refused it because the URB before it failed.
         let cancelled =
             c.status == UrbStatus::Unlinked && (queue[index].cancelling || c.actual_length == 0);
         let spec = &mut queue[index];
@@ -410,9 +423,13 @@ impl ReadAhead {
                 spec.state = State::Done(c);
                 Settled::Absorbed
             }
-            State::Bound(seqnum) => {
+            State::Bound(cmd) if cancelled => {
                 queue.remove(index);
-                Settled::Kernel(seqnum, c)
+                Settled::Refused(cmd, c)
+            }
+            State::Bound(cmd) => {
+                queue.remove(index);
+                Settled::Kernel(cmd.seqnum, c)
             }
             State::Parked(cmd) => {
                 queue.remove(index);

@@ -424,6 +424,24 @@ impl PortSession {
         let (id, completion) = match settled {
             Settled::NotOurs(c) => (c.id.0, c),
             Settled::Kernel(seqnum, c) => (seqnum, c),
+            Settled::Refused(cmd, c) => {
+                let unlinked = self
+                    .in_flight
+                    .get(&cmd.seqnum)
+                    .is_some_and(|u| !u.unlinks.is_empty());
+                if unlinked {
+                    (cmd.seqnum, c)
+                } else {
+                    // Sent as its own now; `forward` counts it again.
+                    self.in_flight.remove(&cmd.seqnum);
+                    self.stats.submitted -= 1;
+                    let transfer_type = self
+                        .endpoints
+                        .transfer_type(cmd.ep, Direction::In)
+                        .unwrap_or(TransferType::Bulk);
+                    return self.forward(cmd, transfer_type, Direction::In);
+                }
+            }
             Settled::Answer(cmd, c) => return self.answer_with(cmd, c),
             Settled::Forward(cmd) => {
                 let transfer_type = self
@@ -630,6 +648,10 @@ impl PortSession {
                 self.push_cancels();
                 self.forward(cmd, transfer_type, direction);
                 self.speculate(specs);
+            }
+            (TransferType::Control, _) => {
+                self.read_ahead.on_control();
+                self.forward(cmd, transfer_type, direction);
             }
             _ => self.forward(cmd, transfer_type, direction),
         }

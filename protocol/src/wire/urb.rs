@@ -105,7 +105,8 @@ pub struct UrbComplete {
     pub timing: Option<ServerTiming>,
 }
 
-/// What the client sends on a URB stream.
+/// What the client sends on a URB stream. The variants' order is wire format (postcard's
+/// variant index; [`super::frame::submit_around_data`] writes two of them by hand).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum UrbClientMessage {
     /// First frame, exactly once.
@@ -129,7 +130,8 @@ pub enum UrbClientMessage {
     },
 }
 
-/// What the server sends on a URB stream.
+/// What the server sends on a URB stream. The variants' order is wire format
+/// ([`super::frame::complete_around_data`] writes `Complete` by hand).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum UrbServerMessage {
     /// A URB ended (an unlinked one with [`UrbStatus::Unlinked`]).

@@ -90,8 +90,9 @@ pub struct FramedSend<T> {
     _message: std::marker::PhantomData<fn(T)>,
 }
 
-/// IN data from this size on is sent from its own buffer, behind its frame's head, rather than
-/// copied into the frame: a copy of each payload byte saved, for one more chunk on the stream.
+/// URB data (a completion's IN data, a submission's OUT data) from this size on is sent from
+/// its own buffer, behind its frame's head, rather than copied into the frame: a copy of each
+/// payload byte saved, for one more chunk on the stream.
 pub const OWN_BUFFER_FROM: usize = 16 * 1024;
 
 impl<T: Serialize> FramedSend<T> {
