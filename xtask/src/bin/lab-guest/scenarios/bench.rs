@@ -217,9 +217,11 @@ fn measure(who: &str, disk: &Path, link: Link, procs: Option<(&Daemon, &Daemon)>
         metric(&format!("{who}_server_rss_mib"), peak_rss_mib(server.pid()));
         metric(&format!("{who}_client_rss_mib"), peak_rss_mib(client.pid()));
         log!(
-            "{who}: peak RSS server {:.1} MiB, client {:.1} MiB",
+            "{who}: peak RSS server {:.1} MiB, client {:.1} MiB; now server {}, client {}",
             peak_rss_mib(server.pid()),
-            peak_rss_mib(client.pid())
+            peak_rss_mib(client.pid()),
+            rss_split(server.pid()),
+            rss_split(client.pid())
         );
     }
     Ok(())
@@ -343,16 +345,31 @@ impl CpuSplit {
     }
 }
 
+/// A process's resident memory now, split into its own (heap, stacks) and its file's pages
+/// (the binary's code and data it touched): which of the two a peak RSS is made of.
+fn rss_split(pid: u32) -> String {
+    format!(
+        "anon {:.1} MiB + file {:.1} MiB",
+        status_mib(pid, "RssAnon:"),
+        status_mib(pid, "RssFile:")
+    )
+}
+
 /// Peak resident set size of a process, in MiB.
 fn peak_rss_mib(pid: u32) -> f64 {
+    (status_mib(pid, "VmHWM:") * 10.0).round() / 10.0
+}
+
+/// A `kB` field of `/proc/<pid>/status`, in MiB (0 if missing).
+fn status_mib(pid: u32, field: &str) -> f64 {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb = status
+    status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0);
-    (kb / 1024.0 * 10.0).round() / 10.0
+        .unwrap_or(0.0)
+        / 1024.0
 }
 
 fn detach_all_usbip() -> Result<()> {
