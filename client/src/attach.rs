@@ -367,16 +367,6 @@ async fn run_port_recorded(
     if let Some(report) = &port_run.report {
         port_report::remove(&port_report::dir(), report.port);
     }
-    let ra = stats.read_ahead;
-    if ra.speculated > 0 {
-        info!(
-            speculated = ra.speculated,
-            hits = ra.hits,
-            mismatches = ra.mismatches,
-            discarded = ra.discarded,
-            "read-ahead"
-        );
-    }
     end
 }
 

@@ -534,6 +534,14 @@ mod tests {
     use protocol::usbip::SubmitBuffer;
     use protocol::wire::UrbId;
 
+    /// A CBW that reads `len` bytes.
+    pub(super) fn reading(len: u32) -> Cbw {
+        Cbw {
+            data_in: Some(len),
+            ..Cbw::default()
+        }
+    }
+
     pub(super) fn ep(n: u8) -> EndpointNumber {
         EndpointNumber::new(n).unwrap()
     }
@@ -573,13 +581,7 @@ mod tests {
 
     #[test]
     fn parses_only_real_cbws() {
-        assert_eq!(
-            parse_cbw(&cbw(4096, true)),
-            Some(Cbw {
-                data_in: Some(4096),
-                ..Cbw::default()
-            })
-        );
+        assert_eq!(parse_cbw(&cbw(4096, true)), Some(reading(4096)));
         assert_eq!(
             parse_cbw(&cbw(4096, false)),
             Some(Cbw {
@@ -650,14 +652,7 @@ mod tests {
     #[test]
     fn a_failed_data_phase_cancels_the_csw_behind_it() {
         let mut ra = ReadAhead::new(true);
-        let specs = ra.on_cbw(
-            ep(1),
-            Cbw {
-                data_in: Some(512),
-                ..Cbw::default()
-            },
-            100,
-        );
+        let specs = ra.on_cbw(ep(1), reading(512), 100);
         ra.on_completion(done(specs[0].id, UrbStatus::Stall, vec![]));
         assert_eq!(
             ra.take_cancels(),
@@ -685,14 +680,7 @@ mod tests {
     #[test]
     fn a_cancel_that_lost_the_race_still_delivers_the_devices_data() {
         let mut ra = ReadAhead::new(true);
-        let specs = ra.on_cbw(
-            ep(1),
-            Cbw {
-                data_in: Some(512),
-                ..Cbw::default()
-            },
-            100,
-        );
+        let specs = ra.on_cbw(ep(1), reading(512), 100);
         ra.on_completion(done(specs[0].id, UrbStatus::Stall, vec![]));
         ra.take_cancels();
         ra.claim(ep(1), kernel_in(1, 512, DATA_FLAGS));
@@ -712,14 +700,7 @@ mod tests {
     #[test]
     fn a_mismatch_turns_read_ahead_off_and_overflows_what_does_not_fit() {
         let mut ra = ReadAhead::new(true);
-        let specs = ra.on_cbw(
-            ep(1),
-            Cbw {
-                data_in: Some(1024),
-                ..Cbw::default()
-            },
-            100,
-        );
+        let specs = ra.on_cbw(ep(1), reading(1024), 100);
         ra.on_completion(done(specs[0].id, UrbStatus::Ok, vec![5; 1024]));
         match ra.claim(ep(1), kernel_in(1, 512, DATA_FLAGS)) {
             Claim::Answer(_, c) => {
@@ -736,14 +717,7 @@ mod tests {
     #[test]
     fn a_parked_urb_can_be_unlinked_and_its_speculation_stays_known() {
         let mut ra = ReadAhead::new(true);
-        let specs = ra.on_cbw(
-            ep(1),
-            Cbw {
-                data_in: Some(512),
-                ..Cbw::default()
-            },
-            100,
-        );
+        let specs = ra.on_cbw(ep(1), reading(512), 100);
         // Flags the speculation did not guess: it waits for the cancelled read to settle.
         assert!(matches!(
             ra.claim(ep(1), kernel_in(1, 512, 0)),
@@ -762,14 +736,7 @@ mod tests {
     #[test]
     fn a_new_command_discards_what_the_last_left() {
         let mut ra = ReadAhead::new(true);
-        let first = ra.on_cbw(
-            ep(1),
-            Cbw {
-                data_in: Some(512),
-                ..Cbw::default()
-            },
-            100,
-        );
+        let first = ra.on_cbw(ep(1), reading(512), 100);
         ra.on_completion(done(first[0].id, UrbStatus::Ok, vec![0; 512]));
         let second = ra.on_cbw(ep(1), Cbw::default(), 100);
         assert_eq!(second.len(), 1);
@@ -807,17 +774,7 @@ mod tests {
     fn kernel_seqnums_near_the_speculative_ids_turn_it_off() {
         let mut ra = ReadAhead::new(true);
         ra.note_kernel_seqnum(LOWEST_ID);
-        assert!(
-            ra.on_cbw(
-                ep(1),
-                Cbw {
-                    data_in: Some(512),
-                    ..Cbw::default()
-                },
-                100
-            )
-            .is_empty()
-        );
+        assert!(ra.on_cbw(ep(1), reading(512), 100).is_empty());
         assert!(matches!(
             ra.on_completion(done(5, UrbStatus::Ok, vec![])),
             Settled::NotOurs(_)

@@ -86,8 +86,8 @@ mod tests {
     use protocol::usb::{TransferType, UrbStatus, transfer_flags};
 
     use super::STREAM_DEPTH;
-    use crate::vhci::readahead::tests::{done, ep, kernel_in};
-    use crate::vhci::readahead::{Cbw, Claim, ReadAhead, Settled};
+    use crate::vhci::readahead::tests::{done, ep, kernel_in, reading};
+    use crate::vhci::readahead::{Claim, ReadAhead, Settled};
 
     const INT_FLAGS: u32 = transfer_flags::DIR_IN;
 
@@ -95,17 +95,7 @@ mod tests {
     fn streaming_keeps_the_device_polled_ahead_and_hands_reports_over_in_order() {
         let mut ra = ReadAhead::new(false);
         ra.set_streaming(true);
-        assert!(
-            ra.on_cbw(
-                ep(1),
-                Cbw {
-                    data_in: Some(512),
-                    ..Cbw::default()
-                },
-                100
-            )
-            .is_empty()
-        );
+        assert!(ra.on_cbw(ep(1), reading(512), 100).is_empty());
         // The kernel's first URB goes to the server; three more poll behind it.
         assert!(matches!(
             ra.claim(ep(1), kernel_in(1, 8, INT_FLAGS)),
