@@ -345,13 +345,15 @@ impl CpuSplit {
     }
 }
 
-/// A process's resident memory now, split into its own (heap, stacks) and its file's pages
-/// (the binary's code and data it touched): which of the two a peak RSS is made of.
+/// A process's resident memory now, split into its own (heap, stacks) and its binary's pages
+/// it touched: which of the two a peak RSS is made of. The guest runs binaries from its
+/// initramfs, whose pages count as shared memory there rather than as file pages.
 fn rss_split(pid: u32) -> String {
     format!(
-        "anon {:.1} MiB + file {:.1} MiB",
+        "anon {:.1} MiB + file {:.1} MiB + shmem {:.1} MiB",
         status_mib(pid, "RssAnon:"),
-        status_mib(pid, "RssFile:")
+        status_mib(pid, "RssFile:"),
+        status_mib(pid, "RssShmem:")
     )
 }
 
