@@ -236,6 +236,10 @@ impl StreamTracker {
         }
         let id = urb.id;
         self.waiting.pop_front();
+        // Its whole life was the wait here: timing reports it as queued, none on the device.
+        if let Some(u) = self.in_flight.get_mut(&id) {
+            u.started_us = now_us;
+        }
         self.finish(completion(id, UrbStatus::Unlinked), false, now_us);
         self.start_waiting(now_us);
     }
@@ -438,6 +442,19 @@ mod tests {
             })
             .collect();
         assert_eq!(ids, vec![0xffff_ffff, 0xffff_fffe, 11], "in arrival order");
+    }
+
+    #[test]
+    fn a_refused_urb_reports_its_wait_as_queued_not_device_time() {
+        let mut t = StreamTracker::new(&open(1, Direction::In), 8, true);
+        t.on_client(after(0xffff_ffff, 10), 100).unwrap();
+        t.open_gate(false, 350);
+        let (_, messages) = drain(&mut t);
+        let UrbServerMessage::Complete(c) = &messages[0] else {
+            panic!("{messages:?}")
+        };
+        let timing = c.timing.unwrap();
+        assert_eq!((timing.queued_us, timing.device_us), (250, 0));
     }
 
     #[test]
