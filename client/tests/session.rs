@@ -860,6 +860,13 @@ fn read_ahead_after(actions: &[Action]) -> Vec<Option<UrbId>> {
         .collect()
 }
 
+/// Whether the kernel's URB `seqnum` went to the server as a plain submission.
+fn sent_as_its_own(actions: &[Action], seqnum: u32) -> bool {
+    actions
+        .iter()
+        .any(|a| matches!(a, Action::Submit { urb, after: None, .. } if urb.id == UrbId(seqnum)))
+}
+
 /// The ids and lengths of the URBs sent to the server on 0x81 IN.
 fn read_ahead_ids(actions: &[Action]) -> Vec<(u32, u32)> {
     actions
@@ -984,12 +991,7 @@ fn a_read_ahead_the_server_refused_leaves_the_kernels_urb_to_the_server() {
     drain(&mut session);
     session.on_kernel_bytes(&storage_in(31, 13, false));
     let actions = drain(&mut session);
-    assert!(
-        actions
-            .iter()
-            .any(|a| matches!(a, Action::Submit { urb, after: None, .. } if urb.id == UrbId(31))),
-        "{actions:?}"
-    );
+    assert!(sent_as_its_own(&actions, 31), "{actions:?}");
 }
 
 #[test]
@@ -1006,12 +1008,7 @@ fn a_kernel_urb_on_a_refused_read_ahead_goes_to_the_server_itself() {
     );
     session.on_completion(completed_with(ahead[0].0, UrbStatus::Unlinked));
     let actions = drain(&mut session);
-    assert!(
-        actions
-            .iter()
-            .any(|a| matches!(a, Action::Submit { urb, after: None, .. } if urb.id == UrbId(41))),
-        "{actions:?}"
-    );
+    assert!(sent_as_its_own(&actions, 41), "{actions:?}");
     assert!(
         !actions.iter().any(|a| matches!(a, Action::ToKernel(_))),
         "nothing reached the kernel yet: {actions:?}"

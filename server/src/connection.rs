@@ -26,6 +26,7 @@ use transport::{FramedRecv, FramedSend, StreamError};
 use crate::config::ShareRule;
 use crate::device::{DeviceEvent, DeviceSource, OpenError, OpenedDevice};
 use crate::gate::Gates;
+use crate::sync::lock;
 use crate::tracker::{DeviceAction, StreamTracker, Violation, completion};
 
 /// What this server can do: time its URBs, and hold a URB for the one it follows (the
@@ -145,10 +146,6 @@ impl Attachment {
     fn with_device<R>(&self, f: impl FnOnce(Option<&mut Box<dyn OpenedDevice>>) -> R) -> R {
         f(lock(&self.opened).as_mut())
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A connected client, for [`Server::snapshot`].

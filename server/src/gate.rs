@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use protocol::wire::UrbId;
 use tokio::sync::watch;
 
+use crate::sync::lock;
 use crate::tracker::StreamTracker;
 
 /// Outcomes kept per attachment.
@@ -65,10 +66,11 @@ impl Default for Gates {
 impl Gates {
     /// Records how URB `id` ended and wakes the streams waiting on one.
     pub fn record(&self, id: UrbId, ok: bool) {
-        self.book
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .record(id, ok);
+        lock(&self.book).record(id, ok);
+        self.wake();
+    }
+
+    fn wake(&self) {
         self.recorded.send_modify(|n| *n = n.wrapping_add(1));
     }
 
@@ -83,15 +85,22 @@ impl Gates {
     pub fn settle(&self, tracker: &mut StreamTracker, record: bool, closing: bool, now_us: u64) {
         loop {
             self.open(tracker, closing, now_us);
-            let mut recorded = false;
-            while let Some((id, ok)) = tracker.poll_outcome() {
-                if record {
-                    self.record(id, ok);
+            // All of this round's endings under one lock, and one wake-up for them.
+            let mut ended = false;
+            {
+                let mut book = lock(&self.book);
+                while let Some((id, ok)) = tracker.poll_outcome() {
+                    if record {
+                        book.record(id, ok);
+                    }
+                    ended = true;
                 }
-                recorded = true;
             }
-            if !recorded {
+            if !ended {
                 return;
+            }
+            if record {
+                self.wake();
             }
         }
     }
@@ -101,11 +110,7 @@ impl Gates {
     /// refused too.
     fn open(&self, tracker: &mut StreamTracker, closing: bool, now_us: u64) {
         while let Some(after) = tracker.gated_on() {
-            let outcome = self
-                .book
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .outcome(after);
+            let outcome = lock(&self.book).outcome(after);
             match outcome {
                 Some(ok) => tracker.open_gate(ok, now_us),
                 None if closing => tracker.open_gate(false, now_us),
@@ -118,39 +123,15 @@ impl Gates {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use protocol::usb::{Direction, EndpointNumber, TransferType, UrbStatus};
-    use protocol::wire::{
-        AttachHandle, UrbClientMessage, UrbServerMessage, UrbStreamOpen, UrbSubmit,
-    };
-
-    fn read_after(id: u32, after: u32) -> UrbClientMessage {
-        UrbClientMessage::SubmitAfter {
-            after: UrbId(after),
-            urb: UrbSubmit {
-                id: UrbId(id),
-                endpoint: EndpointNumber::new(1).unwrap(),
-                direction: Direction::In,
-                transfer_type: TransferType::Bulk,
-                flags: 0,
-                setup: None,
-                length: 13,
-                data: vec![],
-                interval: 0,
-                iso: None,
-            },
-        }
-    }
+    use crate::tracker::tests::{after, open};
+    use protocol::usb::{Direction, UrbStatus};
+    use protocol::wire::UrbServerMessage;
 
     #[test]
     fn a_failed_command_refuses_its_data_read_and_the_status_read_behind_that() {
-        let open = UrbStreamOpen {
-            handle: AttachHandle(1),
-            endpoint: EndpointNumber::new(1).unwrap(),
-            direction: Direction::In,
-        };
-        let mut t = StreamTracker::new(&open, 8, false);
-        t.on_client(read_after(100, 10), 0).unwrap();
-        t.on_client(read_after(99, 100), 0).unwrap();
+        let mut t = StreamTracker::new(&open(1, Direction::In), 8, false);
+        t.on_client(after(100, 10), 0).unwrap();
+        t.on_client(after(99, 100), 0).unwrap();
         let gates = Gates::default();
         gates.settle(&mut t, true, false, 1);
         assert_eq!(t.gated_on(), Some(UrbId(10)), "the CBW has not ended yet");
@@ -164,7 +145,7 @@ mod tests {
             )
             .count();
         assert_eq!(refused, 2);
-        assert_eq!(gates.book.lock().unwrap().outcome(UrbId(100)), Some(false));
+        assert_eq!(lock(&gates.book).outcome(UrbId(100)), Some(false));
     }
 
     #[test]

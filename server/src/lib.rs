@@ -5,5 +5,6 @@ pub mod connection;
 pub mod device;
 pub mod gate;
 pub mod status;
+mod sync;
 pub mod tracker;
 pub mod tui;

@@ -345,7 +345,7 @@ pub fn completion(id: UrbId, status: UrbStatus) -> UrbComplete {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use protocol::usb::TransferType;
     use protocol::wire::AttachHandle;
@@ -354,7 +354,7 @@ mod tests {
         EndpointNumber::new(n).unwrap()
     }
 
-    fn open(n: u8, direction: Direction) -> UrbStreamOpen {
+    pub(crate) fn open(n: u8, direction: Direction) -> UrbStreamOpen {
         UrbStreamOpen {
             handle: AttachHandle(1),
             endpoint: ep(n),
@@ -410,7 +410,8 @@ mod tests {
         assert_eq!(t.in_flight(), 0);
     }
 
-    fn after(id: u32, after: u32) -> UrbClientMessage {
+    /// A bulk IN read on endpoint 1 sent to follow URB `after`.
+    pub(crate) fn after(id: u32, after: u32) -> UrbClientMessage {
         let UrbClientMessage::Submit(urb) = bulk_in(id) else {
             unreachable!()
         };

@@ -9,15 +9,15 @@ use std::time::Duration;
 use iroh::{Endpoint, EndpointAddr, SecretKey};
 use protocol::usb::{Direction, EndpointNumber, Speed, TransferType, UrbStatus};
 use protocol::wire::{
-    ALPN, AttachRefusal, Capabilities, ClassTriple, DeviceId, DeviceInfo, Event, UrbClientMessage,
-    UrbComplete, UrbId, UrbServerMessage, UrbStreamOpen, UrbSubmit,
+    ALPN, AttachHandle, AttachRefusal, Capabilities, ClassTriple, DeviceId, DeviceInfo, Event,
+    UrbClientMessage, UrbComplete, UrbId, UrbServerMessage, UrbStreamOpen, UrbSubmit,
 };
 use server::config::{ShareRule, rule_from_spec};
 use server::connection::{Allowlist, Policy, Server, ServerConfig};
 use server::device::{CompletionSender, DeviceEvent, DeviceSource, OpenError, OpenedDevice};
 use tokio::sync::broadcast;
 use transport::cipher::Suite;
-use transport::{ClientError, NetConfig, ServerConnection, bind_endpoint};
+use transport::{ClientError, FramedRecv, FramedSend, NetConfig, ServerConnection, bind_endpoint};
 
 /// A loopback device: bulk OUT on endpoint 2 fills a buffer that bulk IN on endpoint 1 drains;
 /// IN URBs wait for data.
@@ -233,6 +233,19 @@ async fn connect_from(ep: &Endpoint, lab: &Lab) -> Result<Arc<ServerConnection>,
     .await
 }
 
+/// One URB stream, as the client holds it.
+type Stream = (FramedSend<UrbClientMessage>, FramedRecv<UrbServerMessage>);
+
+/// The loopback's bulk IN (endpoint 1) and bulk OUT (endpoint 2) URB streams.
+async fn loopback_streams(c: &ServerConnection, handle: AttachHandle) -> (Stream, Stream) {
+    let open = |n, direction| async move {
+        c.open_urb_stream(handle, EndpointNumber::new(n).unwrap(), direction)
+            .await
+            .unwrap()
+    };
+    (open(1, Direction::In).await, open(2, Direction::Out).await)
+}
+
 fn submit(id: u32, ep: u8, direction: Direction, length: u32, data: Vec<u8>) -> UrbClientMessage {
     UrbClientMessage::Submit(UrbSubmit {
         id: UrbId(id),
@@ -310,14 +323,7 @@ async fn attach_is_exclusive_and_urbs_flow_with_many_in_flight() {
         Err(ClientError::Refused(AttachRefusal::Gone))
     ));
 
-    let (mut in_tx, mut in_rx) = a
-        .open_urb_stream(handle, EndpointNumber::new(1).unwrap(), Direction::In)
-        .await
-        .unwrap();
-    let (mut out_tx, mut out_rx) = a
-        .open_urb_stream(handle, EndpointNumber::new(2).unwrap(), Direction::Out)
-        .await
-        .unwrap();
+    let ((mut in_tx, mut in_rx), (mut out_tx, mut out_rx)) = loopback_streams(&a, handle).await;
     // Four reads in flight before any data exists, then one write that feeds them all.
     for id in 1..=4 {
         in_tx
@@ -405,14 +411,7 @@ async fn large_urbs_and_ordered_reads_cross_byte_exact() {
             .contains(Capabilities::ORDERED_SUBMIT)
     );
     let (handle, _) = a.attach(DeviceId(7), None).await.unwrap();
-    let (mut in_tx, mut in_rx) = a
-        .open_urb_stream(handle, EndpointNumber::new(1).unwrap(), Direction::In)
-        .await
-        .unwrap();
-    let (mut out_tx, mut out_rx) = a
-        .open_urb_stream(handle, EndpointNumber::new(2).unwrap(), Direction::Out)
-        .await
-        .unwrap();
+    let ((mut in_tx, mut in_rx), (mut out_tx, mut out_rx)) = loopback_streams(&a, handle).await;
     // The reads go first, each to follow its write, which is not even sent yet.
     for id in 0..3u32 {
         let UrbClientMessage::Submit(urb) = submit(10 + id, 1, Direction::In, BIG as u32, vec![])
@@ -771,14 +770,7 @@ async fn the_snapshot_counts_bytes_each_way() {
     let lab = lab(None).await;
     let c = client(&lab, &SecretKey::generate()).await.unwrap();
     let (handle, _) = c.attach(DeviceId(7), None).await.unwrap();
-    let (mut out_tx, mut out_rx) = c
-        .open_urb_stream(handle, EndpointNumber::new(2).unwrap(), Direction::Out)
-        .await
-        .unwrap();
-    let (mut in_tx, mut in_rx) = c
-        .open_urb_stream(handle, EndpointNumber::new(1).unwrap(), Direction::In)
-        .await
-        .unwrap();
+    let ((mut in_tx, mut in_rx), (mut out_tx, mut out_rx)) = loopback_streams(&c, handle).await;
     out_tx
         .send(&submit(1, 2, Direction::Out, 3000, vec![1; 3000]))
         .await

@@ -292,8 +292,9 @@ impl ReadAhead {
         mut after: u32,
     ) -> Vec<Speculate> {
         let room = MAX_QUEUED.saturating_sub(phases.len());
+        let ids_left = self.next_id.saturating_sub(LOWEST_ID) as usize;
         let queue = self.queues.entry(endpoint_in).or_default();
-        if !self.enabled || self.next_id < LOWEST_ID + 2 || queue.len() > room {
+        if !self.enabled || ids_left < phases.len() || queue.len() > room {
             return Vec::new();
         }
         let out: Vec<Speculate> = phases

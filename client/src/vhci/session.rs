@@ -57,8 +57,8 @@ pub enum Action {
         direction: Direction,
         /// The URB, with the kernel's seqnum as its id.
         urb: UrbSubmit,
-        /// The URB (on another stream) the server must see complete before running this one:
-        /// read-ahead's ([`UrbClientMessage::SubmitAfter`]).
+        /// The URB (on any stream of the port) the server must see complete before running
+        /// this one: read-ahead's ([`UrbClientMessage::SubmitAfter`]).
         after: Option<UrbId>,
     },
     /// Ask the server to cancel a URB sent earlier on that stream.
@@ -435,21 +435,11 @@ impl PortSession {
                     // Sent as its own now; `forward` counts it again.
                     self.in_flight.remove(&cmd.seqnum);
                     self.stats.submitted -= 1;
-                    let transfer_type = self
-                        .endpoints
-                        .transfer_type(cmd.ep, Direction::In)
-                        .unwrap_or(TransferType::Bulk);
-                    return self.forward(cmd, transfer_type, Direction::In);
+                    return self.forward_in(cmd);
                 }
             }
             Settled::Answer(cmd, c) => return self.answer_with(cmd, c),
-            Settled::Forward(cmd) => {
-                let transfer_type = self
-                    .endpoints
-                    .transfer_type(cmd.ep, Direction::In)
-                    .unwrap_or(TransferType::Bulk);
-                return self.forward(cmd, transfer_type, Direction::In);
-            }
+            Settled::Forward(cmd) => return self.forward_in(cmd),
             Settled::Absorbed => return,
         };
         if self.iso.is_ahead(id) {
@@ -707,6 +697,15 @@ impl PortSession {
             self.read_ahead.on_kernel_unlink(endpoint);
             self.push_cancels();
         }
+    }
+
+    /// Sends a kernel IN URB that read-ahead held back to the server after all.
+    fn forward_in(&mut self, cmd: CmdSubmit) {
+        let transfer_type = self
+            .endpoints
+            .transfer_type(cmd.ep, Direction::In)
+            .unwrap_or(TransferType::Bulk);
+        self.forward(cmd, transfer_type, Direction::In);
     }
 
     /// Sends the kernel's URB to the server as it is.

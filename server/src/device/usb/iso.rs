@@ -16,10 +16,10 @@ use protocol::usb::{TransferType, UrbStatus};
 use protocol::wire::{UrbId, UrbSubmit};
 use tracing::{debug, warn};
 
-use super::lock;
 use super::usbfs::{RawDevice, RawFile, UrbKey};
 use crate::device::CompletionSender;
 use crate::device::iso::{ChunkResult, IsoPlan};
+use crate::sync::lock;
 use crate::tracker::completion;
 
 /// How often the reaper looks at the stop flag when nothing completes.

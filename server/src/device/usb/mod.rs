@@ -16,11 +16,4 @@ mod opened;
 mod source;
 mod usbfs;
 
-use std::sync::Mutex;
-
 pub use source::{DeviceFilter, UsbError, UsbSource};
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic elsewhere while holding the lock leaves plain data behind; keep serving.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}

@@ -20,9 +20,9 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::iso::{IsoEngine, iso_interfaces};
-use super::lock;
 use crate::device::endpoint::{EpCmd, run_endpoint, status_of, suggests_unplug};
 use crate::device::{CompletionSender, OpenError, OpenedDevice};
+use crate::sync::lock;
 use crate::tracker::completion;
 
 /// A safety net for control transfers: class drivers on the client time out and unlink long

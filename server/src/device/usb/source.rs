@@ -12,10 +12,10 @@ use protocol::wire::{ClassTriple, DeviceId, DeviceInfo};
 use tokio::sync::{broadcast, mpsc};
 use tracing::{debug, info, warn};
 
-use super::lock;
 use super::opened::UsbDevice;
 use crate::config::{DeviceFacts, SharePolicy, VidPid};
 use crate::device::{DeviceEvent, DeviceSource, OpenError, OpenedDevice};
+use crate::sync::lock;
 
 /// Which devices a server offers: the config's share and deny rules, never hubs, never
 /// devices imported from another machine.
