@@ -135,6 +135,30 @@ pub fn client(who: &str, args: &[&str]) -> Result<(bool, String, String)> {
     ))
 }
 
+/// Waits until `who` sees `vid_pid` in the server's list. A device the guest's sysfs already
+/// shows may not have its usbfs node yet when the server enumerates, and then reaches the
+/// server through hot-plug a moment later: attaching before that fails with "no shared device
+/// matches".
+pub fn wait_listed(who: &str, ticket: &str, vid_pid: &str) -> Result<()> {
+    let mut last = String::new();
+    sys::wait_for(
+        &format!("the server to list {vid_pid}"),
+        Duration::from_secs(20).mul_f64(sys::pace()),
+        || match client(who, &["--json", "list", ticket]) {
+            Ok((true, out, _)) if out.contains(vid_pid) => Some(()),
+            Ok((_, out, err)) => {
+                last = format!("{out}{err}");
+                None
+            }
+            Err(e) => {
+                last = format!("{e:#}");
+                None
+            }
+        },
+    )
+    .with_context(|| format!("the last list said: {last}"))
+}
+
 /// The client's endpoint id (creating its key).
 pub fn client_id(who: &str) -> Result<String> {
     let (ok, out, err) = client(who, &["id"])?;

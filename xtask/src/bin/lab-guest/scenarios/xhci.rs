@@ -16,7 +16,7 @@ use super::faults::unplug_during_dd;
 use super::hid::key_events;
 use super::project::{
     Daemon, attach_disk, client, client_id, detach_and_wait, show_client_log, show_server_log,
-    spawn_client, start_server, stop_supervisor, vhci_ports_in_use, wait_readable,
+    spawn_client, start_server, stop_supervisor, vhci_ports_in_use, wait_listed, wait_readable,
 };
 use super::usbip::{Attached, Usbipd};
 use crate::bench::{self, MIB};
@@ -97,7 +97,11 @@ pub(super) fn serve(vid_pids: &[&str]) -> Result<(Daemon, String)> {
     for v in vid_pids {
         args.extend(["--share", v]);
     }
-    start_server(&args)
+    let (server, ticket) = start_server(&args)?;
+    for v in vid_pids {
+        wait_listed("friend", &ticket, v)?;
+    }
+    Ok((server, ticket))
 }
 
 /// A SuperSpeed disk: the kernel's USB/IP as the anchor, then ours, 64 MiB byte-exact each,
