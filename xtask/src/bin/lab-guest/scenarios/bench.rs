@@ -191,7 +191,7 @@ fn measure(who: &str, disk: &Path, link: Link, procs: Option<(&Daemon, &Daemon)>
                 moved += 2 * size;
             }
             let (read, write) = (bench::median(reads), bench::median(writes));
-            let (p50, p99) = small_read_latency(disk)?;
+            let (p50, p99) = small_read_latency(disk, SIZE)?;
             log!("{who} rtt {rtt} ms, where the CPU went:");
             CpuSplit::take(&pids).log_since(&split_before);
             log!(
@@ -239,9 +239,9 @@ fn cpu_of(procs: Option<(&Daemon, &Daemon)>) -> f64 {
     }
 }
 
-/// p50 and p99 of 4 KiB O_DIRECT reads spread over the disk: three URB round trips each
-/// (command, data, status), so this is what a small-I/O user feels.
-fn small_read_latency(disk: &Path) -> Result<(f64, f64)> {
+/// p50 and p99 of 4 KiB O_DIRECT reads spread over the disk's first `span` bytes: three URB
+/// round trips each (command, data, status), so this is what a small-I/O user feels.
+pub(super) fn small_read_latency(disk: &Path, span: usize) -> Result<(f64, f64)> {
     let f = OpenOptions::new()
         .read(true)
         .custom_flags(bench::O_DIRECT)
@@ -251,7 +251,7 @@ fn small_read_latency(disk: &Path) -> Result<(f64, f64)> {
     let buf = &mut storage[off..off + 4096];
     let mut times = Vec::with_capacity(SMALL_READS);
     for i in 0..SMALL_READS {
-        let at = ((i * 7919) % (SIZE / 4096)) as u64 * 4096;
+        let at = ((i * 7919) % (span / 4096)) as u64 * 4096;
         let t = Instant::now();
         f.read_exact_at(buf, at)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
@@ -265,7 +265,7 @@ fn small_read_latency(disk: &Path) -> Result<(f64, f64)> {
 }
 
 /// The fields of a `/proc/.../stat` line after the parenthesised command name (which may hold
-/// spaces): index 11 is utime, 12 stime, in clock ticks.
+/// spaces): index 7 is minor page faults, 11 utime, 12 stime (in clock ticks).
 fn stat_fields(path: &str) -> Vec<f64> {
     let stat = fs::read_to_string(path).unwrap_or_default();
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
@@ -295,11 +295,13 @@ fn guest_secs() -> impl Fn(usize) -> f64 {
     move |i| ticks.get(i).unwrap_or(&0.0) / 100.0
 }
 
-/// Where CPU time goes: user and system seconds per thread name of each process (tokio's
-/// workers share one name and are summed), and the whole guest's split from `/proc/stat`.
-/// Under TCG our path is CPU-bound, so this says which part to make cheaper.
+/// Where CPU time goes: user and system seconds and minor page faults per thread name of each
+/// process (tokio's workers share one name and are summed), and the whole guest's split from
+/// `/proc/stat`. Under TCG our path is CPU-bound, so this says which part to make cheaper. The
+/// faults were a suspect (each daemon faults in every 1 MiB URB buffer afresh); taking them
+/// away did not move the CPU time (kernel-notes/LAB.md).
 #[derive(Default)]
-struct CpuSplit(BTreeMap<String, (f64, f64)>);
+struct CpuSplit(BTreeMap<String, (f64, f64, f64)>);
 
 impl CpuSplit {
     fn take(procs: &[(&str, u32)]) -> CpuSplit {
@@ -314,33 +316,38 @@ impl CpuSplit {
                 let f = stat_fields(&dir.join("stat").to_string_lossy());
                 let e = split
                     .entry(format!("{who}/{}", name.trim()))
-                    .or_insert((0.0, 0.0));
+                    .or_insert((0.0, 0.0, 0.0));
                 e.0 += f.get(11).unwrap_or(&0.0) / 100.0;
                 e.1 += f.get(12).unwrap_or(&0.0) / 100.0;
+                e.2 += f.get(7).unwrap_or(&0.0);
             }
         }
         let tick = guest_secs();
-        split.insert("guest/user+nice".into(), (tick(0) + tick(1), 0.0));
-        split.insert("guest/system".into(), (0.0, tick(2)));
-        split.insert("guest/irq+softirq".into(), (0.0, tick(5) + tick(6)));
-        split.insert("guest/idle+iowait".into(), (tick(3) + tick(4), 0.0));
+        split.insert("guest/user+nice".into(), (tick(0) + tick(1), 0.0, 0.0));
+        split.insert("guest/system".into(), (0.0, tick(2), 0.0));
+        split.insert("guest/irq+softirq".into(), (0.0, tick(5) + tick(6), 0.0));
+        split.insert("guest/idle+iowait".into(), (tick(3) + tick(4), 0.0, 0.0));
         CpuSplit(split)
     }
 
     /// Logs what was spent since `before`, largest first.
     fn log_since(&self, before: &CpuSplit) {
-        let mut spent: Vec<(&String, f64, f64)> = self
+        let mut spent: Vec<(&String, f64, f64, f64)> = self
             .0
             .iter()
-            .map(|(k, &(u, s))| {
-                let (bu, bs) = before.0.get(k).copied().unwrap_or((0.0, 0.0));
-                (k, u - bu, s - bs)
+            .map(|(k, &(u, s, f))| {
+                let (bu, bs, bf) = before.0.get(k).copied().unwrap_or((0.0, 0.0, 0.0));
+                (k, u - bu, s - bs, f - bf)
             })
-            .filter(|&(_, u, s)| u + s >= 0.01)
+            .filter(|&(_, u, s, _)| u + s >= 0.01)
             .collect();
         spent.sort_by(|a, b| (b.1 + b.2).total_cmp(&(a.1 + a.2)));
-        for (name, user, sys) in spent {
-            log!("cpu {name}: user {user:.2} s, system {sys:.2} s");
+        for (name, user, sys, faults) in spent {
+            if name.starts_with("guest/") {
+                log!("cpu {name}: user {user:.2} s, system {sys:.2} s");
+            } else {
+                log!("cpu {name}: user {user:.2} s, system {sys:.2} s, {faults} page faults");
+            }
         }
     }
 }

@@ -135,6 +135,20 @@ pub fn run() -> Result<()> {
         "a loose budget should exit 0, got {loose:?}"
     );
 
+    // What a small-I/O user waits on: 4 KiB synchronous reads, split the same way. Each is
+    // three URB round trips here (telemetry times every URB's own trip, so it turns read-ahead
+    // off); without telemetry read-ahead makes it one round trip and two device turns.
+    let rec_small = Path::new("/tmp/t-small.rec");
+    let (p50, _) = session(&ticket, &vid_pid, g, Some(rec_small), |disk| {
+        super::bench::small_read_latency(disk, SIZE)
+    })?;
+    let (_, text) = report(rec_small, &[])?;
+    log!("4 KiB synchronous reads: p50 {p50:.2} ms each (telemetry turns read-ahead off)");
+    for line in text.lines().filter(|l| !l.contains("BUDGET")) {
+        log!("small reads: {line}");
+    }
+    metric("small_read_p50_ms", p50);
+
     // 5 ms each way: the network part is the ~10 ms round trip, our overhead stays apart.
     let rec5 = Path::new("/tmp/t5.rec");
     netem::set(Duration::from_millis(5), 0.0)?;
