@@ -113,6 +113,14 @@ pub fn run() -> Result<()> {
     ensure!(ok, "detach failed: {err}");
     // The connection's packet counts, loss and final congestion window, as the server saw them.
     drop(client_daemon);
+    // What read-ahead did: its counts, and why it stopped if it did.
+    for line in fs::read_to_string("/tmp/client-friend.log")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("read-ahead"))
+    {
+        log!("client: {}", line.trim());
+    }
     let line = sys::wait_for(
         "the server to log the disconnect",
         Duration::from_secs(10),
@@ -180,20 +188,32 @@ fn measure(who: &str, disk: &Path, link: Link, procs: Option<(&Daemon, &Daemon)>
         .unwrap_or_default();
     let mut moved = 0usize;
     for &(rtt, size, runs) in RTTS {
-        let split_before = CpuSplit::take(&pids);
         link.set_rtt(rtt)?;
         let result = (|| -> Result<()> {
-            let mut reads = Vec::new();
-            let mut writes = Vec::new();
-            for _ in 0..runs {
-                reads.push(bench::read_mib_s(disk, size)?);
-                writes.push(bench::write_mib_s(disk, size)?);
-                moved += 2 * size;
-            }
+            // Reads, then writes, each with its own CPU split: the two directions cost
+            // differently, and the split says on which side.
+            let before_reads = CpuSplit::take(&pids);
+            let reads = (0..runs)
+                .map(|_| bench::read_mib_s(disk, size))
+                .collect::<Result<Vec<_>>>()?;
+            let before_writes = CpuSplit::take(&pids);
+            let writes = (0..runs)
+                .map(|_| bench::write_mib_s(disk, size))
+                .collect::<Result<Vec<_>>>()?;
+            let after_writes = CpuSplit::take(&pids);
+            moved += 2 * size * runs;
             let (read, write) = (bench::median(reads), bench::median(writes));
             let (p50, p99) = small_read_latency(disk, SIZE)?;
-            log!("{who} rtt {rtt} ms, where the CPU went:");
-            CpuSplit::take(&pids).log_since(&split_before);
+            log!(
+                "{who} rtt {rtt} ms, where the CPU went reading {} MiB:",
+                size * runs / MIB
+            );
+            before_writes.log_since(&before_reads);
+            log!(
+                "{who} rtt {rtt} ms, where the CPU went writing {} MiB:",
+                size * runs / MIB
+            );
+            after_writes.log_since(&before_writes);
             log!(
                 "{who} rtt {rtt} ms: read {read} MiB/s, write {write} MiB/s, 4 KiB read p50 {p50:.2} ms p99 {p99:.2} ms"
             );
