@@ -60,21 +60,24 @@ pub const LOWEST_ID: u32 = 0xf000_0000;
 const DATA_FLAGS: u32 = transfer_flags::SHORT_NOT_OK | transfer_flags::DIR_IN;
 const CSW_FLAGS: u32 = transfer_flags::DIR_IN;
 
-/// What a CBW tells read-ahead.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Cbw {
-    /// Bytes of the data phase, if it is an IN phase the device will send.
-    pub data_in: Option<u32>,
-    /// Bytes of the data phase, if it is an OUT phase the kernel will send.
-    pub data_out: Option<u32>,
+/// What a CBW tells read-ahead: the command's data phase, which is one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cbw {
+    /// No data phase: the CSW comes next.
+    NoData,
+    /// The device will send this many bytes.
+    DataIn(u32),
+    /// The kernel will send this many bytes.
+    DataOut(u32),
 }
 
 /// Reads `data` as a CBW, if it is a valid one (anything else is forwarded as it is).
 pub fn parse_cbw(data: &[u8]) -> Option<Cbw> {
     let cbw = bot::Cbw::parse(data).ok()?;
-    Some(Cbw {
-        data_in: cbw.data_in_len(),
-        data_out: (!cbw.data_in && cbw.data_len > 0).then_some(cbw.data_len),
+    Some(match (cbw.data_len, cbw.data_in) {
+        (0, _) => Cbw::NoData,
+        (length, true) => Cbw::DataIn(length),
+        (length, false) => Cbw::DataOut(length),
     })
 }
 
@@ -266,18 +269,18 @@ impl ReadAhead {
             return Vec::new();
         }
         self.flush(endpoint_in);
-        if let Some(length) = cbw.data_out {
-            self.writes.insert(endpoint_in, length);
-            return Vec::new();
-        }
-        match cbw.data_in {
-            None => self.queue_phases(endpoint_in, &[(CSW_LEN, CSW_FLAGS)], seqnum),
-            Some(length) if length <= MAX_DATA_LEN => self.queue_phases(
+        match cbw {
+            Cbw::DataOut(length) => {
+                self.writes.insert(endpoint_in, length);
+                Vec::new()
+            }
+            Cbw::NoData => self.queue_phases(endpoint_in, &[(CSW_LEN, CSW_FLAGS)], seqnum),
+            Cbw::DataIn(length) if length <= MAX_DATA_LEN => self.queue_phases(
                 endpoint_in,
                 &[(length, DATA_FLAGS), (CSW_LEN, CSW_FLAGS)],
                 seqnum,
             ),
-            Some(_) => Vec::new(),
+            Cbw::DataIn(_) => Vec::new(),
         }
     }
 
@@ -537,10 +540,7 @@ mod tests {
 
     /// A CBW that reads `len` bytes.
     pub(super) fn reading(len: u32) -> Cbw {
-        Cbw {
-            data_in: Some(len),
-            ..Cbw::default()
-        }
+        Cbw::DataIn(len)
     }
 
     pub(super) fn ep(n: u8) -> EndpointNumber {
@@ -583,14 +583,8 @@ mod tests {
     #[test]
     fn parses_only_real_cbws() {
         assert_eq!(parse_cbw(&cbw(4096, true)), Some(reading(4096)));
-        assert_eq!(
-            parse_cbw(&cbw(4096, false)),
-            Some(Cbw {
-                data_out: Some(4096),
-                ..Cbw::default()
-            })
-        );
-        assert_eq!(parse_cbw(&cbw(0, true)), Some(Cbw::default()));
+        assert_eq!(parse_cbw(&cbw(4096, false)), Some(Cbw::DataOut(4096)));
+        assert_eq!(parse_cbw(&cbw(0, true)), Some(Cbw::NoData));
         assert_eq!(parse_cbw(&cbw(4096, true)[..30]), None);
         let mut bad = cbw(4096, true);
         bad[0] = b'X';
@@ -636,7 +630,7 @@ mod tests {
     #[test]
     fn a_kernel_urb_that_comes_first_takes_over_the_running_speculation() {
         let mut ra = ReadAhead::new(true);
-        let specs = ra.on_cbw(ep(1), Cbw::default(), 100);
+        let specs = ra.on_cbw(ep(1), Cbw::NoData, 100);
         assert_eq!(specs.len(), 1, "a write's CBW queues only the CSW");
         let Claim::Bound(cmd, id) = ra.claim(ep(1), kernel_in(9, 13, CSW_FLAGS)) else {
             panic!()
@@ -712,7 +706,7 @@ mod tests {
         }
         assert_eq!(ra.stats().mismatches, 1);
         assert_eq!(ra.take_cancels().len(), 1, "the CSW read was still running");
-        assert!(ra.on_cbw(ep(1), Cbw::default(), 100).is_empty());
+        assert!(ra.on_cbw(ep(1), Cbw::NoData, 100).is_empty());
     }
 
     #[test]
@@ -739,7 +733,7 @@ mod tests {
         let mut ra = ReadAhead::new(true);
         let first = ra.on_cbw(ep(1), reading(512), 100);
         ra.on_completion(done(first[0].id, UrbStatus::Ok, vec![0; 512]));
-        let second = ra.on_cbw(ep(1), Cbw::default(), 100);
+        let second = ra.on_cbw(ep(1), Cbw::NoData, 100);
         assert_eq!(second.len(), 1);
         assert_eq!(ra.stats().discarded, 1);
         assert_eq!(
