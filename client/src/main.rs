@@ -34,17 +34,8 @@ struct Cli {
     /// The config file.
     #[arg(long, global = true, env = "P2P_USB_CLIENT_CONFIG", default_value_os_t = daemon::default_config_path(Role::Client))]
     config: PathBuf,
-    /// Reach servers behind NAT through relays: `--relay` for n0's public ones and their
-    /// discovery, `--relay=https://HOST[:PORT]` for your own, `--relay=off` for direct
-    /// addresses only; a server's ticket adds the relay it names [default: the config's relay,
-    /// else n0's public ones].
-    #[arg(long, global = true, value_name = "URL", num_args = 0..=1, require_equals = true,
-          default_missing_value = transport::relay::PUBLIC_FLAG, env = "P2P_USB_RELAY")]
-    relay: Option<String>,
-    /// PEM certificates to trust for your own relay (one with a self-signed certificate)
-    /// [default: the config's relay_ca].
-    #[arg(long, global = true, value_name = "PEM")]
-    relay_ca: Option<PathBuf>,
+    #[command(flatten)]
+    relay: transport::relay::RelayArgs,
     /// Give up on a silent server after this many milliseconds without a packet (its devices
     /// are detached here, and `run` reconnects) [default: the config's idle_timeout_ms, else
     /// 1500]. Longer rides out network blips; the server's own setting decides when it frees

@@ -125,17 +125,8 @@ struct RunArgs {
     /// window of 64 [default: 32].
     #[arg(global = true, long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     queue_depth: Option<u16>,
-    /// Reach clients behind NAT through a relay: `--relay` for n0's public ones and their
-    /// discovery, `--relay=https://HOST[:PORT]` for your own, `--relay=off` for direct
-    /// addresses only (a LAN) [default: the config's relay, else n0's public ones]. The ticket
-    /// carries it.
-    #[arg(global = true, long, value_name = "URL", num_args = 0..=1, require_equals = true,
-          default_missing_value = transport::relay::PUBLIC_FLAG, env = "P2P_USB_RELAY")]
-    relay: Option<String>,
-    /// PEM certificates to trust for your own relay (one with a self-signed certificate)
-    /// [default: the config's relay_ca].
-    #[arg(global = true, long, value_name = "PEM")]
-    relay_ca: Option<PathBuf>,
+    #[command(flatten)]
+    relay: transport::relay::RelayArgs,
     /// Ask the router for a port mapping (UPnP, PCP, NAT-PMP).
     #[arg(global = true, long)]
     port_mapping: bool,

@@ -86,11 +86,9 @@ pub async fn client_endpoint<'a>(
 ) -> anyhow::Result<iroh::Endpoint> {
     let key = load_or_create_secret_key(&key_path(cli)?).await?;
     let config = config(cli)?;
-    let relays = transport::relay::relays_from(
-        cli.relay.as_deref(),
-        &config.relay,
-        cli.relay_ca.as_deref().or(config.relay_ca.as_deref()),
-    )?;
+    let relays = cli
+        .relay
+        .relays(&config.relay, config.relay_ca.as_deref())?;
     let relays = tickets
         .into_iter()
         .fold(relays, |r, t| r.with(t.relay.as_ref()));

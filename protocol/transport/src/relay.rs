@@ -146,6 +146,39 @@ pub enum RelayConfigError {
     Ca(#[from] RelayCaError),
 }
 
+/// The relay flags, the same in both daemons: a server and its clients must agree on what
+/// `--relay` means.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RelayArgs {
+    /// Reach peers behind NAT through relays: `--relay` for n0's public ones and their
+    /// discovery, `--relay=https://HOST[:PORT]` for your own, `--relay=off` for direct
+    /// addresses only (a LAN) [default: the config's relay, else n0's public ones]. A server's
+    /// ticket carries its relay, and a client dialling it adds that one.
+    #[arg(global = true, long, value_name = "URL", num_args = 0..=1, require_equals = true,
+          default_missing_value = PUBLIC_FLAG, env = "P2P_USB_RELAY")]
+    pub relay: Option<String>,
+    /// PEM certificates to trust for your own relay (one with a self-signed certificate)
+    /// [default: the config's relay_ca].
+    #[arg(global = true, long, value_name = "PEM")]
+    pub relay_ca: Option<std::path::PathBuf>,
+}
+
+impl RelayArgs {
+    /// The relays these flags ask for, the config's `relay` and `relay_ca` where they say
+    /// nothing.
+    pub fn relays(
+        &self,
+        config: &RelaySetting,
+        config_ca: Option<&Path>,
+    ) -> Result<Relays, RelayConfigError> {
+        relays_from(
+            self.relay.as_deref(),
+            config,
+            self.relay_ca.as_deref().or(config_ca),
+        )
+    }
+}
+
 /// The relays the flags and the config ask for: `flag` is `--relay`'s value ([`PUBLIC_FLAG`]
 /// when given bare, [`OFF_FLAG`] for none), `ca` the relay CA file from the flag or the config,
 /// trusted besides the web's roots (so also for the relays servers' tickets name).

@@ -45,11 +45,9 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
         } else {
             args.bind.clone()
         },
-        relays: transport::relay::relays_from(
-            args.relay.as_deref(),
-            &config.relay,
-            args.relay_ca.as_deref().or(config.relay_ca.as_deref()),
-        )?,
+        relays: args
+            .relay
+            .relays(&config.relay, config.relay_ca.as_deref())?,
         cipher: transport::cipher::chosen(config.cipher),
         port_mapping: args.port_mapping || config.port_mapping,
         idle_timeout: Duration::from_millis(
