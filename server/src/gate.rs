@@ -64,16 +64,6 @@ impl Default for Gates {
 }
 
 impl Gates {
-    /// Records how URB `id` ended and wakes the streams waiting on one.
-    pub fn record(&self, id: UrbId, ok: bool) {
-        lock(&self.book).record(id, ok);
-        self.wake();
-    }
-
-    fn wake(&self) {
-        self.recorded.send_modify(|n| *n = n.wrapping_add(1));
-    }
-
     /// Changes each time an outcome is recorded.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.recorded.subscribe()
@@ -100,7 +90,7 @@ impl Gates {
                 return;
             }
             if record {
-                self.wake();
+                self.recorded.send_modify(|n| *n = n.wrapping_add(1));
             }
         }
     }
@@ -135,7 +125,7 @@ mod tests {
         let gates = Gates::default();
         gates.settle(&mut t, true, false, 1);
         assert_eq!(t.gated_on(), Some(UrbId(10)), "the CBW has not ended yet");
-        gates.record(UrbId(10), false);
+        lock(&gates.book).record(UrbId(10), false);
         gates.settle(&mut t, true, false, 2);
         assert_eq!(t.in_flight(), 0);
         assert!(t.poll_action().is_none(), "neither reached the device");
