@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 
 use super::project::{
-    Daemon, client, client_id, program_in, show_client_log, spawn_client_in, start_server_in,
-    vhci_port_in_use, vhci_ports_in_use,
+    Daemon, client, client_id, client_log, program_in, show_client_log, spawn_client_in,
+    start_server_in, vhci_port_in_use, vhci_ports_in_use,
 };
 use crate::bench::{self, MIB};
 use crate::gadget::Gadget;
@@ -114,8 +114,7 @@ pub fn run() -> Result<()> {
     // The connection's packet counts, loss and final congestion window, as the server saw them.
     drop(client_daemon);
     // What read-ahead did: its counts, and why it stopped if it did.
-    for line in fs::read_to_string("/tmp/client-friend.log")
-        .unwrap_or_default()
+    for line in client_log("friend")
         .lines()
         .filter(|l| l.contains("read-ahead"))
     {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 
-use super::project::{SharedDisk, attach_disk_with, detach_and_wait, show_client_log};
+use super::project::{SharedDisk, attach_disk_with, client_log, detach_and_wait, show_client_log};
 use crate::bench::{self, MIB};
 use crate::report::{log, metric};
 use crate::usbdev::{self, Via};
@@ -93,7 +93,7 @@ fn exercise(disk: &Path, backing: &Path) -> Result<String> {
 /// The URBs read-ahead answered, from the `read-ahead` line the client logs as an attachment
 /// ends (`hits=N`).
 fn read_ahead_hits(who: &str) -> Result<u64> {
-    let log = std::fs::read_to_string(format!("/tmp/client-{who}.log"))?;
+    let log = client_log(who);
     let line = log
         .lines()
         .rfind(|l| l.contains("read-ahead") && l.contains("hits="))

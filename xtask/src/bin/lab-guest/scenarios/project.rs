@@ -254,10 +254,14 @@ pub fn attach_disk_with(
     }
 }
 
+/// What a client daemon started by [`spawn_client`] has logged so far (empty if nothing).
+pub fn client_log(who: &str) -> String {
+    std::fs::read_to_string(format!("/tmp/client-{who}.log")).unwrap_or_default()
+}
+
 /// Prints the last lines of a client daemon's log into the scenario's log.
 pub fn show_client_log(who: &str) {
-    let text = std::fs::read_to_string(format!("/tmp/client-{who}.log")).unwrap_or_default();
-    for line in text
+    for line in client_log(who)
         .lines()
         .rev()
         .take(15)
