@@ -32,6 +32,9 @@ pub enum Target {
     Net,
     /// Our userspace path on host loopback against a bare iroh round trip.
     Tunnel,
+    /// Where ours spends the CPU in the lab at RTT 0, reading and writing: `perf` over the whole
+    /// guest, by thread and binary (the symbols are in the guest's log above the table).
+    Profile,
 }
 
 /// Runs a bench and prints its table.
@@ -42,6 +45,7 @@ pub fn bench(target: Option<Target>) -> Result<()> {
         Target::Lab => lab_bench(&out),
         Target::Net => net_bench(&out),
         Target::Tunnel => tunnel_bench(&out),
+        Target::Profile => profile(&out),
     }
 }
 
@@ -104,6 +108,88 @@ fn net_bench(out: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// The guest's `profile` scenario as a table: each thread and binary's share of all samples
+/// while ours read, and while it wrote.
+fn profile(out: &Path) -> Result<()> {
+    let args = RunArgs {
+        scenarios: vec!["profile".into()],
+        timeout_secs: 900,
+        keep_going: false,
+        accel: lab::vm::Accel::Auto,
+        results: None,
+        build: true,
+    };
+    let report = lab::run_report(&args)?;
+    if let Some(failure) = report.failure {
+        bail!("the profile scenario failed: {failure}");
+    }
+    let metrics = metrics_of(&report.results);
+    // Columns: each suite reading, then writing.
+    let columns: Vec<String> = PROFILE_SUITES
+        .iter()
+        .flat_map(|suite| ["read", "write"].map(|dir| format!("profile_{suite}_{dir}_")))
+        .collect();
+    let mut rows: BTreeMap<&str, Vec<Option<f64>>> = BTreeMap::new();
+    for (key, &value) in &metrics {
+        for (i, prefix) in columns.iter().enumerate() {
+            if let Some(row) = key.strip_prefix(prefix.as_str()) {
+                rows.entry(row).or_insert_with(|| vec![None; columns.len()])[i] = Some(value);
+            }
+        }
+    }
+    let figures = ["mib_s", "cpu_secs_per_gib"];
+    let mut rows: Vec<_> = rows.into_iter().collect();
+    rows.sort_by(|a, b| {
+        let rank = |(row, values): &(&str, Vec<Option<f64>>)| {
+            let figure = figures.iter().position(|f| f == row);
+            let total: f64 = values.iter().flatten().sum();
+            (figure.unwrap_or(figures.len()), -total)
+        };
+        let (ra, rb) = (rank(a), rank(b));
+        ra.0.cmp(&rb.0).then(ra.1.total_cmp(&rb.1))
+    });
+    println!();
+    print!("{:<46}", "ours at RTT 0 (TCG lab)");
+    for suite in PROFILE_SUITES {
+        print!(
+            " {:>10} {:>10}",
+            format!("{suite} rd"),
+            format!("{suite} wr")
+        );
+    }
+    println!();
+    for (row, values) in &rows {
+        let label = match *row {
+            "mib_s" => "MiB/s while recorded",
+            "cpu_secs_per_gib" => "daemons' CPU s per GiB",
+            other => other,
+        };
+        print!("{label:<46}");
+        for v in values {
+            print!(" {:>10}", fmt(*v));
+        }
+        println!();
+    }
+    println!(
+        "(below the figures: % of all guest CPU samples by thread_binary, kernel_kallsyms = kernel \
+         time; the top symbols are in the guest log above)"
+    );
+    let json_path = out.join("profile.json");
+    let json_rows: Vec<Value> = rows
+        .iter()
+        .map(|(row, values)| json!({"row": row, "columns": columns, "values": values}))
+        .collect();
+    fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&json!({"rows": json_rows}))?,
+    )?;
+    println!("\nwrote {}", json_path.display());
+    Ok(())
+}
+
+/// The cipher suites the guest's `profile` scenario records, in its metric names.
+const PROFILE_SUITES: [&str; 2] = ["aes", "chacha20"];
 
 fn lab_bench(out: &Path) -> Result<()> {
     let args = RunArgs {

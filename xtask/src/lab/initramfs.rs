@@ -99,6 +99,7 @@ pub const GUEST_PACKAGES: &[&str] = &[
     "libasound2-data",
     "nftables",
     "wireguard-tools",
+    "linux-perf",
 ];
 
 /// Programs taken from those packages: (package, path in package, path in guest).
@@ -117,6 +118,8 @@ const PACKAGE_PROGRAMS: &[(&str, &str, &str)] = &[
     ("nftables", "usr/sbin/nft", "/usr/sbin/nft"),
     // WireGuard keys and peers for the bench's encrypted anchor.
     ("wireguard-tools", "usr/bin/wg", "/usr/bin/wg"),
+    // Where the daemons' CPU goes, by symbol, kernel included (`cargo xtask bench profile`).
+    ("linux-perf", "usr/bin/perf", "/usr/bin/perf"),
 ];
 
 /// Data directories taken whole from those packages: (package, directory in package, in

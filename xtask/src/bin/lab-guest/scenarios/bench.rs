@@ -7,14 +7,14 @@
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 
 use super::project::{
-    Daemon, client, client_id, client_log, program_in, show_client_log, spawn_client_in,
+    Daemon, client, client_id, client_log, program_in, show_client_log, spawn_client_with,
     start_server_in, vhci_port_in_use, vhci_ports_in_use,
 };
 use crate::bench::{self, MIB};
@@ -61,7 +61,6 @@ pub fn run() -> Result<()> {
     let backing = Path::new("/tmp/bench.img");
     bench::pattern_file(backing, SIZE, 0xbe)?;
     let gadget = Gadget::local_disk(backing)?;
-    let vid_pid = gadget.vid_pid();
 
     kernel_usbip("kernel", &gadget, None, "127.0.0.1", Link::Lo)?;
     let pair = if wgnet::available() {
@@ -80,9 +79,35 @@ pub fn run() -> Result<()> {
         )?;
     }
 
-    // Ours, over the same veth pair as WireGuard when there is one.
+    let ours = attach_ours(&gadget, pair.as_ref(), &[])?;
+    measure(
+        "ours",
+        &ours.disk,
+        ours.link,
+        Some((&ours.server, &ours.client)),
+    )?;
+    ours.detach()
+}
+
+/// Our two daemons with the gadget attached through them, over the bench's veth pair when
+/// there is one: what the bench measures and what `profile` records.
+pub(super) struct Ours<'a> {
+    pub server: Daemon,
+    pub client: Daemon,
+    pub disk: PathBuf,
+    link: Link<'a>,
+}
+
+/// Shares the gadget and attaches it with no client flags: what a user gets (read-ahead and
+/// 1 MiB SCSI commands are the defaults). `client_env` is more environment for the client.
+pub(super) fn attach_ours<'a>(
+    gadget: &Gadget,
+    pair: Option<&'a WirePair>,
+    client_env: &[(&str, &str)],
+) -> Result<Ours<'a>> {
+    let vid_pid = gadget.vid_pid();
     let friend = client_id("friend")?;
-    let (server_ns, client_ns, bind, link) = match &pair {
+    let (server_ns, client_ns, bind, link) = match pair {
         Some(pair) => (
             Some(wgnet::SERVER_NS),
             Some(wgnet::CLIENT_NS),
@@ -93,10 +118,10 @@ pub fn run() -> Result<()> {
     };
     let (server, ticket) =
         start_server_in(server_ns, &bind, &["--share", &vid_pid, "--allow", &friend])?;
-    // No flags: what a user gets (read-ahead and 1 MiB SCSI commands are the defaults).
-    let client_daemon = spawn_client_in(
+    let client = spawn_client_with(
         client_ns,
         "friend",
+        client_env,
         &["attach", &ticket, "--device", &vid_pid],
     )?;
     let disk =
@@ -108,33 +133,44 @@ pub fn run() -> Result<()> {
                 return Err(e);
             }
         };
-    measure("ours", &disk, link, Some((&server, &client_daemon)))?;
-    let (ok, _, err) = client("friend", &["detach", &vhci_port_in_use()?])?;
-    ensure!(ok, "detach failed: {err}");
-    // The connection's packet counts, loss and final congestion window, as the server saw them.
-    drop(client_daemon);
-    // What read-ahead did: its counts, and why it stopped if it did.
-    for line in client_log("friend")
-        .lines()
-        .filter(|l| l.contains("read-ahead"))
-    {
-        log!("client: {}", line.trim());
+    Ok(Ours {
+        server,
+        client,
+        disk,
+        link,
+    })
+}
+
+impl Ours<'_> {
+    /// Detaches, then logs what read-ahead did and the connection's packet counts, loss and
+    /// final congestion window as the server saw them.
+    pub(super) fn detach(self) -> Result<()> {
+        let (ok, _, err) = client("friend", &["detach", &vhci_port_in_use()?])?;
+        ensure!(ok, "detach failed: {err}");
+        drop(self.client);
+        // What read-ahead did: its counts, and why it stopped if it did.
+        for line in client_log("friend")
+            .lines()
+            .filter(|l| l.contains("read-ahead"))
+        {
+            log!("client: {}", line.trim());
+        }
+        let line = sys::wait_for(
+            "the server to log the disconnect",
+            Duration::from_secs(10),
+            || {
+                fs::read_to_string("/tmp/server.log")
+                    .ok()?
+                    .lines()
+                    .find(|l| l.contains("disconnected"))
+                    .map(str::to_owned)
+            },
+        );
+        if let Ok(line) = line {
+            log!("server: {}", line.trim());
+        }
+        Ok(())
     }
-    let line = sys::wait_for(
-        "the server to log the disconnect",
-        Duration::from_secs(10),
-        || {
-            fs::read_to_string("/tmp/server.log")
-                .ok()?
-                .lines()
-                .find(|l| l.contains("disconnected"))
-                .map(str::to_owned)
-        },
-    );
-    if let Ok(line) = line {
-        log!("server: {}", line.trim());
-    }
-    Ok(())
 }
 
 /// The kernel's own USB/IP, recorded as `who`: `usbipd` (in the server namespace, if given)
@@ -294,7 +330,7 @@ fn stat_fields(path: &str) -> Vec<f64> {
 }
 
 /// User plus system CPU seconds of a process so far.
-fn cpu_secs(pid: u32) -> f64 {
+pub(super) fn cpu_secs(pid: u32) -> f64 {
     let f = stat_fields(&format!("/proc/{pid}/stat"));
     (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
 }

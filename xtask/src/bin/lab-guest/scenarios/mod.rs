@@ -19,6 +19,7 @@ mod hiding;
 mod kinds;
 mod multi;
 mod p2p;
+mod profile;
 mod project;
 mod reconnect;
 mod selftest;
@@ -116,6 +117,12 @@ pub const ALL: &[Scenario] = &[
         about: "kernel USB/IP on lo, kernel USB/IP inside WireGuard on a veth pair, and ours on that veth pair, side by side at netem RTT 0/2/20 ms: read/write MiB/s, 4 KiB read latency, RSS, CPU/GiB",
         default: false,
         run: bench::run,
+    },
+    Scenario {
+        name: "profile",
+        about: "perf record over the whole guest while ours reads, then writes, the bench's disk at RTT 0: CPU share by thread, binary and symbol",
+        default: false,
+        run: profile::run,
     },
     Scenario {
         name: "faults",

@@ -189,9 +189,20 @@ pub fn spawn_client(who: &str, args: &[&str]) -> Result<Daemon> {
 
 /// [`spawn_client`] inside network namespace `ns`, if given.
 pub fn spawn_client_in(ns: Option<&str>, who: &str, args: &[&str]) -> Result<Daemon> {
+    spawn_client_with(ns, who, &[], args)
+}
+
+/// [`spawn_client_in`] with more environment for the daemon (a config file, say).
+pub fn spawn_client_with(
+    ns: Option<&str>,
+    who: &str,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> Result<Daemon> {
     let log_file = std::fs::File::create(format!("/tmp/client-{who}.log"))?;
     let child = program_in(ns, CLIENT)
         .args(args)
+        .envs(env.iter().copied())
         .env("P2P_USB_CLIENT_KEY", format!("/tmp/keys/{who}.key"))
         .env("RUST_LOG", DAEMON_LOG)
         .env("P2P_USB_IDLE_TIMEOUT_MS", idle_timeout_ms().to_string())
