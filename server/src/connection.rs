@@ -366,31 +366,8 @@ impl Server {
             }
         };
         session.end_all(EndReason::ServerShutdown);
-        // Loss, datagram sizes and the congestion window are what explain a slow link; the
-        // path's are gone once the connection is closed.
-        let path = conn
-            .paths()
-            .iter()
-            .find(|p| p.is_selected())
-            .map(|p| p.stats())
-            .unwrap_or_default();
-        conn.close(VarInt::from_u32(code), reason.as_bytes());
+        transport::path::close_and_log(&conn, &peer.to_string(), code, &reason);
         lock(&self.peers).remove(&key);
-        let stats = conn.stats();
-        info!(
-            target: "audit",
-            %peer,
-            sent_packets = stats.sent_packets,
-            lost_packets = stats.lost_packets,
-            udp_tx_datagrams = stats.udp_tx.datagrams,
-            udp_tx_bytes = stats.udp_tx.bytes,
-            udp_rx_datagrams = stats.udp_rx.datagrams,
-            rtt_us = path.rtt.as_micros() as u64,
-            cwnd = path.cwnd,
-            congestion_events = path.congestion_events,
-            mtu = path.current_mtu,
-            "disconnected"
-        );
     }
 
     /// Claims a device for `peer`, or says why not.

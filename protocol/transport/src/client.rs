@@ -340,15 +340,20 @@ impl ServerConnection {
     /// Closes this connection gracefully and leaves the endpoint open for the next one (what a
     /// supervisor that reconnects needs); the server releases our claims at once.
     pub fn close_connection(&self) {
-        self.conn.close(VarInt::from_u32(close::NORMAL), b"bye");
+        self.close_and_log();
     }
 
     /// Closes the connection and our endpoint gracefully (the end of a one-shot command); the
     /// server releases every claim of ours at once instead of waiting for its idle timeout.
     /// The endpoint cannot connect again afterwards.
     pub async fn close(&self) {
-        self.conn.close(VarInt::from_u32(close::NORMAL), b"bye");
+        self.close_and_log();
         self._endpoint.close().await;
+    }
+
+    fn close_and_log(&self) {
+        let peer = format!("server {}", self.conn.remote_id());
+        crate::path::close_and_log(&self.conn, &peer, close::NORMAL, "bye");
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use iroh::TransportAddr;
-use iroh::endpoint::Connection;
+use iroh::endpoint::{Connection, VarInt};
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
@@ -34,6 +34,36 @@ impl fmt::Display for PathView {
         let kind = if self.relay { "relay" } else { "direct" };
         write!(f, "{kind} {} ({:.1} ms)", self.remote, self.rtt_ms)
     }
+}
+
+/// Closes `conn` with `code` and `reason`, and logs its totals under the `audit` target: packets
+/// and bytes each way, loss, and the selected path's round trip, congestion window and MTU.
+/// Those explain a slow link (each side's loss is its own sending direction's), and the
+/// path's are gone once the connection is closed.
+pub fn close_and_log(conn: &Connection, peer: &str, code: u32, reason: &str) {
+    let path = conn
+        .paths()
+        .iter()
+        .find(|p| p.is_selected())
+        .map(|p| p.stats())
+        .unwrap_or_default();
+    conn.close(VarInt::from_u32(code), reason.as_bytes());
+    let stats = conn.stats();
+    info!(
+        target: "audit",
+        %peer,
+        sent_packets = stats.sent_packets,
+        lost_packets = stats.lost_packets,
+        udp_tx_datagrams = stats.udp_tx.datagrams,
+        udp_tx_bytes = stats.udp_tx.bytes,
+        udp_rx_datagrams = stats.udp_rx.datagrams,
+        udp_rx_bytes = stats.udp_rx.bytes,
+        rtt_us = path.rtt.as_micros() as u64,
+        cwnd = path.cwnd,
+        congestion_events = path.congestion_events,
+        mtu = path.current_mtu,
+        "disconnected"
+    );
 }
 
 /// The connection's selected path, if it has one.

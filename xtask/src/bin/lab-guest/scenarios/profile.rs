@@ -32,6 +32,11 @@ const FREQ: &str = "499";
 const MIN_SHARE: &str = "1";
 /// Symbols listed per direction.
 const TOP_SYMBOLS: usize = 40;
+/// Lines of kernel call chains listed per direction.
+const CALLER_LINES: usize = 160;
+/// The daemons' busy threads: the server's runtime workers, the client's runtime (its main
+/// thread) and the client's io_uring pump.
+const DAEMON_THREADS: &str = "tokio-rt-worker,p2p-usb-client,vhci-uring,nusb-events";
 
 pub fn run() -> Result<()> {
     if !Path::new(PERF).exists() {
@@ -156,6 +161,30 @@ fn report(what: &str, data: &str) -> Result<()> {
         .take(TOP_SYMBOLS)
     {
         log!("  {:>6.2}%  {}", row.share, row.columns.join("  "));
+    }
+    // What the daemons' kernel time is doing: the calls that lead to each costly symbol.
+    log!("ours {what}, the daemons' kernel symbols and their callers:");
+    let out = Command::new(PERF)
+        .args(["report", "--stdio", "--no-children", "--sort", "comm,sym"])
+        .args(["--comms", DAEMON_THREADS, "--dsos", "[kernel.kallsyms]"])
+        .args(["--percent-limit", "1", "-g", "caller,0.5,callee,function"])
+        .args(["-i", data])
+        .env("HOME", "/tmp")
+        .output()
+        .context("running perf report")?;
+    if !out.status.success() {
+        log!(
+            "  perf report failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    for line in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty() && l.trim() != "|")
+        .take(CALLER_LINES)
+    {
+        log!("  {line}");
     }
     Ok(())
 }
