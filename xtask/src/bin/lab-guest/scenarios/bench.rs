@@ -143,15 +143,18 @@ pub(super) fn attach_ours<'a>(
 
 impl Ours<'_> {
     /// Detaches, then logs what read-ahead did and the connection's packet counts, loss and
-    /// final congestion window as the server saw them.
-    pub(super) fn detach(self) -> Result<()> {
+    /// final congestion window as each side saw them (each side's loss is its own sending's).
+    pub(super) fn detach(mut self) -> Result<()> {
         let (ok, _, err) = client("friend", &["detach", &vhci_port_in_use()?])?;
         ensure!(ok, "detach failed: {err}");
+        // `attach` closes its connection and exits once its only device is detached.
+        self.client.wait_exit(Duration::from_secs(10));
         drop(self.client);
-        // What read-ahead did: its counts, and why it stopped if it did.
+        // What read-ahead did (its counts, and why it stopped if it did), and the client's
+        // connection totals.
         for line in client_log("friend")
             .lines()
-            .filter(|l| l.contains("read-ahead"))
+            .filter(|l| l.contains("read-ahead") || l.contains("disconnected"))
         {
             log!("client: {}", line.trim());
         }

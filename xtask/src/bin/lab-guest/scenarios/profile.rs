@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use super::bench::{attach_ours, cpu_secs};
+use super::project::{DAEMON_LOG, client_log, program_in};
 use crate::bench::{self, MIB};
 use crate::gadget::Gadget;
 use crate::report::{log, metric};
@@ -58,42 +59,150 @@ pub fn run() -> Result<()> {
         None
     };
     fs::write(CHACHA_CONFIG, "cipher = \"chacha20\"\n")?;
-    for (suite, env) in [
-        ("aes", &[][..]),
-        ("chacha20", &[("P2P_USB_CLIENT_CONFIG", CHACHA_CONFIG)][..]),
+    let chacha = [("P2P_USB_CLIENT_CONFIG", CHACHA_CONFIG)];
+    let iroh_debug = format!("{DAEMON_LOG},iroh::socket::transports=trace");
+    let debug = [("RUST_LOG", iroh_debug.as_str())];
+    for (variant, env, sysctls) in [
+        ("aes", &[][..], &[][..]),
+        ("aes_backlog", &debug[..], &[BACKLOG][..]),
+        ("chacha20", &chacha[..], &[][..]),
     ] {
-        let ours = attach_ours(&gadget, pair.as_ref(), env)?;
-        // One unrecorded pass first: the connection's windows open and read-ahead settles.
-        bench::read_mib_s(&ours.disk, 8 * MIB)?;
-        for (what, io) in [
-            ("read", bench::read_mib_s as fn(&Path, usize) -> Result<f64>),
-            ("write", bench::write_mib_s),
-        ] {
-            let data = format!("/tmp/perf-{suite}-{what}.data");
-            let cpu = || cpu_secs(ours.server.pid()) + cpu_secs(ours.client.pid());
-            let before = cpu();
-            let recording = Recording::start(&data)?;
-            let mib_s = io(&ours.disk, SIZE);
-            recording.stop()?;
-            let mib_s = mib_s?;
-            let per_gib = (cpu() - before) / (SIZE as f64 / (1024.0 * MIB as f64));
-            log!(
-                "ours ({suite}) rtt 0 ms {what}: {mib_s:.1} MiB/s, daemons {per_gib:.0} CPU s per GiB, while recorded"
-            );
-            metric(&format!("profile_{suite}_{what}_mib_s"), mib_s);
-            metric(
-                &format!("profile_{suite}_{what}_cpu_secs_per_gib"),
-                per_gib.round(),
-            );
-            report(&format!("{suite}_{what}"), &data)?;
-        }
-        ours.detach()?;
+        let _set = Sysctls::set(sysctls)?;
+        profile_variant(variant, &gadget, pair.as_ref(), env)?;
     }
     Ok(())
 }
 
+/// Attaches ours with `client_env`, records a read and a write, and detaches.
+fn profile_variant(
+    variant: &str,
+    gadget: &Gadget,
+    pair: Option<&WirePair>,
+    client_env: &[(&str, &str)],
+) -> Result<()> {
+    let ours = attach_ours(gadget, pair, client_env)?;
+    // One unrecorded pass first: the connection's windows open and read-ahead settles.
+    bench::read_mib_s(&ours.disk, 8 * MIB)?;
+    let server_ns = pair.map(|_| wgnet::SERVER_NS);
+    let client_ns = pair.map(|_| wgnet::CLIENT_NS);
+    for (what, io) in [
+        ("read", bench::read_mib_s as fn(&Path, usize) -> Result<f64>),
+        ("write", bench::write_mib_s),
+    ] {
+        let data = format!("/tmp/perf-{variant}-{what}.data");
+        let cpu = || cpu_secs(ours.server.pid()) + cpu_secs(ours.client.pid());
+        let drops = || {
+            (
+                rcvbuf_errors(server_ns),
+                rcvbuf_errors(client_ns),
+                backlog_drops(),
+            )
+        };
+        let (before, drops_before) = (cpu(), drops());
+        let recording = Recording::start(&data)?;
+        let mib_s = io(&ours.disk, SIZE);
+        recording.stop()?;
+        let mib_s = mib_s?;
+        let per_gib = (cpu() - before) / (SIZE as f64 / (1024.0 * MIB as f64));
+        let drops_after = drops();
+        log!(
+            "ours ({variant}) rtt 0 ms {what}: {mib_s:.1} MiB/s, daemons {per_gib:.0} CPU s per GiB, \
+             while recorded; datagrams dropped for a full receive buffer: server {}, client {}; \
+             packets dropped for a full input backlog: {}",
+            drops_after.0 - drops_before.0,
+            drops_after.1 - drops_before.1,
+            drops_after.2 - drops_before.2
+        );
+        metric(
+            &format!("profile_{variant}_{what}_backlog_drops"),
+            (drops_after.2 - drops_before.2) as f64,
+        );
+        metric(&format!("profile_{variant}_{what}_mib_s"), mib_s);
+        metric(
+            &format!("profile_{variant}_{what}_cpu_secs_per_gib"),
+            per_gib.round(),
+        );
+        metric(
+            &format!("profile_{variant}_{what}_rcvbuf_drops"),
+            (drops_after.0 - drops_before.0 + drops_after.1 - drops_before.1) as f64,
+        );
+        report(&format!("{variant}_{what}"), &data)?;
+    }
+    ours.detach()?;
+    // What iroh says it dropped on the client's sending side (at debug, when asked).
+    let log = client_log("friend");
+    let dropped: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("dropped") && !l.contains("sent transmit"))
+        .collect();
+    log!("client log: {} lines say dropped", dropped.len());
+    for line in dropped.iter().take(3) {
+        log!("  {line}");
+    }
+    Ok(())
+}
+
+/// The input backlog raised tenfold from Debian's 1,000 packets: a veth pair on one CPU drops
+/// a burst that outruns the receiving softirq there (see [`backlog_drops`]).
+const BACKLOG: (&str, &str) = ("/proc/sys/net/core/netdev_max_backlog", "10000");
+
+/// Kernel settings changed for one variant, put back when dropped.
+struct Sysctls(Vec<(&'static str, String)>);
+
+impl Sysctls {
+    fn set(settings: &[(&'static str, &str)]) -> Result<Sysctls> {
+        let mut old = Vec::new();
+        for &(knob, value) in settings {
+            old.push((knob, sys::read(knob)?.trim().to_owned()));
+            sys::write(knob, value)?;
+            log!("{knob} = {value}");
+        }
+        Ok(Sysctls(old))
+    }
+}
+
+impl Drop for Sysctls {
+    fn drop(&mut self) {
+        for (knob, value) in &self.0 {
+            let _ = sys::write(knob, value);
+        }
+    }
+}
+
+/// Packets the kernel dropped so far because a CPU's input backlog was full
+/// (`net.core.netdev_max_backlog`; the second column of `/proc/net/softnet_stat`, in hex):
+/// where a veth pair drops what one side sends faster than the other's softirq takes it.
+fn backlog_drops() -> u64 {
+    fs::read_to_string("/proc/net/softnet_stat")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter_map(|v| u64::from_str_radix(v, 16).ok())
+        .sum()
+}
+
+/// UDP datagrams dropped for a full receive buffer so far (`RcvbufErrors` in `/proc/net/snmp`)
+/// in network namespace `ns` (the guest's own if `None`).
+fn rcvbuf_errors(ns: Option<&str>) -> u64 {
+    let out = program_in(ns, "/bin/busybox")
+        .args(["cat", "/proc/net/snmp"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let mut udp = out.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// `perf record` over the whole guest, stopped with SIGINT so it writes its file out.
-struct Recording(Child);
+struct Recording(Child, String);
 
 impl Recording {
     fn start(data: &str) -> Result<Recording> {
@@ -101,6 +210,7 @@ impl Recording {
             .args([
                 "record",
                 "-a",
+                "-g",
                 "-e",
                 "cpu-clock",
                 "-F",
@@ -112,12 +222,12 @@ impl Recording {
             .arg(data)
             .env("HOME", "/tmp")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(fs::File::create(format!("{data}.log"))?)
             .spawn()
             .context("starting perf record")?;
         // perf opens its events and mmaps its buffers before it samples anything.
         std::thread::sleep(Duration::from_millis(500));
-        Ok(Recording(child))
+        Ok(Recording(child, data.to_owned()))
     }
 
     fn stop(mut self) -> Result<()> {
@@ -127,6 +237,13 @@ impl Recording {
         })?;
         // perf exits with the signal's status when it was interrupted; its file says the rest.
         log!("perf record ended: {status}");
+        for line in fs::read_to_string(format!("{}.log", self.1))
+            .unwrap_or_default()
+            .lines()
+            .take(10)
+        {
+            log!("  perf record: {line}");
+        }
         Ok(())
     }
 }
@@ -155,38 +272,171 @@ fn report(what: &str, data: &str) -> Result<()> {
             row.share,
         );
     }
+    let symbols = perf_report(data, "comm,dso,sym", "0")?;
     log!("ours {what}, top symbols by thread and binary:");
-    for row in perf_report(data, "comm,dso,sym", "0.3")?
-        .iter()
-        .take(TOP_SYMBOLS)
-    {
+    for row in symbols.iter().take(TOP_SYMBOLS) {
         log!("  {:>6.2}%  {}", row.share, row.columns.join("  "));
+    }
+    log!("ours {what}, share of all samples by kind of work:");
+    for (kind, share) in by_kind(&symbols) {
+        log!("  {share:>6.2}%  {kind}");
+        metric(&format!("profile_{what}_kind_{kind}"), share);
     }
     // What the daemons' kernel time is doing: the calls that lead to each costly symbol.
     log!("ours {what}, the daemons' kernel symbols and their callers:");
     let out = Command::new(PERF)
         .args(["report", "--stdio", "--no-children", "--sort", "comm,sym"])
-        .args(["--comms", DAEMON_THREADS, "--dsos", "[kernel.kallsyms]"])
         .args(["--percent-limit", "1", "-g", "caller,0.5,callee,function"])
         .args(["-i", data])
         .env("HOME", "/tmp")
         .output()
         .context("running perf report")?;
-    if !out.status.success() {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let chains = kernel_chains(&text);
+    if !out.status.success() || chains.is_empty() {
         log!(
-            "  perf report failed ({}): {}",
+            "  perf report ({}) gave no kernel call chains: {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    for line in String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty() && l.trim() != "|")
-        .take(CALLER_LINES)
-    {
+    for line in chains.iter().take(CALLER_LINES) {
         log!("  {line}");
     }
     Ok(())
+}
+
+/// Whether a sample (its thread, binary and symbol) is of one kind of work.
+type IsKind = fn(&str, &str, &str) -> bool;
+
+/// Kinds of work, each a test on a sample's thread, binary and symbol; the first that matches
+/// takes it. Names are metric name parts.
+const KINDS: &[(&str, IsKind)] = &[
+    ("idle", |comm, _, sym| {
+        comm == "swapper" || sym.contains("safe_halt")
+    }),
+    ("other_processes", |comm, _, _| {
+        !DAEMON_THREADS.split(',').any(|t| t == comm)
+            && !KERNEL_USB_THREADS.contains(&comm)
+            && !["iou-", "kworker", "ksoftirqd"]
+                .iter()
+                .any(|p| comm.starts_with(p))
+    }),
+    ("crypto", |_, _, sym| {
+        ["aes", "gcm", "ghash", "chacha", "poly1305", "ring::aead"]
+            .iter()
+            .any(|k| sym.contains(k))
+    }),
+    ("page_alloc_zero_fault", |_, dso, sym| {
+        dso.starts_with("[kernel")
+            && [
+                "clear_page",
+                "fault",
+                "alloc_pages",
+                "get_page_from_freelist",
+                "rmqueue",
+                "free_pages",
+                "free_unref",
+                "folio",
+                "zap_",
+                "unmap",
+                "mmap",
+                "lru",
+                "memcg",
+                "release_pages",
+                "page_frag",
+            ]
+            .iter()
+            .any(|k| sym.contains(k))
+    }),
+    ("copies", |_, dso, sym| {
+        dso.starts_with("libc")
+            || [
+                "memcpy",
+                "memmove",
+                "copy_user",
+                "copy_to_iter",
+                "copy_from_iter",
+                "copy_page",
+            ]
+            .iter()
+            .any(|k| sym.contains(k))
+    }),
+    ("scheduling_and_wakeups", |_, dso, sym| {
+        dso.starts_with("[kernel")
+            && [
+                "schedule",
+                "task_switch",
+                "spin_unlock",
+                "wake_up",
+                "futex",
+                "epoll",
+                "enqueue_",
+                "dequeue_",
+                "update_curr",
+                "pick_next",
+                "hrtimer",
+                "switch_to",
+            ]
+            .iter()
+            .any(|k| sym.contains(k))
+    }),
+    ("kernel_usb_and_storage", |comm, dso, sym| {
+        dso.starts_with("[kernel")
+            && (KERNEL_USB_THREADS.contains(&comm)
+                || ["usb", "urb", "vhci", "dummy", "hcd", "scsi", "blk", "fsg_"]
+                    .iter()
+                    .any(|k| sym.contains(k)))
+    }),
+    ("kernel_network", |_, dso, sym| {
+        dso.starts_with("[kernel")
+            && [
+                "udp",
+                "ip_",
+                "skb",
+                "sock",
+                "net_",
+                "napi",
+                "veth",
+                "dev_queue",
+                "inet",
+                "dst_",
+                "nf_",
+                "csum",
+                "netif",
+                "recvmsg",
+                "sendmsg",
+                "recvmmsg",
+                "fib_",
+            ]
+            .iter()
+            .any(|k| sym.contains(k))
+    }),
+    ("kernel_other", |_, dso, _| dso.starts_with("[kernel")),
+    ("quic", |_, _, sym| {
+        ["noq", "iroh", "quinn"].iter().any(|k| sym.contains(k))
+    }),
+    ("daemons_other", |_, _, _| true),
+];
+
+/// Kernel threads that move our path's USB data: vhci's, and the mass-storage gadget's.
+const KERNEL_USB_THREADS: [&str; 3] = ["vhci_rx", "vhci_tx", "file-storage"];
+
+/// Every sample's share summed by [`KINDS`], largest first.
+fn by_kind(symbols: &[Row]) -> Vec<(&'static str, f64)> {
+    let mut shares: Vec<(&'static str, f64)> = KINDS.iter().map(|(k, _)| (*k, 0.0)).collect();
+    for row in symbols {
+        let [comm, dso, sym] = [0, 1, 2].map(|i| row.columns.get(i).map_or("", String::as_str));
+        if let Some(i) = KINDS.iter().position(|(_, test)| test(comm, dso, sym)) {
+            shares[i].1 += row.share;
+        }
+    }
+    shares.retain(|&(_, share)| share > 0.0);
+    for share in &mut shares {
+        share.1 = (share.1 * 100.0).round() / 100.0;
+    }
+    shares.sort_by(|a, b| b.1.total_cmp(&a.1));
+    shares
 }
 
 /// One line of `perf report`: its share of the samples and the sort keys' values.
@@ -202,6 +452,8 @@ fn perf_report(data: &str, keys: &str, min_share: &str) -> Result<Vec<Row>> {
             "report",
             "--stdio",
             "--no-children",
+            "-g",
+            "none",
             "-t",
             "\t",
             "--sort",
@@ -232,6 +484,32 @@ fn parse_report(text: &str) -> Vec<Row> {
             })
         })
         .collect()
+}
+
+/// The blocks of a `perf report -g` listing (a share line, then its call chain, then a blank
+/// line) whose symbol is the kernel's (`[k]`) in one of the daemons' threads, without blank
+/// lines.
+fn kernel_chains(text: &str) -> Vec<&str> {
+    let mut lines = Vec::new();
+    let mut keep = false;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        if line.trim().is_empty() {
+            keep = false;
+        } else if line
+            .trim_start()
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_digit())
+        {
+            keep = line.contains("[k]") && DAEMON_THREADS.split(',').any(|t| line.contains(t));
+            if keep {
+                lines.push(line);
+            }
+        } else if keep && line.trim() != "|" {
+            lines.push(line);
+        }
+    }
+    lines
 }
 
 /// A metric name part from a thread and binary: lowercase letters, digits and `_` only.
@@ -267,5 +545,88 @@ mod tests {
         assert_eq!(rows[0].share, 12.5);
         assert_eq!(rows[1].columns, ["swapper", "[kernel.kallsyms]"]);
         assert_eq!(metric_key(&rows[1].columns), "swapper_kernel_kallsyms");
+    }
+
+    #[test]
+    fn only_the_daemons_kernel_chains_are_kept() {
+        let text = "# header\n\
+                    \x20   12.50%  tokio-rt-worker  [k] copy_user_enhanced_fast_string\n\
+                    \x20           |\n\
+                    \x20           ---copy_user_enhanced_fast_string\n\
+                    \x20              udp_sendmsg\n\
+                    \n\
+                    \x20    9.00%  p2p-usb-client  [.] _aesni_ctr32_ghash_6x\n\
+                    \x20           ---_aesni_ctr32_ghash_6x\n\
+                    \n\
+                    \x20    3.00%  swapper  [k] native_safe_halt\n\
+                    \x20           ---native_safe_halt\n";
+        let chains = kernel_chains(text);
+        assert_eq!(chains.len(), 3, "{chains:?}");
+        assert!(chains[0].contains("copy_user"));
+        assert!(chains[2].contains("udp_sendmsg"));
+    }
+
+    #[test]
+    fn samples_sum_by_kind_of_work() {
+        let row = |share: f64, cols: [&str; 3]| Row {
+            share,
+            columns: cols.map(str::to_owned).to_vec(),
+        };
+        let symbols = [
+            row(
+                10.0,
+                [
+                    "p2p-usb-client",
+                    "p2p-usb-client",
+                    "[.] _aesni_ctr32_ghash_6x",
+                ],
+            ),
+            row(
+                3.0,
+                [
+                    "tokio-rt-worker",
+                    "p2p-usb-server",
+                    "[.] chacha20_poly1305_open_avx2",
+                ],
+            ),
+            row(
+                2.0,
+                [
+                    "tokio-rt-worker",
+                    "[kernel.kallsyms]",
+                    "[k] clear_page_erms",
+                ],
+            ),
+            row(
+                1.5,
+                ["p2p-usb-client", "libc.so.6", "[.] 0x0000000000152d8a"],
+            ),
+            row(
+                1.0,
+                ["p2p-usb-client", "[kernel.kallsyms]", "[k] udp_sendmsg"],
+            ),
+            row(
+                1.0,
+                ["swapper", "[kernel.kallsyms]", "[k] native_safe_halt"],
+            ),
+            row(
+                0.5,
+                [
+                    "p2p-usb-client",
+                    "p2p-usb-client",
+                    "[.] noq_proto::Connection::poll",
+                ],
+            ),
+            row(0.25, ["lab-guest", "lab-guest", "[.] main"]),
+        ];
+        let kinds = by_kind(&symbols);
+        assert_eq!(kinds[0], ("crypto", 13.0));
+        let get = |k: &str| kinds.iter().find(|(n, _)| *n == k).map(|(_, s)| *s);
+        assert_eq!(get("page_alloc_zero_fault"), Some(2.0));
+        assert_eq!(get("copies"), Some(1.5));
+        assert_eq!(get("kernel_network"), Some(1.0));
+        assert_eq!(get("idle"), Some(1.0));
+        assert_eq!(get("quic"), Some(0.5));
+        assert_eq!(get("other_processes"), Some(0.25));
     }
 }

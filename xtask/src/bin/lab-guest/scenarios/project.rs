@@ -14,7 +14,7 @@ pub const SERVER: &str = "/usr/bin/p2p-usb-server";
 pub const CLIENT: &str = "/usr/bin/p2p-usb-client";
 /// The daemons' log filter: our own crates' debug lines (standard requests carried out, port
 /// and stream ends; a few per attachment), everything else at info or quieter.
-const DAEMON_LOG: &str = "info,server=debug,client=debug,transport=debug,iroh=warn,noq=warn";
+pub const DAEMON_LOG: &str = "info,server=debug,client=debug,transport=debug,iroh=warn,noq=warn";
 
 /// A project daemon running as our child, killed when the scenario ends.
 pub struct Daemon {
@@ -192,7 +192,8 @@ pub fn spawn_client_in(ns: Option<&str>, who: &str, args: &[&str]) -> Result<Dae
     spawn_client_with(ns, who, &[], args)
 }
 
-/// [`spawn_client_in`] with more environment for the daemon (a config file, say).
+/// [`spawn_client_in`] with more environment for the daemon (a config file, say), which
+/// overrides the lab's own (`RUST_LOG`, say).
 pub fn spawn_client_with(
     ns: Option<&str>,
     who: &str,
@@ -202,10 +203,10 @@ pub fn spawn_client_with(
     let log_file = std::fs::File::create(format!("/tmp/client-{who}.log"))?;
     let child = program_in(ns, CLIENT)
         .args(args)
-        .envs(env.iter().copied())
         .env("P2P_USB_CLIENT_KEY", format!("/tmp/keys/{who}.key"))
         .env("RUST_LOG", DAEMON_LOG)
         .env("P2P_USB_IDLE_TIMEOUT_MS", idle_timeout_ms().to_string())
+        .envs(env.iter().copied())
         .stdout(log_file.try_clone()?)
         .stderr(log_file)
         .spawn()
