@@ -135,3 +135,22 @@ fn the_sysusers_file_creates_the_user_the_unit_and_rules_name() {
     assert!(text.lines().any(|l| l.starts_with("u p2p-usb ")));
     assert!(text.lines().any(|l| l.starts_with("g p2p-usb ")));
 }
+
+#[test]
+fn the_sysctl_file_gives_the_socket_buffers_iroh_asks_for() {
+    let text = deploy("99-p2p-usb-udp.conf");
+    let mut keys = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (key, value) = line.split_once('=').expect("key = value");
+        let value: u64 = value.trim().parse().expect("a number of bytes");
+        assert!(value >= transport::endpoint::UDP_BUFFER_WANTED, "{line}");
+        keys.push(key.trim().to_owned());
+    }
+    assert_eq!(keys, ["net.core.rmem_max", "net.core.wmem_max"]);
+    // The warning the daemons print names this file.
+    let advice = transport::endpoint::udp_buffer_advice([Some(0), Some(0)]).unwrap();
+    assert!(advice.contains("server/deploy/99-p2p-usb-udp.conf"));
+}

@@ -143,7 +143,13 @@ fn profile(out: &Path) -> Result<()> {
         }
     }
     // The figures first, then the kinds of work, then threads and binaries; each by size.
-    let figures = ["mib_s", "cpu_secs_per_gib", "rcvbuf_drops", "backlog_drops"];
+    let figures = [
+        "mib_s",
+        "cpu_secs_per_gib",
+        "rcvbuf_drops",
+        "backlog_drops",
+        "iroh_send_drops",
+    ];
     let section = |row: &str| match figures.iter().position(|f| *f == row) {
         Some(i) => i,
         None if row.starts_with("kind_") => figures.len(),
@@ -160,7 +166,7 @@ fn profile(out: &Path) -> Result<()> {
     print!("{:<40}", "ours at RTT 0 (TCG lab)");
     for suite in PROFILE_SUITES {
         print!(
-            " {:>15} {:>15}",
+            " {:>18} {:>18}",
             format!("{suite} rd"),
             format!("{suite} wr")
         );
@@ -171,8 +177,8 @@ fn profile(out: &Path) -> Result<()> {
         let this = section(row);
         if last_section != Some(this) {
             match this {
-                4 => println!("% of guest CPU samples, by kind of work:"),
-                5 => println!(
+                5 => println!("% of guest CPU samples, by kind of work:"),
+                6 => println!(
                     "% of guest CPU samples, by thread_binary (kernel_kallsyms: its kernel time):"
                 ),
                 _ => {}
@@ -184,11 +190,12 @@ fn profile(out: &Path) -> Result<()> {
             "cpu_secs_per_gib" => "daemons' CPU s per GiB",
             "rcvbuf_drops" => "UDP drops, receive buffer full",
             "backlog_drops" => "drops, input backlog full",
+            "iroh_send_drops" => "client transmits iroh dropped",
             other => other.strip_prefix("kind_").unwrap_or(other),
         };
         print!("{label:<40}");
         for v in values {
-            print!(" {:>15}", fmt(*v));
+            print!(" {:>18}", fmt(*v));
         }
         println!();
     }
@@ -207,8 +214,9 @@ fn profile(out: &Path) -> Result<()> {
 }
 
 /// What the guest's `profile` scenario records, in its metric names: the suite this CPU picks
-/// (AES-GCM), the same with the kernel's input backlog raised, and ChaCha20-Poly1305.
-const PROFILE_SUITES: [&str; 3] = ["aes", "aes_backlog", "chacha20"];
+/// (AES-GCM), the same with iroh's send-side trace log (which counts the transmits it drops),
+/// and ChaCha20-Poly1305.
+const PROFILE_SUITES: [&str; 3] = ["aes", "aes_iroh_trace", "chacha20"];
 
 fn lab_bench(out: &Path) -> Result<()> {
     let args = RunArgs {

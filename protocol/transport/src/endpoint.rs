@@ -28,6 +28,54 @@ const SEND_WINDOW: u64 = 2 * 1024 * 1024;
 /// streams); four times the send window leaves room for several endpoints' URBs at once.
 const RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
 
+/// The UDP socket buffers iroh asks the kernel for (netwatch's `SOCKET_BUFFER_SIZE`), each way.
+pub const UDP_BUFFER_WANTED: u64 = 7 << 20;
+
+/// Where Linux caps what a socket may ask for.
+const UDP_BUFFER_CAPS: [&str; 2] = ["/proc/sys/net/core/rmem_max", "/proc/sys/net/core/wmem_max"];
+
+/// What to tell a user whose kernel caps socket buffers below [`UDP_BUFFER_WANTED`], given the
+/// caps as read (`None` where unreadable, e.g. not Linux). Measured in the lab: with Debian's
+/// 208 KiB cap the receiving daemon's socket overflowed on bursts (16-40 datagrams per 32 MiB
+/// read at RTT 0), each drop a loss and a congestion event for the sender.
+pub fn udp_buffer_advice(caps: [Option<u64>; 2]) -> Option<String> {
+    let low: Vec<String> = UDP_BUFFER_CAPS
+        .iter()
+        .zip(caps)
+        .filter_map(|(path, cap)| {
+            let cap = cap.filter(|&c| c < UDP_BUFFER_WANTED)?;
+            let name = path.trim_start_matches("/proc/sys/").replace('/', ".");
+            Some(format!("{name} is {} KiB", cap / 1024))
+        })
+        .collect();
+    if low.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "{}, below the {} KiB the QUIC socket asks for: bursts of large URBs will drop packets \
+         and slow transfers. Raise it with `sudo sysctl -w net.core.rmem_max={UDP_BUFFER_WANTED} \
+         net.core.wmem_max={UDP_BUFFER_WANTED}`, or for good by installing \
+         server/deploy/99-p2p-usb-udp.conf into /etc/sysctl.d/",
+        low.join(" and "),
+        UDP_BUFFER_WANTED / 1024
+    ))
+}
+
+/// Warns once per process when the kernel caps UDP socket buffers below what iroh asks for.
+fn warn_if_udp_buffers_capped() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let caps = UDP_BUFFER_CAPS.map(|path| {
+            std::fs::read_to_string(path)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+        });
+        if let Some(advice) = udp_buffer_advice(caps) {
+            tracing::warn!("{advice}");
+        }
+    });
+}
+
 /// How an endpoint reaches the network.
 #[derive(Debug, Clone)]
 pub struct NetConfig {
@@ -115,6 +163,7 @@ pub async fn bind_endpoint(
     if !(MIN_IDLE_TIMEOUT..=MAX_IDLE_TIMEOUT).contains(&config.idle_timeout) {
         return Err(BindError::IdleTimeout(config.idle_timeout));
     }
+    warn_if_udp_buffers_capped();
     let idle = config
         .idle_timeout
         .try_into()
@@ -190,6 +239,21 @@ fn relay_mode(relays: &Relays) -> RelayMode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capped_udp_buffers_are_named_with_the_fix_and_ample_ones_are_not() {
+        let debian = Some(212_992);
+        let advice = udp_buffer_advice([debian, Some(UDP_BUFFER_WANTED)]).unwrap();
+        assert!(advice.starts_with("net.core.rmem_max is 208 KiB, below the 7168 KiB"));
+        assert!(!advice.contains("wmem_max is"));
+        assert!(advice.contains("sysctl -w net.core.rmem_max=7340032"));
+        assert!(advice.contains("99-p2p-usb-udp.conf"));
+        let both = udp_buffer_advice([debian, debian]).unwrap();
+        assert!(both.contains("rmem_max is 208 KiB and net.core.wmem_max is 208 KiB"));
+        assert_eq!(udp_buffer_advice([Some(8 << 20), Some(7 << 20)]), None);
+        // Not Linux, or /proc unreadable: nothing to say.
+        assert_eq!(udp_buffer_advice([None, None]), None);
+    }
 
     #[test]
     fn public_relays_keep_n0s_and_add_the_others() {

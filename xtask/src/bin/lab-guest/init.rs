@@ -53,6 +53,12 @@ fn setup() -> Result<()> {
     }
     // The kernel's own module requests (e.g. a gadget function by name) use this helper.
     let _ = fs::write("/proc/sys/kernel/modprobe", "/sbin/modprobe");
+    // The sysctl file the deployment guide installs on both machines: the lab runs an
+    // installed system.
+    for (key, value) in sysctl_settings(DEPLOY_SYSCTL) {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        sys::write(&path, value).with_context(|| format!("applying {key} = {value}"))?;
+    }
     // configfs is a module in Debian's kernel; /sys/kernel/config appears once it loads.
     modules::load(&["configfs"])?;
     sys::run(sys::bb("mount").args(["-t", "configfs", "configfs", "/sys/kernel/config"]))
@@ -64,6 +70,18 @@ fn setup() -> Result<()> {
     }
     sys::run(sys::bb("ip").args(["link", "set", "lo", "up"]))?;
     Ok(())
+}
+
+/// `server/deploy/99-p2p-usb-udp.conf`, which DEPLOYMENT.md installs into /etc/sysctl.d/.
+const DEPLOY_SYSCTL: &str = include_str!("../../../../server/deploy/99-p2p-usb-udp.conf");
+
+/// The `key = value` lines of a sysctl.d file (comments and blank lines skipped).
+fn sysctl_settings(text: &str) -> impl Iterator<Item = (&str, &str)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim(), v.trim()))
 }
 
 fn run_all() -> Result<()> {
@@ -166,4 +184,21 @@ fn power_off() -> ExitCode {
     let _ = sys::bb("poweroff").arg("-f").status();
     std::thread::sleep(Duration::from_secs(5));
     ExitCode::FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_deploy_sysctl_file_reads_as_two_settings() {
+        let settings: Vec<_> = sysctl_settings(DEPLOY_SYSCTL).collect();
+        assert_eq!(
+            settings,
+            [
+                ("net.core.rmem_max", "7340032"),
+                ("net.core.wmem_max", "7340032")
+            ]
+        );
+    }
 }

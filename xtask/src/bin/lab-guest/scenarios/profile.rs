@@ -60,18 +60,23 @@ pub fn run() -> Result<()> {
     };
     fs::write(CHACHA_CONFIG, "cipher = \"chacha20\"\n")?;
     let chacha = [("P2P_USB_CLIENT_CONFIG", CHACHA_CONFIG)];
-    let iroh_debug = format!("{DAEMON_LOG},iroh::socket::transports=trace");
-    let debug = [("RUST_LOG", iroh_debug.as_str())];
-    for (variant, env, sysctls) in [
-        ("aes", &[][..], &[][..]),
-        ("aes_backlog", &debug[..], &[BACKLOG][..]),
-        ("chacha20", &chacha[..], &[][..]),
+    let iroh_trace = format!("{DAEMON_LOG},{IROH_SEND_TRACE}");
+    let trace = [("RUST_LOG", iroh_trace.as_str())];
+    for (variant, env) in [
+        ("aes", &[][..]),
+        ("aes_iroh_trace", &trace[..]),
+        ("chacha20", &chacha[..]),
     ] {
-        let _set = Sysctls::set(sysctls)?;
         profile_variant(variant, &gadget, pair.as_ref(), env)?;
     }
     Ok(())
 }
+
+/// Where iroh logs, at trace level, each transmit it drops because the UDP socket was not
+/// writable: it turns the socket's back-pressure into packet loss (iroh 1.4,
+/// `socket/transports.rs`), and QUIC answers loss by shrinking its congestion window.
+const IROH_SEND_TRACE: &str = "iroh::socket::transports=trace";
+const IROH_SEND_DROP: &str = "transport pending, dropped transmit";
 
 /// Attaches ours with `client_env`, records a read and a write, and detaches.
 fn profile_variant(
@@ -96,6 +101,7 @@ fn profile_variant(
                 rcvbuf_errors(server_ns),
                 rcvbuf_errors(client_ns),
                 backlog_drops(),
+                client_log("friend").matches(IROH_SEND_DROP).count() as u64,
             )
         };
         let (before, drops_before) = (cpu(), drops());
@@ -108,10 +114,16 @@ fn profile_variant(
         log!(
             "ours ({variant}) rtt 0 ms {what}: {mib_s:.1} MiB/s, daemons {per_gib:.0} CPU s per GiB, \
              while recorded; datagrams dropped for a full receive buffer: server {}, client {}; \
-             packets dropped for a full input backlog: {}",
+             packets dropped for a full input backlog: {}; transmits the client's iroh dropped \
+             (logged only with {IROH_SEND_TRACE}): {}",
             drops_after.0 - drops_before.0,
             drops_after.1 - drops_before.1,
-            drops_after.2 - drops_before.2
+            drops_after.2 - drops_before.2,
+            drops_after.3 - drops_before.3
+        );
+        metric(
+            &format!("profile_{variant}_{what}_iroh_send_drops"),
+            (drops_after.3 - drops_before.3) as f64,
         );
         metric(
             &format!("profile_{variant}_{what}_backlog_drops"),
@@ -128,45 +140,7 @@ fn profile_variant(
         );
         report(&format!("{variant}_{what}"), &data)?;
     }
-    ours.detach()?;
-    // What iroh says it dropped on the client's sending side (at debug, when asked).
-    let log = client_log("friend");
-    let dropped: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("dropped") && !l.contains("sent transmit"))
-        .collect();
-    log!("client log: {} lines say dropped", dropped.len());
-    for line in dropped.iter().take(3) {
-        log!("  {line}");
-    }
-    Ok(())
-}
-
-/// The input backlog raised tenfold from Debian's 1,000 packets: a veth pair on one CPU drops
-/// a burst that outruns the receiving softirq there (see [`backlog_drops`]).
-const BACKLOG: (&str, &str) = ("/proc/sys/net/core/netdev_max_backlog", "10000");
-
-/// Kernel settings changed for one variant, put back when dropped.
-struct Sysctls(Vec<(&'static str, String)>);
-
-impl Sysctls {
-    fn set(settings: &[(&'static str, &str)]) -> Result<Sysctls> {
-        let mut old = Vec::new();
-        for &(knob, value) in settings {
-            old.push((knob, sys::read(knob)?.trim().to_owned()));
-            sys::write(knob, value)?;
-            log!("{knob} = {value}");
-        }
-        Ok(Sysctls(old))
-    }
-}
-
-impl Drop for Sysctls {
-    fn drop(&mut self) {
-        for (knob, value) in &self.0 {
-            let _ = sys::write(knob, value);
-        }
-    }
+    ours.detach()
 }
 
 /// Packets the kernel dropped so far because a CPU's input backlog was full
