@@ -116,19 +116,7 @@ fn net_bench(out: &Path) -> Result<()> {
 /// The guest's `profile` scenario as a table: each thread and binary's share of all samples
 /// while ours read, and while it wrote.
 fn profile(out: &Path) -> Result<()> {
-    let args = RunArgs {
-        scenarios: vec!["profile".into()],
-        timeout_secs: 900,
-        keep_going: false,
-        accel: lab::vm::Accel::Auto,
-        results: None,
-        build: true,
-    };
-    let report = lab::run_report(&args)?;
-    if let Some(failure) = report.failure {
-        bail!("the profile scenario failed: {failure}");
-    }
-    let metrics = metrics_of(&report.results);
+    let metrics = scenario_metrics("profile", 900)?;
     // Columns: each suite reading, then writing.
     let columns: Vec<String> = PROFILE_SUITES
         .iter()
@@ -218,10 +206,11 @@ fn profile(out: &Path) -> Result<()> {
 /// and ChaCha20-Poly1305.
 const PROFILE_SUITES: [&str; 3] = ["aes", "aes_iroh_trace", "chacha20"];
 
-fn lab_bench(out: &Path) -> Result<()> {
+/// Builds the lab, runs one scenario in it and returns its metrics, or why it failed.
+fn scenario_metrics(name: &str, timeout_secs: u64) -> Result<BTreeMap<String, f64>> {
     let args = RunArgs {
-        scenarios: vec!["bench".into()],
-        timeout_secs: 1800,
+        scenarios: vec![name.into()],
+        timeout_secs,
         keep_going: false,
         accel: lab::vm::Accel::Auto,
         results: None,
@@ -229,9 +218,13 @@ fn lab_bench(out: &Path) -> Result<()> {
     };
     let report = lab::run_report(&args)?;
     if let Some(failure) = report.failure {
-        bail!("the bench scenario failed: {failure}");
+        bail!("the {name} scenario failed: {failure}");
     }
-    let metrics = metrics_of(&report.results);
+    Ok(metrics_of(&report.results))
+}
+
+fn lab_bench(out: &Path) -> Result<()> {
+    let metrics = scenario_metrics("bench", 1800)?;
     let get = |k: &str| metrics.get(k).copied();
 
     let mut rows = Vec::new();
