@@ -113,8 +113,9 @@ fn net_bench(out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The guest's `profile` scenario as a table: each thread and binary's share of all samples
-/// while ours read, and while it wrote.
+/// The guest's `profile` scenario as a table, a column per variant and direction: the
+/// figures (MiB/s, CPU per GiB, drops), then the share of all samples by kind of work and by
+/// thread and binary.
 fn profile(out: &Path) -> Result<()> {
     let metrics = scenario_metrics("profile", 900)?;
     // Columns: each suite reading, then writing.
@@ -132,16 +133,17 @@ fn profile(out: &Path) -> Result<()> {
     }
     // The figures first, then the kinds of work, then threads and binaries; each by size.
     let figures = [
-        "mib_s",
-        "cpu_secs_per_gib",
-        "rcvbuf_drops",
-        "backlog_drops",
-        "iroh_send_drops",
+        ("mib_s", "MiB/s while recorded"),
+        ("cpu_secs_per_gib", "daemons' CPU s per GiB"),
+        ("rcvbuf_drops", "UDP drops, receive buffer full"),
+        ("backlog_drops", "drops, input backlog full"),
+        ("iroh_send_drops", "client transmits iroh dropped"),
     ];
-    let section = |row: &str| match figures.iter().position(|f| *f == row) {
+    let (kinds, threads) = (figures.len(), figures.len() + 1);
+    let section = |row: &str| match figures.iter().position(|(f, _)| *f == row) {
         Some(i) => i,
-        None if row.starts_with("kind_") => figures.len(),
-        None => figures.len() + 1,
+        None if row.starts_with("kind_") => kinds,
+        None => threads,
     };
     let mut rows: Vec<_> = rows.into_iter().collect();
     rows.sort_by(|a, b| {
@@ -164,22 +166,18 @@ fn profile(out: &Path) -> Result<()> {
     for (row, values) in &rows {
         let this = section(row);
         if last_section != Some(this) {
-            match this {
-                5 => println!("% of guest CPU samples, by kind of work:"),
-                6 => println!(
+            if this == kinds {
+                println!("% of guest CPU samples, by kind of work:");
+            } else if this == threads {
+                println!(
                     "% of guest CPU samples, by thread_binary (kernel_kallsyms: its kernel time):"
-                ),
-                _ => {}
+                );
             }
             last_section = Some(this);
         }
-        let label = match *row {
-            "mib_s" => "MiB/s while recorded",
-            "cpu_secs_per_gib" => "daemons' CPU s per GiB",
-            "rcvbuf_drops" => "UDP drops, receive buffer full",
-            "backlog_drops" => "drops, input backlog full",
-            "iroh_send_drops" => "client transmits iroh dropped",
-            other => other.strip_prefix("kind_").unwrap_or(other),
+        let label = match figures.iter().find(|(f, _)| f == row) {
+            Some((_, label)) => label,
+            None => row.strip_prefix("kind_").unwrap_or(row),
         };
         print!("{label:<40}");
         for v in values {

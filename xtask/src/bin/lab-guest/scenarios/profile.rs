@@ -1,6 +1,7 @@
 //! Where the CPU goes on our path, by thread, binary and symbol, kernel included: `perf record`
 //! samples the whole guest while ours reads the bench's disk at RTT 0, then while it writes it,
-//! once with the suite this CPU picks (AES-GCM) and once with ChaCha20-Poly1305.
+//! with the suite this CPU picks (AES-GCM), the same with iroh's send-side trace log (to count
+//! the transmits it drops), and with ChaCha20-Poly1305.
 //! Under TCG our path is CPU-bound (kernel-notes/LAB.md), so this profile is what says which
 //! code to make cheaper, and why writes cost more than reads. `cargo xtask bench profile`
 //! prints the split as a table; the symbol lists stay in this scenario's log.
@@ -35,9 +36,14 @@ const MIN_SHARE: &str = "1";
 const TOP_SYMBOLS: usize = 40;
 /// Lines of kernel call chains listed per direction.
 const CALLER_LINES: usize = 160;
-/// The daemons' busy threads: the server's runtime workers, the client's runtime (its main
-/// thread) and the client's io_uring pump.
-const DAEMON_THREADS: &str = "tokio-rt-worker,p2p-usb-client,vhci-uring,nusb-events";
+/// The daemons' busy threads: the server's runtime workers and nusb's event thread, the
+/// client's runtime (its main thread) and its io_uring pump.
+const DAEMON_THREADS: [&str; 4] = [
+    "tokio-rt-worker",
+    "nusb-events",
+    "p2p-usb-client",
+    "vhci-uring",
+];
 
 pub fn run() -> Result<()> {
     if !Path::new(PERF).exists() {
@@ -96,51 +102,69 @@ fn profile_variant(
     ] {
         let data = format!("/tmp/perf-{variant}-{what}.data");
         let cpu = || cpu_secs(ours.server.pid()) + cpu_secs(ours.client.pid());
-        let drops = || {
-            (
-                rcvbuf_errors(server_ns),
-                rcvbuf_errors(client_ns),
-                backlog_drops(),
-                client_log("friend").matches(IROH_SEND_DROP).count() as u64,
-            )
-        };
-        let (before, drops_before) = (cpu(), drops());
+        let (before, drops_before) = (cpu(), Drops::now(server_ns, client_ns));
         let recording = Recording::start(&data)?;
         let mib_s = io(&ours.disk, SIZE);
         recording.stop()?;
         let mib_s = mib_s?;
         let per_gib = (cpu() - before) / (SIZE as f64 / (1024.0 * MIB as f64));
-        let drops_after = drops();
+        let drops = Drops::now(server_ns, client_ns).since(&drops_before);
         log!(
             "ours ({variant}) rtt 0 ms {what}: {mib_s:.1} MiB/s, daemons {per_gib:.0} CPU s per GiB, \
              while recorded; datagrams dropped for a full receive buffer: server {}, client {}; \
              packets dropped for a full input backlog: {}; transmits the client's iroh dropped \
              (logged only with {IROH_SEND_TRACE}): {}",
-            drops_after.0 - drops_before.0,
-            drops_after.1 - drops_before.1,
-            drops_after.2 - drops_before.2,
-            drops_after.3 - drops_before.3
+            drops.server_rcvbuf,
+            drops.client_rcvbuf,
+            drops.backlog,
+            drops.iroh_send
         );
-        metric(
-            &format!("profile_{variant}_{what}_iroh_send_drops"),
-            (drops_after.3 - drops_before.3) as f64,
-        );
-        metric(
-            &format!("profile_{variant}_{what}_backlog_drops"),
-            (drops_after.2 - drops_before.2) as f64,
-        );
-        metric(&format!("profile_{variant}_{what}_mib_s"), mib_s);
-        metric(
-            &format!("profile_{variant}_{what}_cpu_secs_per_gib"),
-            per_gib.round(),
-        );
-        metric(
-            &format!("profile_{variant}_{what}_rcvbuf_drops"),
-            (drops_after.0 - drops_before.0 + drops_after.1 - drops_before.1) as f64,
+        let figure = |name: &str, value: f64| {
+            metric(&format!("profile_{variant}_{what}_{name}"), value);
+        };
+        figure("iroh_send_drops", drops.iroh_send as f64);
+        figure("backlog_drops", drops.backlog as f64);
+        figure("mib_s", mib_s);
+        figure("cpu_secs_per_gib", per_gib.round());
+        figure(
+            "rcvbuf_drops",
+            (drops.server_rcvbuf + drops.client_rcvbuf) as f64,
         );
         report(&format!("{variant}_{what}"), &data)?;
     }
     ours.detach()
+}
+
+/// Packets dropped on our path that the network did not lose, counted so far.
+struct Drops {
+    /// UDP datagrams the server's receive buffer had no room for.
+    server_rcvbuf: u64,
+    /// The same at the client.
+    client_rcvbuf: u64,
+    /// Packets dropped for a full input backlog, guest-wide.
+    backlog: u64,
+    /// Transmits the client's iroh dropped (counted only when it logs them, at trace level).
+    iroh_send: u64,
+}
+
+impl Drops {
+    fn now(server_ns: Option<&str>, client_ns: Option<&str>) -> Drops {
+        Drops {
+            server_rcvbuf: rcvbuf_errors(server_ns),
+            client_rcvbuf: rcvbuf_errors(client_ns),
+            backlog: backlog_drops(),
+            iroh_send: client_log("friend").matches(IROH_SEND_DROP).count() as u64,
+        }
+    }
+
+    fn since(&self, before: &Drops) -> Drops {
+        Drops {
+            server_rcvbuf: self.server_rcvbuf.saturating_sub(before.server_rcvbuf),
+            client_rcvbuf: self.client_rcvbuf.saturating_sub(before.client_rcvbuf),
+            backlog: self.backlog.saturating_sub(before.backlog),
+            iroh_send: self.iroh_send.saturating_sub(before.iroh_send),
+        }
+    }
 }
 
 /// Packets the kernel dropped so far because a CPU's input backlog was full
@@ -175,12 +199,19 @@ fn rcvbuf_errors(ns: Option<&str>) -> u64 {
         .unwrap_or(0)
 }
 
+/// A `perf` command, its home (where it would keep a build-id cache) in the guest's tmpfs.
+fn perf() -> Command {
+    let mut c = Command::new(PERF);
+    c.env("HOME", "/tmp");
+    c
+}
+
 /// `perf record` over the whole guest, stopped with SIGINT so it writes its file out.
 struct Recording(Child, String);
 
 impl Recording {
     fn start(data: &str) -> Result<Recording> {
-        let child = Command::new(PERF)
+        let child = perf()
             .args([
                 "record",
                 "-a",
@@ -194,7 +225,6 @@ impl Recording {
                 "-o",
             ])
             .arg(data)
-            .env("HOME", "/tmp")
             .stdout(Stdio::null())
             .stderr(fs::File::create(format!("{data}.log"))?)
             .spawn()
@@ -258,11 +288,10 @@ fn report(what: &str, data: &str) -> Result<()> {
     }
     // What the daemons' kernel time is doing: the calls that lead to each costly symbol.
     log!("ours {what}, the daemons' kernel symbols and their callers:");
-    let out = Command::new(PERF)
+    let out = perf()
         .args(["report", "--stdio", "--no-children", "--sort", "comm,sym"])
         .args(["--percent-limit", "1", "-g", "caller,0.5,callee,function"])
         .args(["-i", data])
-        .env("HOME", "/tmp")
         .output()
         .context("running perf report")?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -290,7 +319,7 @@ const KINDS: &[(&str, IsKind)] = &[
         comm == "swapper" || sym.contains("safe_halt")
     }),
     ("other_processes", |comm, _, _| {
-        !DAEMON_THREADS.split(',').any(|t| t == comm)
+        !DAEMON_THREADS.contains(&comm)
             && !KERNEL_USB_THREADS.contains(&comm)
             && !["iou-", "kworker", "ksoftirqd"]
                 .iter()
@@ -302,7 +331,7 @@ const KINDS: &[(&str, IsKind)] = &[
             .any(|k| sym.contains(k))
     }),
     ("page_alloc_zero_fault", |_, dso, sym| {
-        dso.starts_with("[kernel")
+        in_kernel(dso)
             && [
                 "clear_page",
                 "fault",
@@ -337,7 +366,7 @@ const KINDS: &[(&str, IsKind)] = &[
             .any(|k| sym.contains(k))
     }),
     ("scheduling_and_wakeups", |_, dso, sym| {
-        dso.starts_with("[kernel")
+        in_kernel(dso)
             && [
                 "schedule",
                 "task_switch",
@@ -356,14 +385,14 @@ const KINDS: &[(&str, IsKind)] = &[
             .any(|k| sym.contains(k))
     }),
     ("kernel_usb_and_storage", |comm, dso, sym| {
-        dso.starts_with("[kernel")
+        in_kernel(dso)
             && (KERNEL_USB_THREADS.contains(&comm)
                 || ["usb", "urb", "vhci", "dummy", "hcd", "scsi", "blk", "fsg_"]
                     .iter()
                     .any(|k| sym.contains(k)))
     }),
     ("kernel_network", |_, dso, sym| {
-        dso.starts_with("[kernel")
+        in_kernel(dso)
             && [
                 "udp",
                 "ip_",
@@ -386,12 +415,17 @@ const KINDS: &[(&str, IsKind)] = &[
             .iter()
             .any(|k| sym.contains(k))
     }),
-    ("kernel_other", |_, dso, _| dso.starts_with("[kernel")),
+    ("kernel_other", |_, dso, _| in_kernel(dso)),
     ("quic", |_, _, sym| {
         ["noq", "iroh", "quinn"].iter().any(|k| sym.contains(k))
     }),
     ("daemons_other", |_, _, _| true),
 ];
+
+/// Whether a sample's binary is the kernel.
+fn in_kernel(dso: &str) -> bool {
+    dso.starts_with("[kernel")
+}
 
 /// Kernel threads that move our path's USB data: vhci's, and the mass-storage gadget's.
 const KERNEL_USB_THREADS: [&str; 3] = ["vhci_rx", "vhci_tx", "file-storage"];
@@ -421,7 +455,7 @@ struct Row {
 
 /// `perf report --sort <keys>` as rows, those under `min_share` percent left out.
 fn perf_report(data: &str, keys: &str, min_share: &str) -> Result<Vec<Row>> {
-    let out = Command::new(PERF)
+    let out = perf()
         .args([
             "report",
             "--stdio",
@@ -434,7 +468,6 @@ fn perf_report(data: &str, keys: &str, min_share: &str) -> Result<Vec<Row>> {
             keys,
         ])
         .args(["--percent-limit", min_share, "-i", data])
-        .env("HOME", "/tmp")
         .stderr(Stdio::null())
         .output()
         .context("running perf report")?;
@@ -475,7 +508,7 @@ fn kernel_chains(text: &str) -> Vec<&str> {
             .next()
             .is_some_and(|c| c.is_ascii_digit())
         {
-            keep = line.contains("[k]") && DAEMON_THREADS.split(',').any(|t| line.contains(t));
+            keep = line.contains("[k]") && DAEMON_THREADS.iter().any(|t| line.contains(t));
             if keep {
                 lines.push(line);
             }
