@@ -35,7 +35,7 @@ fn device(id: u32) -> DeviceInfo {
 
 fn decode_stream<T>(bytes: &[u8], cut_at: &[usize]) -> Result<Vec<T>, FrameError>
 where
-    T: serde::de::DeserializeOwned + Validate,
+    T: serde::de::DeserializeOwned + Validate + DataApart,
 {
     let mut decoder = FrameDecoder::<T>::new();
     let mut out = Vec::new();
@@ -399,6 +399,57 @@ proptest! {
     }
 
     #[test]
+    fn large_urb_data_read_apart_decodes_as_the_whole_frame(
+        c in urb_complete(),
+        s in urb_submit(),
+        after in any::<u32>(),
+        len in DATA_APART_FROM..3 * DATA_APART_FROM,
+        fill in any::<u8>(),
+        raw_cuts in prop::collection::vec(any::<usize>(), 0..12),
+        flips in prop::collection::vec((any::<prop::sample::Index>(), 1..=255u8), 0..3),
+    ) {
+        // Large data in otherwise arbitrary messages (the iso fields go: they bound the data).
+        let data: Vec<u8> = (0..len).map(|i| fill.wrapping_add(i as u8)).collect();
+        let complete = UrbComplete { actual_length: len as u32, data: data.clone(), iso: None, ..c };
+        let urb = UrbSubmit {
+            direction: Direction::Out,
+            transfer_type: TransferType::Bulk,
+            setup: None,
+            length: len as u32,
+            data,
+            iso: None,
+            ..s
+        };
+        let server = vec![UrbServerMessage::Complete(complete)];
+        let client = vec![
+            UrbClientMessage::Submit(urb.clone()),
+            UrbClientMessage::SubmitAfter { after: UrbId(after), urb },
+        ];
+        let cut = |bytes: &[u8]| cuts(bytes.len(), &raw_cuts);
+        let server_bytes = frame_bytes(&server[0]).unwrap();
+        prop_assert_eq!(decode_stream::<UrbServerMessage>(&server_bytes, &cut(&server_bytes)).unwrap(), server);
+        let mut client_bytes = Vec::new();
+        for m in &client { encode_frame(m, &mut client_bytes).unwrap(); }
+        prop_assert_eq!(decode_stream::<UrbClientMessage>(&client_bytes, &cut(&client_bytes)).unwrap(), client);
+
+        // A peer's damage to a head or tail: read apart or whole, the same message or error.
+        for (index, xor) in &flips {
+            let near_an_end = index.index(128);
+            let at = if near_an_end < 64 {
+                near_an_end
+            } else {
+                client_bytes.len() - 128 + near_an_end
+            };
+            client_bytes[at] ^= xor;
+        }
+        let cuts_now = cut(&client_bytes);
+        prop_assert_eq!(
+            decode_stream::<UrbClientMessage>(&client_bytes, &cuts_now),
+            decode_stream::<UrbClientMessage>(&client_bytes, &[])
+        );
+    }
+
+    #[test]
     fn arbitrary_bodies_never_panic(body in prop::collection::vec(any::<u8>(), 0..256)) {
         let _ = decode_body::<ClientMessage>(&body);
         let _ = decode_body::<ServerMessage>(&body);
@@ -415,7 +466,7 @@ fn framed(body: &[u8]) -> Vec<u8> {
     f
 }
 
-fn first_error<T: serde::de::DeserializeOwned + Validate + std::fmt::Debug>(
+fn first_error<T: serde::de::DeserializeOwned + Validate + DataApart + std::fmt::Debug>(
     bytes: &[u8],
 ) -> FrameError {
     let mut decoder = FrameDecoder::<T>::new();

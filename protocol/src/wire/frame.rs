@@ -7,7 +7,7 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::urb::{UrbComplete, UrbId, UrbSubmit};
+use super::around::{DATA_APART_FROM, DataApart, DataAt};
 use crate::buf::InBuf;
 use crate::usb::MAX_TRANSFER_LEN;
 
@@ -98,75 +98,6 @@ pub fn encode_frame<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), Fram
     Ok(())
 }
 
-/// A frame in two pieces around a URB's data, so a large payload can be sent from its own
-/// buffer instead of being copied into the frame: `head` (the length prefix and the message up
-/// to the data's length) and `tail` (the fields after the data). `head`, the data, then `tail`
-/// is byte for byte [`encode_frame`] of the message (tests hold that for every kind).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AroundData {
-    /// Everything before the data's bytes.
-    pub head: Vec<u8>,
-    /// Everything after them.
-    pub tail: Vec<u8>,
-}
-
-/// `UrbServerMessage::Complete(c)` around `c.data`.
-pub fn complete_around_data(c: &UrbComplete) -> Result<AroundData, FrameError> {
-    // Variant 0 (Complete), then `UrbComplete`'s fields in order; the data is postcard bytes:
-    // its length as a varint, then the bytes.
-    const COMPLETE: u32 = 0;
-    let len = data_len(&c.data)?;
-    around(
-        &(COMPLETE, c.id, c.status, c.actual_length, len),
-        len,
-        &(&c.iso, &c.timing),
-    )
-}
-
-/// `UrbClientMessage::Submit(urb)`, or `SubmitAfter { after, urb }`, around `urb.data`.
-pub fn submit_around_data(after: Option<UrbId>, u: &UrbSubmit) -> Result<AroundData, FrameError> {
-    const SUBMIT: u32 = 1;
-    const SUBMIT_AFTER: u32 = 3;
-    let len = data_len(&u.data)?;
-    let fields = (
-        u.id,
-        u.endpoint,
-        u.direction,
-        u.transfer_type,
-        u.flags,
-        &u.setup,
-        u.length,
-        len,
-    );
-    let tail = (u.interval, &u.iso);
-    match after {
-        None => around(&(SUBMIT, fields), len, &tail),
-        Some(after) => around(&(SUBMIT_AFTER, after, fields), len, &tail),
-    }
-}
-
-fn data_len(data: &[u8]) -> Result<u32, FrameError> {
-    u32::try_from(data.len()).map_err(|_| FrameError::TooLarge {
-        len: data.len() as u64,
-    })
-}
-
-fn around<H: Serialize, T: Serialize>(
-    head: &H,
-    len: u32,
-    tail: &T,
-) -> Result<AroundData, FrameError> {
-    let mut head =
-        postcard::to_extend(head, vec![0; LENGTH_PREFIX_LEN]).map_err(FrameError::Encode)?;
-    let tail = postcard::to_extend(tail, Vec::new()).map_err(FrameError::Encode)?;
-    let body = (head.len() - LENGTH_PREFIX_LEN) as u64 + u64::from(len) + tail.len() as u64;
-    if body > u64::from(MAX_FRAME_LEN) {
-        return Err(FrameError::TooLarge { len: body });
-    }
-    head[..LENGTH_PREFIX_LEN].copy_from_slice(&(body as u32).to_be_bytes());
-    Ok(AroundData { head, tail })
-}
-
 /// One frame holding `msg`.
 pub fn frame_bytes<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let mut out = Vec::new();
@@ -175,9 +106,15 @@ pub fn frame_bytes<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
 }
 
 /// Incremental decoder of frames carrying messages of type `T`.
+///
+/// A frame of [`DATA_APART_FROM`] bytes or more whose head places URB data ([`DataApart`]) is
+/// not buffered whole: once its head is in, the data goes straight into the buffer the message
+/// will own as bytes arrive, so each data byte is copied once, not twice.
 #[derive(Debug)]
 pub struct FrameDecoder<T> {
     buf: InBuf,
+    /// The frame being read apart, if one is; it comes before everything in `buf`.
+    apart: Option<Apart>,
     failed: bool,
     _message: std::marker::PhantomData<fn() -> T>,
 }
@@ -186,30 +123,39 @@ impl<T> Default for FrameDecoder<T> {
     fn default() -> Self {
         FrameDecoder {
             buf: InBuf::default(),
+            apart: None,
             failed: false,
             _message: std::marker::PhantomData,
         }
     }
 }
 
-impl<T: DeserializeOwned + Validate> FrameDecoder<T> {
+impl<T: DeserializeOwned + Validate + DataApart> FrameDecoder<T> {
     /// A decoder with nothing buffered.
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Appends bytes read from the stream.
-    pub fn push(&mut self, bytes: &[u8]) {
-        self.buf.push(bytes);
+    pub fn push(&mut self, mut bytes: &[u8]) {
+        if let Some(apart) = &mut self.apart {
+            bytes = apart.fill(bytes);
+        }
+        if !bytes.is_empty() {
+            self.buf.push(bytes);
+        }
     }
 
     /// Bytes pushed but not yet returned as messages.
     pub fn buffered(&self) -> usize {
-        self.buf.unread().len()
+        self.apart.as_ref().map_or(0, Apart::received) + self.buf.unread().len()
     }
 
     /// How many more bytes the frame in progress needs; lets a reader size its next read.
     pub fn wanted(&self) -> usize {
+        if let Some(apart) = &self.apart {
+            return apart.missing();
+        }
         let unread = self.buf.unread();
         match self.buf.peek_array::<LENGTH_PREFIX_LEN>() {
             None => LENGTH_PREFIX_LEN - unread.len(),
@@ -241,6 +187,17 @@ impl<T: DeserializeOwned + Validate> FrameDecoder<T> {
     }
 
     fn decode_one(&mut self) -> Result<Option<T>, FrameError> {
+        if let Some(apart) = &self.apart {
+            if apart.missing() > 0 {
+                return Ok(None);
+            }
+            let Apart {
+                head, data, tail, ..
+            } = self.apart.take().expect("checked above");
+            let msg = T::from_parts(&head, data, &tail)?;
+            msg.validate()?;
+            return Ok(Some(msg));
+        }
         let Some(prefix) = self.buf.peek_array::<LENGTH_PREFIX_LEN>() else {
             return Ok(None);
         };
@@ -250,11 +207,77 @@ impl<T: DeserializeOwned + Validate> FrameDecoder<T> {
         }
         let total = LENGTH_PREFIX_LEN + len as usize;
         let Some(frame) = self.buf.unread().get(LENGTH_PREFIX_LEN..total) else {
+            self.start_apart(len as usize)?;
             return Ok(None);
         };
         let msg = decode_body::<T>(frame)?;
         self.buf.consume(total);
         Ok(Some(msg))
+    }
+
+    /// Moves the incomplete frame at the front of `buf`, of `len` body bytes, to `apart` if
+    /// it is large and its head already says where its data is.
+    fn start_apart(&mut self, len: usize) -> Result<(), FrameError> {
+        if len < DATA_APART_FROM {
+            return Ok(());
+        }
+        let body = &self.buf.unread()[LENGTH_PREFIX_LEN..];
+        let DataAt::At {
+            head,
+            len: data_len,
+        } = T::data_at(body)
+        else {
+            return Ok(());
+        };
+        let Some(tail_len) = len.checked_sub(head).and_then(|l| l.checked_sub(data_len)) else {
+            // Decoding the whole body would run out of bytes inside the data the same way.
+            return Err(FrameError::Malformed(
+                postcard::Error::DeserializeUnexpectedEnd,
+            ));
+        };
+        let mut apart = Apart {
+            head: body[..head].to_vec(),
+            data: Vec::with_capacity(data_len),
+            data_len,
+            tail: Vec::new(),
+            tail_len,
+        };
+        let rest = apart.fill(&body[head..]);
+        debug_assert!(rest.is_empty(), "the frame was incomplete");
+        let taken = self.buf.unread().len();
+        self.buf.consume(taken);
+        self.apart = Some(apart);
+        Ok(())
+    }
+}
+
+/// A large frame read apart: its head, its data filling toward `data_len`, then its tail.
+#[derive(Debug)]
+struct Apart {
+    head: Vec<u8>,
+    data: Vec<u8>,
+    data_len: usize,
+    tail: Vec<u8>,
+    tail_len: usize,
+}
+
+impl Apart {
+    /// Takes what belongs to this frame from the front of `bytes`; returns the rest.
+    fn fill<'a>(&mut self, bytes: &'a [u8]) -> &'a [u8] {
+        let (to_data, bytes) = bytes.split_at(bytes.len().min(self.data_len - self.data.len()));
+        self.data.extend_from_slice(to_data);
+        let (to_tail, rest) = bytes.split_at(bytes.len().min(self.tail_len - self.tail.len()));
+        self.tail.extend_from_slice(to_tail);
+        rest
+    }
+
+    fn missing(&self) -> usize {
+        (self.data_len - self.data.len()) + (self.tail_len - self.tail.len())
+    }
+
+    /// Bytes of the frame received so far, its length prefix included.
+    fn received(&self) -> usize {
+        LENGTH_PREFIX_LEN + self.head.len() + self.data.len() + self.tail.len()
     }
 }
 
@@ -266,4 +289,80 @@ pub fn decode_body<T: DeserializeOwned + Validate>(body: &[u8]) -> Result<T, Fra
     }
     msg.validate()?;
     Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::usb::UrbStatus;
+    use crate::wire::{UrbComplete, UrbId, UrbServerMessage};
+
+    fn completion(len: usize) -> UrbServerMessage {
+        UrbServerMessage::Complete(UrbComplete {
+            id: UrbId(7),
+            status: UrbStatus::Ok,
+            actual_length: len as u32,
+            data: (0..len).map(|i| i as u8).collect(),
+            iso: None,
+            timing: None,
+        })
+    }
+
+    #[test]
+    fn large_data_is_read_apart_and_what_follows_it_is_buffered() {
+        let big = completion(DATA_APART_FROM * 2);
+        let small = completion(10);
+        let mut bytes = frame_bytes(&big).unwrap();
+        let first_frame = bytes.len();
+        encode_frame(&small, &mut bytes).unwrap();
+        let mut decoder = FrameDecoder::<UrbServerMessage>::new();
+        let mut got = Vec::new();
+        for (i, piece) in bytes.chunks(1000).enumerate() {
+            decoder.push(piece);
+            while let Some(m) = decoder.next_message().unwrap() {
+                got.push(m);
+            }
+            if (i + 1) * 1000 < first_frame {
+                // Past the head, the large frame's bytes never sit in the shared buffer.
+                assert!(decoder.apart.is_some(), "piece {i}");
+                assert!(decoder.buf.unread().is_empty(), "piece {i}");
+                assert_eq!(decoder.buffered(), (i + 1) * 1000);
+                assert_eq!(decoder.wanted(), first_frame - (i + 1) * 1000);
+            }
+        }
+        decoder.finish().unwrap();
+        assert_eq!(got, vec![big, small]);
+    }
+
+    #[test]
+    fn a_stream_that_ends_inside_data_read_apart_is_truncated() {
+        let bytes = frame_bytes(&completion(DATA_APART_FROM)).unwrap();
+        let mut decoder = FrameDecoder::<UrbServerMessage>::new();
+        decoder.push(&bytes[..100]);
+        assert_eq!(decoder.next_message(), Ok(None));
+        decoder.push(&bytes[100..bytes.len() - 1]);
+        assert_eq!(decoder.next_message(), Ok(None));
+        assert_eq!(
+            decoder.finish(),
+            Err(FrameError::Truncated(bytes.len() - 1))
+        );
+    }
+
+    #[test]
+    fn data_longer_than_its_frame_is_refused_as_soon_as_the_head_is_in() {
+        let mut bytes = frame_bytes(&completion(DATA_APART_FROM * 2)).unwrap();
+        // Shrink the frame's length prefix below the data it declares.
+        let short = bytes.len() - LENGTH_PREFIX_LEN - 100;
+        bytes[..LENGTH_PREFIX_LEN].copy_from_slice(&(short as u32).to_be_bytes());
+        let refused = Err(FrameError::Malformed(
+            postcard::Error::DeserializeUnexpectedEnd,
+        ));
+        let mut decoder = FrameDecoder::<UrbServerMessage>::new();
+        decoder.push(&bytes[..64]);
+        assert_eq!(decoder.next_message(), refused);
+        // The same error as decoding the whole frame gives.
+        let mut whole = FrameDecoder::<UrbServerMessage>::new();
+        whole.push(&bytes[..LENGTH_PREFIX_LEN + short]);
+        assert_eq!(whole.next_message(), refused);
+    }
 }

@@ -31,12 +31,16 @@ pub mod close {
     pub const SILENT_PEER: u32 = 5;
 }
 
+pub mod around;
 pub mod control;
 pub mod device;
 pub mod frame;
 pub mod urb;
 pub mod window;
 
+pub use around::{
+    AroundData, DATA_APART_FROM, DataApart, DataAt, complete_around_data, submit_around_data,
+};
 pub use control::{
     AttachHandle, AttachRefusal, Capabilities, ClientMessage, EndReason, Event, HandshakeRefusal,
     Hello, MAX_DEVICES_PER_LIST, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Ping, Pong, Request,
@@ -44,8 +48,7 @@ pub use control::{
 };
 pub use device::{ClassTriple, DeviceId, DeviceInfo};
 pub use frame::{
-    AroundData, FrameDecoder, FrameError, Invalid, MAX_FRAME_LEN, Validate, complete_around_data,
-    encode_frame, frame_bytes, submit_around_data,
+    FrameDecoder, FrameError, Invalid, MAX_FRAME_LEN, Validate, encode_frame, frame_bytes,
 };
 pub use urb::{
     IsoComplete, IsoSubmit, ServerTiming, UrbClientMessage, UrbComplete, UrbId, UrbServerMessage,

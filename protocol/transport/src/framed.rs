@@ -3,8 +3,8 @@
 use bytes::Bytes;
 use iroh::endpoint::{ReadError, RecvStream, SendStream, WriteError};
 use protocol::wire::{
-    AroundData, FrameDecoder, FrameError, UrbClientMessage, UrbServerMessage, Validate,
-    complete_around_data, encode_frame, submit_around_data,
+    AroundData, DATA_APART_FROM, DataApart, FrameDecoder, FrameError, UrbClientMessage,
+    UrbServerMessage, Validate, complete_around_data, encode_frame, submit_around_data,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -48,7 +48,7 @@ pub struct FramedRecv<T> {
     decoder: FrameDecoder<T>,
 }
 
-impl<T: DeserializeOwned + Validate> FramedRecv<T> {
+impl<T: DeserializeOwned + Validate + DataApart> FramedRecv<T> {
     /// Wraps a receive stream.
     pub fn new(stream: RecvStream) -> Self {
         FramedRecv {
@@ -89,11 +89,6 @@ pub struct FramedSend<T> {
     chunks: Vec<Bytes>,
     _message: std::marker::PhantomData<fn(T)>,
 }
-
-/// URB data (a completion's IN data, a submission's OUT data) from this size on is sent from
-/// its own buffer, behind its frame's head, rather than copied into the frame: a copy of each
-/// payload byte saved, for one more chunk on the stream.
-pub const OWN_BUFFER_FROM: usize = 16 * 1024;
 
 impl<T: Serialize> FramedSend<T> {
     /// Wraps a send stream.
@@ -148,10 +143,10 @@ impl<T: Serialize> FramedSend<T> {
 }
 
 impl<T: Serialize + Payload> FramedSend<T> {
-    /// Queues a message; a URB's data of [`OWN_BUFFER_FROM`] bytes or more goes to the stream
+    /// Queues a message; a URB's data of [`DATA_APART_FROM`] bytes or more goes to the stream
     /// as its own chunk behind the frame's head rather than being copied into the frame.
     pub fn queue_owned(&mut self, msg: T) -> Result<(), StreamError> {
-        if msg.payload_len() < OWN_BUFFER_FROM {
+        if msg.payload_len() < DATA_APART_FROM {
             return self.queue(&msg);
         }
         let (AroundData { head, tail }, data) = msg.into_parts()?;
