@@ -71,6 +71,11 @@ impl Connecting {
         })));
 
         let driver = ConnectionDriver(conn.clone());
+        // rust-p2p-usb: outside Tokio's cooperative budget (see `third_party/README.md`). Once
+        // a busy poll has spent it, the socket's write readiness reads as `Pending`, which iroh
+        // turns into a dropped datagram; the driver bounds its own work per poll anyway.
+        #[cfg(feature = "runtime-tokio")]
+        let driver = tokio::task::unconstrained(driver);
         runtime.spawn(Box::pin(
             async {
                 if let Err(e) = driver.await {
