@@ -75,8 +75,8 @@ pub struct AutoAttach {
     pub device: DeviceSpec,
     /// Its PIN, if the server asks for one.
     pub pin: Option<String>,
-    /// Mass-storage read-ahead (one round trip per SCSI command instead of three); on unless
-    /// set to false (or `p2p-usb-client --no-read-ahead`).
+    /// Mass-storage read-ahead (one round trip per SCSI command instead of three for a read,
+    /// two for a write); on unless set to false (or `p2p-usb-client --no-read-ahead`).
     #[serde(default = "on")]
     pub read_ahead: bool,
     /// A usb-storage disk's SCSI command size in sectors (`p2p-usb-client

@@ -953,6 +953,13 @@ fn a_write_reads_its_status_ahead_behind_its_last_data_urb() {
         read_ahead_ids(&actions).is_empty(),
         "nothing is read before the data is sent: {actions:?}"
     );
+    assert!(sent_as_its_own(&actions, 20), "the CBW goes to the device");
+    let pdus = returns(&kernel_bytes(&actions), &[(20, Direction::Out, 31)]);
+    assert_eq!(
+        ret_submit_of(&pdus[0]),
+        (20, UrbStatus::Ok, &Transferred::Out(31)),
+        "and is answered at once, so the data follows it without a round trip"
+    );
     // The data phase in two URBs: the CSW is read ahead behind the second.
     let data = SubmitBuffer::Out(vec![0xa5; 4096]);
     session.on_kernel_bytes(&submit_pdu(21, 2, data.clone(), [0; 8], None));
@@ -962,11 +969,17 @@ fn a_write_reads_its_status_ahead_behind_its_last_data_urb() {
     let ahead = read_ahead_ids(&actions);
     assert_eq!(ahead.iter().map(|a| a.1).collect::<Vec<_>>(), vec![13]);
     assert_eq!(read_ahead_after(&actions), vec![Some(UrbId(22))]);
-    for (id, len) in [(20, 31), (21, 4096), (22, 4096)] {
+    // The CBW's own completion is dropped: vhci has had its answer.
+    session.on_completion(out_done(20, 31));
+    assert!(kernel_bytes(&drain(&mut session)).is_empty());
+    for (id, len) in [(21, 4096), (22, 4096)] {
         session.on_completion(out_done(id, len));
     }
     session.on_completion(completed_in(ahead[0].0, vec![0x53; 13]));
-    drain(&mut session);
+    returns(
+        &kernel_bytes(&drain(&mut session)),
+        &[(21, Direction::Out, 4096), (22, Direction::Out, 4096)],
+    );
     // The kernel's CSW read is answered without the server.
     session.on_kernel_bytes(&storage_in(23, 13, false));
     let actions = drain(&mut session);
@@ -975,6 +988,39 @@ fn a_write_reads_its_status_ahead_behind_its_last_data_urb() {
         "{actions:?}"
     );
     assert_eq!(session.stats().read_ahead.hits, 1);
+    assert_eq!(session.in_flight(), 0);
+    let stats = session.stats();
+    assert_eq!((stats.submitted, stats.completed), (4, 4));
+    assert_eq!((stats.cbws_ahead, stats.cbws_failed_late), (1, 0));
+}
+
+#[test]
+fn a_write_cbw_the_device_refuses_after_its_answer_leaves_the_data_phase_to_fail() {
+    let mut session = PortSession::new(&device());
+    session.on_kernel_bytes(&cbw_pdu(20, 4096, Direction::Out));
+    drain(&mut session);
+    session.on_kernel_bytes(&submit_pdu(
+        21,
+        2,
+        SubmitBuffer::Out(vec![0xa5; 4096]),
+        [0; 8],
+        None,
+    ));
+    drain(&mut session);
+    // The device stalls the CBW, then the data on its halted endpoint: the kernel hears of the
+    // second, once, and runs its recovery from there.
+    session.on_completion(completed_with(20, UrbStatus::Stall));
+    assert!(kernel_bytes(&drain(&mut session)).is_empty());
+    session.on_completion(completed_with(21, UrbStatus::Stall));
+    let pdus = returns(
+        &kernel_bytes(&drain(&mut session)),
+        &[(21, Direction::Out, 4096)],
+    );
+    assert_eq!(
+        ret_submit_of(&pdus[0]),
+        (21, UrbStatus::Stall, &Transferred::Out(0))
+    );
+    assert_eq!(session.stats().cbws_failed_late, 1);
     assert_eq!(session.in_flight(), 0);
 }
 
@@ -1095,6 +1141,11 @@ fn no_read_ahead_forwards_every_urb() {
     let actions = drain(&mut session);
     assert_eq!(actions.len(), 1);
     assert!(read_ahead_ids(&actions).is_empty());
+    // Nor is a write's CBW answered before the device has it.
+    session.on_kernel_bytes(&cbw_pdu(11, 4096, Direction::Out));
+    let actions = drain(&mut session);
+    assert_eq!(actions.len(), 1, "{actions:?}");
+    assert!(kernel_bytes(&actions).is_empty());
 }
 
 /// The ids of the interrupt URBs sent to the server on 0x83 IN.

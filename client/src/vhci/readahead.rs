@@ -10,7 +10,14 @@
 //! IN URBs arrive they take the results, often already here, in the same order.
 //!
 //! A write (data OUT) has its CSW read ahead too, once the kernel has sent the whole data
-//! phase. Every speculation goes to the server with `SubmitAfter` naming the URB before it
+//! phase. And a write's CBW is answered to the kernel as soon as it is sent on
+//! ([`BulkOut::answer_now`]), so the data follows it at once instead of a round trip later:
+//! one round trip per write instead of two. That answer is the only one here the device has
+//! not given yet, and it is safe because BOT decides a command's fate in its CSW, never in the
+//! CBW's transfer status: the device runs the CBW and the data in the order sent (one stream,
+//! one endpoint queue), and a CBW the device refused leaves it without the command, so the
+//! data phase fails on its halted endpoint and the CSW cannot carry the command's tag; either
+//! way usb-storage sees the command fail and runs its reset recovery, as it would have. Every speculation goes to the server with `SubmitAfter` naming the URB before it
 //! (the CBW or a write's last data URB, then the data phase for the CSW): the server holds it
 //! until that URB has completed on the device, as the kernel would have. A device may stall an
 //! IN that arrives before its command, or take a CSW read queued behind the data phase for
@@ -169,6 +176,15 @@ impl Speculation {
     }
 }
 
+/// What read-ahead makes of a bulk OUT URB on a BOT endpoint.
+#[derive(Debug, Default)]
+pub struct BulkOut {
+    /// IN URBs to queue behind it.
+    pub speculate: Vec<Speculate>,
+    /// It is a write's CBW: the port may answer it to the kernel now (see the module docs).
+    pub answer_now: bool,
+}
+
 /// Counters for the UI and the lab.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReadAheadStats {
@@ -234,17 +250,16 @@ impl ReadAhead {
     }
 
     /// The kernel sent the bulk OUT URB `seqnum` carrying `data` on a BOT OUT endpoint whose
-    /// IN endpoint is `endpoint_in`: a CBW, or part of a write's data phase. Returns the IN
-    /// URBs to queue behind it.
+    /// IN endpoint is `endpoint_in`: a CBW, or part of a write's data phase.
     pub fn on_bulk_out(
         &mut self,
         endpoint_in: EndpointNumber,
         seqnum: u32,
         data: &[u8],
-    ) -> Vec<Speculate> {
+    ) -> BulkOut {
         if let Some(remaining) = self.writes.remove(&endpoint_in) {
             let sent = u32::try_from(data.len()).unwrap_or(u32::MAX);
-            return match sent.cmp(&remaining) {
+            let speculate = match sent.cmp(&remaining) {
                 std::cmp::Ordering::Less => {
                     self.writes.insert(endpoint_in, remaining - sent);
                     Vec::new()
@@ -255,10 +270,17 @@ impl ReadAhead {
                 // More than the CBW announced: not a command we understand.
                 std::cmp::Ordering::Greater => Vec::new(),
             };
+            return BulkOut {
+                speculate,
+                answer_now: false,
+            };
         }
         match parse_cbw(data) {
-            Some(cbw) => self.on_cbw(endpoint_in, cbw, seqnum),
-            None => Vec::new(),
+            Some(cbw) => BulkOut {
+                answer_now: self.enabled && matches!(cbw, Cbw::DataOut(_)),
+                speculate: self.on_cbw(endpoint_in, cbw, seqnum),
+            },
+            None => BulkOut::default(),
         }
     }
 
@@ -746,16 +768,27 @@ mod tests {
     #[test]
     fn a_write_reads_its_csw_ahead_only_once_all_its_data_is_sent() {
         let mut ra = ReadAhead::new(true);
-        assert!(ra.on_bulk_out(ep(1), 10, &cbw(1024, false)).is_empty());
-        assert!(ra.on_bulk_out(ep(1), 11, &[0; 512]).is_empty());
-        let specs = ra.on_bulk_out(ep(1), 12, &[0; 512]);
+        let cbw_out = ra.on_bulk_out(ep(1), 10, &cbw(1024, false));
+        assert!(cbw_out.speculate.is_empty());
+        assert!(cbw_out.answer_now, "a write's CBW is answered at once");
+        let first = ra.on_bulk_out(ep(1), 11, &[0; 512]);
+        assert!(first.speculate.is_empty() && !first.answer_now);
+        let last = ra.on_bulk_out(ep(1), 12, &[0; 512]);
+        assert!(!last.answer_now, "data is never answered ahead");
+        let specs = last.speculate;
         assert_eq!(specs.len(), 1);
         assert_eq!((specs[0].length, specs[0].after), (CSW_LEN, Some(12)));
         // A write the kernel gave up on (it reads instead) leaves nothing behind: the next
         // CBW is read as one.
-        assert!(ra.on_bulk_out(ep(1), 20, &cbw(1024, false)).is_empty());
+        assert!(
+            ra.on_bulk_out(ep(1), 20, &cbw(1024, false))
+                .speculate
+                .is_empty()
+        );
         let _ = ra.claim(ep(1), kernel_in(21, 13, CSW_FLAGS));
-        let specs = ra.on_bulk_out(ep(1), 22, &cbw(512, true));
+        let read = ra.on_bulk_out(ep(1), 22, &cbw(512, true));
+        assert!(!read.answer_now, "a read's CBW waits for the device");
+        let specs = read.speculate;
         assert_eq!(specs.len(), 2);
         assert_eq!(specs[0].after, Some(22), "the data phase follows the CBW");
         assert_eq!(
@@ -763,6 +796,20 @@ mod tests {
             Some(specs[0].id),
             "the CSW follows the data"
         );
+    }
+
+    #[test]
+    fn a_data_phase_that_looks_like_a_cbw_is_not_answered_ahead() {
+        let mut ra = ReadAhead::new(true);
+        assert!(ra.on_bulk_out(ep(1), 10, &cbw(31, false)).answer_now);
+        // The 31 bytes the kernel writes happen to be a write's CBW: still data.
+        assert!(!ra.on_bulk_out(ep(1), 11, &cbw(4096, false)).answer_now);
+    }
+
+    #[test]
+    fn without_read_ahead_no_cbw_is_answered_ahead() {
+        let mut ra = ReadAhead::new(false);
+        assert!(!ra.on_bulk_out(ep(1), 10, &cbw(1024, false)).answer_now);
     }
 
     #[test]

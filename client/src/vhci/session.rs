@@ -28,7 +28,7 @@ use protocol::usbip::{
 use protocol::wire::{DeviceInfo, IsoComplete, IsoSubmit, UrbComplete, UrbId, UrbSubmit};
 
 use super::iso_ahead::{self, IsoEndpointStats, IsoStreams};
-use super::readahead::{self, Claim, ReadAhead, ReadAheadStats, Settled};
+use super::readahead::{self, BulkOut, Claim, ReadAhead, ReadAheadStats, Settled};
 
 /// The most URBs one port forwards at once. vhci itself has no cap, but the drivers behind it
 /// keep a handful each (usb-storage 1-2, audio ~8, network adapters up to ~60); the bound keeps
@@ -39,6 +39,11 @@ pub const MAX_IN_FLIGHT: usize = 1024;
 /// The most CMD_UNLINKs kept for one URB. usbcore unlinks a URB once (a second
 /// `usb_unlink_urb` gets `-EBUSY` before reaching vhci); a few spare slots cost nothing.
 pub const MAX_UNLINKS_PER_URB: usize = 4;
+
+/// The most write CBWs answered to the kernel that the server has not completed yet. One per
+/// mass-storage LUN in practice (usb-storage runs one command at a time); past it a CBW waits
+/// for the device as usual.
+const MAX_CBWS_AHEAD: usize = 8;
 
 /// IN data at least this long reaches the kernel as its own buffer rather than copied behind its
 /// header: the pump gathers both into one send, so a copy is only worth it for small results.
@@ -184,6 +189,11 @@ pub struct SessionStats {
     pub bytes_in: u64,
     /// Mass-storage read-ahead (see [`super::readahead`]).
     pub read_ahead: ReadAheadStats,
+    /// Write CBWs answered to the kernel before the device took them.
+    pub cbws_ahead: u64,
+    /// Of those, CBWs the device then refused (the command's data phase fails and
+    /// usb-storage recovers; see [`super::readahead`]).
+    pub cbws_failed_late: u64,
 }
 
 /// What the session remembers about a URB the server is running.
@@ -328,6 +338,9 @@ pub struct PortSession {
     endpoints: EndpointTable,
     in_flight: HashMap<u32, InFlight>,
     read_ahead: ReadAhead,
+    /// Seqnums of write CBWs answered ahead whose server completion is still to come: it is
+    /// dropped when it does (the kernel has had its answer).
+    cbws_ahead: Vec<u32>,
     iso: IsoStreams,
     to_kernel: Vec<u8>,
     /// Kernel bytes queued before `to_kernel`'s: a large IN result's data goes here as its own
@@ -349,6 +362,7 @@ impl PortSession {
             endpoints: EndpointTable::new(device),
             in_flight: HashMap::new(),
             read_ahead: ReadAhead::new(true),
+            cbws_ahead: Vec::new(),
             iso: IsoStreams::new(device.speed),
             to_kernel: Vec::new(),
             kernel_out: VecDeque::new(),
@@ -442,6 +456,11 @@ impl PortSession {
             Settled::Forward(cmd) => return self.forward_in(cmd),
             Settled::Absorbed => return,
         };
+        if let Some(i) = self.cbws_ahead.iter().position(|&s| s == id) {
+            self.cbws_ahead.swap_remove(i);
+            self.cbw_settled(id, &completion);
+            return;
+        }
         if self.iso.is_ahead(id) {
             // The kernel has had its answer; this only frees room for the next one.
             if let Some(endpoint) = self.iso.on_completion(&completion) {
@@ -497,6 +516,43 @@ impl PortSession {
                 }),
             };
             self.complete(seqnum, &urb, completion);
+        }
+    }
+
+    /// Answers a write's CBW to the kernel before the server has run it (see
+    /// [`super::readahead`]): as if all its bytes had gone out.
+    fn answer_cbw_ahead(&mut self, seqnum: u32) {
+        let Some(urb) = self.in_flight.remove(&seqnum) else {
+            return;
+        };
+        self.cbws_ahead.push(seqnum);
+        self.stats.cbws_ahead += 1;
+        let completion = UrbComplete {
+            id: UrbId(seqnum),
+            status: UrbStatus::Ok,
+            actual_length: urb.buffer_len,
+            data: Vec::new(),
+            timing: None,
+            iso: None,
+        };
+        self.complete(seqnum, &urb, completion);
+    }
+
+    /// The server's completion of a CBW answered ahead: only worth a word if the device
+    /// refused it (a gone device says so on every URB after it anyway).
+    fn cbw_settled(&mut self, seqnum: u32, completion: &UrbComplete) {
+        match completion.status {
+            UrbStatus::Ok => {}
+            UrbStatus::NoDevice => self.stats.cbws_failed_late += 1,
+            status => {
+                self.stats.cbws_failed_late += 1;
+                tracing::warn!(
+                    seqnum,
+                    ?status,
+                    "the device refused a write's CBW answered ahead: usb-storage sees the \
+                     command fail and resets the device"
+                );
+            }
         }
     }
 
@@ -629,15 +685,19 @@ impl PortSession {
                 self.speculate(specs);
             }
             (TransferType::Bulk, Direction::Out) => {
-                let specs = match (&cmd.buffer, self.endpoints.bot_in_for(cmd.ep)) {
+                let out = match (&cmd.buffer, self.endpoints.bot_in_for(cmd.ep)) {
                     (SubmitBuffer::Out(data), Some(endpoint_in)) => {
                         self.read_ahead.on_bulk_out(endpoint_in, cmd.seqnum, data)
                     }
-                    _ => Vec::new(),
+                    _ => BulkOut::default(),
                 };
                 self.push_cancels();
+                let seqnum = cmd.seqnum;
                 self.forward(cmd, transfer_type, direction);
-                self.speculate(specs);
+                if out.answer_now && self.cbws_ahead.len() < MAX_CBWS_AHEAD {
+                    self.answer_cbw_ahead(seqnum);
+                }
+                self.speculate(out.speculate);
             }
             (TransferType::Control, _) => {
                 self.read_ahead.on_control();

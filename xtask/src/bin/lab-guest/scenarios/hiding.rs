@@ -1,7 +1,8 @@
 //! Latency hiding against the real kernel: the mass-storage gadget attached with no flags, so
 //! with the defaults (read-ahead and 1 MiB SCSI commands), over a 2 ms round trip. What it proves is correctness, not speed (the
 //! bench measures that): usb-storage's cap on the vhci disk is raised, and every byte read
-//! directly, read through the page cache and written comes out exact.
+//! directly, read through the page cache and written (each write's CBW answered ahead of the
+//! device) comes out exact.
 
 use std::path::Path;
 use std::time::Duration;
@@ -52,13 +53,25 @@ pub fn run() -> Result<()> {
         "the write did not reach the gadget's backing store"
     );
     log!("detached; the gadget holds what was written");
-    let hits = read_ahead_hits("friend")?;
+    let hits = read_ahead_count("friend", "hits")?;
     ensure!(
         hits > 0,
         "read-ahead answered no READ: is it off by default?"
     );
     log!("read-ahead answered {hits} URBs (on by default)");
     metric("read_ahead_hits", hits as f64);
+    let cbws = read_ahead_count("friend", "write_cbws_ahead")?;
+    let refused = read_ahead_count("friend", "write_cbws_failed_late")?;
+    ensure!(
+        cbws > 0,
+        "no write's CBW was answered ahead: the writes above waited a round trip more"
+    );
+    ensure!(
+        refused == 0,
+        "the device refused {refused} CBWs answered ahead"
+    );
+    log!("{cbws} write CBWs answered ahead, none refused afterwards");
+    metric("write_cbws_ahead", cbws as f64);
     Ok(())
 }
 
@@ -90,17 +103,18 @@ fn exercise(disk: &Path, backing: &Path) -> Result<String> {
     bench::md5(written, None)
 }
 
-/// The URBs read-ahead answered, from the `read-ahead` line the client logs as an attachment
-/// ends (`hits=N`).
-fn read_ahead_hits(who: &str) -> Result<u64> {
+/// A counter (`hits`, `write_cbws_ahead`, ...) from the `read-ahead` line the client logs as
+/// an attachment ends (`name=N`).
+fn read_ahead_count(who: &str, name: &str) -> Result<u64> {
     let log = client_log(who);
     let line = log
         .lines()
         .rfind(|l| l.contains("read-ahead") && l.contains("hits="))
         .context("the client logged no read-ahead line as the attachment ended")?;
-    let hits = line
+    let prefix = format!("{name}=");
+    let value = line
         .split_whitespace()
-        .find_map(|w| w.strip_prefix("hits="))
-        .context("no hits= on the read-ahead line")?;
-    Ok(hits.parse()?)
+        .find_map(|w| w.strip_prefix(prefix.as_str()))
+        .with_context(|| format!("no {name}= on the read-ahead line"))?;
+    Ok(value.parse()?)
 }
