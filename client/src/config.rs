@@ -80,8 +80,8 @@ pub struct AutoAttach {
     #[serde(default = "on")]
     pub read_ahead: bool,
     /// A usb-storage disk's SCSI command size in sectors (`p2p-usb-client
-    /// --scsi-max-sectors`); unset is 2048, so a MiB costs one round trip instead of nine, and
-    /// 240 keeps the kernel's.
+    /// --scsi-max-sectors`); unset is 2048, so a MiB costs as few as one round trip instead of
+    /// nine, and 240 keeps the kernel's.
     #[serde(default, deserialize_with = "scsi_max_sectors")]
     pub scsi_max_sectors: Option<u16>,
     /// Interrupt-IN streaming (the device polled a few URBs ahead of the kernel); on unless

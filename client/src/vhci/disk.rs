@@ -3,9 +3,14 @@
 //! Bulk-Only Transport runs one SCSI command at a time, and every command costs at least one
 //! round trip to the server (one with read-ahead, three without). usb-storage caps a high-speed
 //! disk's commands at 240 sectors (120 KiB), so a 1 MiB read is nine commands and nine round
-//! trips; at 2,048 sectors (1 MiB, what the kernel itself allows a SuperSpeed disk) it is one.
-//! usb-storage lets the cap be changed at run time through the SCSI device's `max_sectors`
-//! attribute, and the block layer applies it to the next request.
+//! trips; at 2,048 sectors (1 MiB, what the kernel itself allows a SuperSpeed disk) it can be
+//! one. usb-storage lets the cap be changed at run time through the SCSI device's
+//! `max_sectors` attribute, and the block layer applies it to the next request.
+//!
+//! The cap is not the only bound: vhci gives a URB at most 32 scatter-gather segments
+//! (`sg_tablesize`) of at most 64 KiB, so a request over scattered 4 KiB pages stops at
+//! 128 KiB. Measured in the lab, direct 1 MiB reads and writes from a fresh buffer came out as
+//! commands of 200-512 KiB on average; only physically contiguous memory makes a 1 MiB one.
 //!
 //! The cap only goes up from usb-storage's own default: a lower value comes from a quirk for a
 //! device known to fail larger transfers (`US_FL_MAX_SECTORS_64`), and a higher one was chosen

@@ -110,3 +110,24 @@ pub fn wait_max_sectors(disk: &Path, sectors: u16) -> Result<()> {
         || (sys::read(&attr).ok()? == sectors.to_string()).then_some(()),
     )
 }
+
+/// The block layer's limits on one request to `disk`, as `name=value` pairs: what bounds a
+/// SCSI command's size besides usb-storage's `max_sectors` (the segments of a scattered
+/// user buffer, among others).
+pub fn queue_limits(disk: &Path) -> String {
+    let name = disk.file_name().unwrap_or_default().to_string_lossy();
+    [
+        "max_sectors_kb",
+        "max_hw_sectors_kb",
+        "max_segments",
+        "max_segment_size",
+    ]
+    .iter()
+    .map(|f| {
+        let value =
+            sys::read(format!("/sys/block/{name}/queue/{f}")).unwrap_or_else(|_| "?".into());
+        format!("{f}={value}")
+    })
+    .collect::<Vec<_>>()
+    .join(" ")
+}

@@ -133,6 +133,10 @@ pub(super) fn attach_ours<'a>(
                 return Err(e);
             }
         };
+    // The client raises the disk's SCSI command size just after it appears: measure what a
+    // user gets from then on, not the moment before.
+    usbdev::wait_max_sectors(&disk, 2048).inspect_err(|_| show_client_log("friend"))?;
+    log!("ours: {} {}", disk.display(), usbdev::queue_limits(&disk));
     Ok(Ours {
         server,
         client,

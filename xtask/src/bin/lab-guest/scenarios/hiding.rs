@@ -34,7 +34,11 @@ pub fn run() -> Result<()> {
     let (mut attached, disk) =
         attach_disk_with("friend", &[], &ticket, &vid_pid, gadget.vid, gadget.pid)?;
     usbdev::wait_max_sectors(&disk, 2048).inspect_err(|_| show_client_log("friend"))?;
-    log!("max_sectors 2048 on {}", disk.display());
+    log!(
+        "max_sectors 2048 on {}: {}",
+        disk.display(),
+        usbdev::queue_limits(&disk)
+    );
 
     netem::set(Duration::from_millis(1), 0.0)?;
     let result = exercise(&disk, backing);
