@@ -86,7 +86,7 @@ pub fn run() -> Result<()> {
         ours.link,
         Some((&ours.server, &ours.client)),
     )?;
-    ours.detach()
+    ours.detach(RTTS.iter().map(|&(_, size, runs)| size * runs).sum())
 }
 
 /// Our two daemons with the gadget attached through them, over the bench's veth pair when
@@ -148,7 +148,10 @@ pub(super) fn attach_ours<'a>(
 impl Ours<'_> {
     /// Detaches, then logs what read-ahead did and the connection's packet counts, loss and
     /// final congestion window as each side saw them (each side's loss is its own sending's).
-    pub(super) fn detach(mut self) -> Result<()> {
+    /// `written`, the bytes written through the attachment in whole direct 1 MiB writes, with
+    /// the write commands the client counted, gives the size of a command: vhci's 32
+    /// scatter-gather segments make it anything from 128 KiB to 1 MiB (kernel-notes/LAB.md).
+    pub(super) fn detach(mut self, written: usize) -> Result<()> {
         let (ok, _, err) = client("friend", &["detach", &vhci_port_in_use()?])?;
         ensure!(ok, "detach failed: {err}");
         // `attach` closes its connection and exits once its only device is detached.
@@ -161,6 +164,19 @@ impl Ours<'_> {
             .filter(|l| l.contains("read-ahead") || l.contains("disconnected"))
         {
             log!("client: {}", line.trim());
+            let commands = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("write_cbws_ahead="))
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|&n| n > 0);
+            if let Some(commands) = commands {
+                let kib = written as f64 / 1024.0 / commands as f64;
+                log!(
+                    "ours: {commands} write commands for {} MiB, {kib:.0} KiB each",
+                    written / MIB
+                );
+                metric("ours_kib_per_write_command", kib.round());
+            }
         }
         let line = sys::wait_for(
             "the server to log the disconnect",

@@ -132,7 +132,7 @@ fn profile_variant(
         );
         report(&format!("{variant}_{what}"), &data)?;
     }
-    ours.detach()
+    ours.detach(SIZE)
 }
 
 /// Packets dropped on our path that the network did not lose, counted so far.
