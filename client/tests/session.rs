@@ -575,12 +575,15 @@ impl VhciModel {
     fn submit(&mut self, kind: u8) -> Vec<u8> {
         let seq = self.next_seqnum;
         self.next_seqnum += 1;
-        let (direction, bytes) = match kind % 3 {
-            0 => (Direction::In, bulk_in(seq, 64)),
+        let (direction, bytes, len) = match kind % 4 {
+            0 => (Direction::In, bulk_in(seq, 64), 64),
             1 => (
                 Direction::Out,
                 submit_pdu(seq, 2, SubmitBuffer::Out(vec![seq as u8; 32]), [0; 8], None),
+                32,
             ),
+            // A write's CBW: answered at once, its server completion dropped.
+            2 => (Direction::Out, cbw_pdu(seq, 512, Direction::Out), 31),
             _ => (
                 Direction::In,
                 submit_pdu(
@@ -590,9 +593,9 @@ impl VhciModel {
                     [0x80, 6, 0, 1, 0, 0, 18, 0],
                     None,
                 ),
+                64,
             ),
         };
-        let len = if direction == Direction::In { 64 } else { 32 };
         self.decoder.expect_return(seq, direction, len).unwrap();
         self.pending.insert(seq, direction);
         bytes
@@ -667,7 +670,7 @@ impl VhciModel {
 #[derive(Default)]
 struct ServerModel {
     inbox: Vec<Action>,
-    running: Vec<(u32, Direction)>,
+    running: Vec<(u32, Direction, u32)>,
     outbox: Vec<ServerMsg>,
     done: HashSet<u32>,
 }
@@ -684,9 +687,9 @@ impl ServerModel {
             return;
         }
         match self.inbox.remove(0) {
-            Action::Submit { urb, .. } => self.running.push((urb.id.0, urb.direction)),
+            Action::Submit { urb, .. } => self.running.push((urb.id.0, urb.direction, urb.length)),
             Action::Unlink { id, .. } => {
-                if let Some(i) = self.running.iter().position(|(s, _)| *s == id.0) {
+                if let Some(i) = self.running.iter().position(|(s, _, _)| *s == id.0) {
                     self.running.remove(i);
                     self.outbox.push(ServerMsg::Complete(completed_with(
                         id.0,
@@ -706,12 +709,12 @@ impl ServerModel {
         if self.running.is_empty() {
             return;
         }
-        let (id, direction) = self.running.remove(pick % self.running.len());
+        let (id, direction, length) = self.running.remove(pick % self.running.len());
         self.done.insert(id);
         let completion = match direction {
             Direction::In => completed_in(id, vec![id as u8; (id % 18) as usize]),
             Direction::Out => UrbComplete {
-                actual_length: 32,
+                actual_length: length,
                 ..completed_with(id, UrbStatus::Ok)
             },
         };
