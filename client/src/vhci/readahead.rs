@@ -17,8 +17,10 @@
 //! CBW's transfer status: the device runs the CBW and the data in the order sent (one stream,
 //! one endpoint queue), and a CBW the device refused leaves it without the command, so the
 //! data phase fails on its halted endpoint and the CSW cannot carry the command's tag; either
-//! way usb-storage sees the command fail and runs its reset recovery, as it would have. Every speculation goes to the server with `SubmitAfter` naming the URB before it
-//! (the CBW or a write's last data URB, then the data phase for the CSW): the server holds it
+//! way usb-storage sees the command fail and runs its reset recovery, as it would have.
+//!
+//! Every speculation goes to the server with `SubmitAfter` naming the URB before it (the CBW
+//! or a write's last data URB, then the data phase for the CSW): the server holds it
 //! until that URB has completed on the device, as the kernel would have. A device may stall an
 //! IN that arrives before its command, or take a CSW read queued behind the data phase for
 //! more data (QEMU's usb-storage does both), and the OUT and IN streams race to the server.

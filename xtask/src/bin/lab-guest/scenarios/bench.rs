@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 
 use super::project::{
-    Daemon, client, client_id, client_log, program_in, show_client_log, spawn_client_with,
-    start_server_in, vhci_port_in_use, vhci_ports_in_use,
+    Daemon, client, client_id, client_log, log_count, program_in, show_client_log,
+    spawn_client_with, start_server_in, vhci_port_in_use, vhci_ports_in_use,
 };
 use crate::bench::{self, MIB};
 use crate::gadget::Gadget;
@@ -164,12 +164,7 @@ impl Ours<'_> {
             .filter(|l| l.contains("read-ahead") || l.contains("disconnected"))
         {
             log!("client: {}", line.trim());
-            let commands = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("write_cbws_ahead="))
-                .and_then(|n| n.parse::<usize>().ok())
-                .filter(|&n| n > 0);
-            if let Some(commands) = commands {
+            if let Some(commands) = log_count(line, "write_cbws_ahead").filter(|&n| n > 0) {
                 let kib = written as f64 / 1024.0 / commands as f64;
                 log!(
                     "ours: {commands} write commands for {} MiB, {kib:.0} KiB each",

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 
-use super::project::{SharedDisk, attach_disk_with, client_log, detach_and_wait, show_client_log};
+use super::project::{
+    SharedDisk, attach_disk_with, client_log, detach_and_wait, log_count, show_client_log,
+};
 use crate::bench::{self, MIB};
 use crate::report::{log, metric};
 use crate::usbdev::{self, Via};
@@ -57,15 +59,19 @@ pub fn run() -> Result<()> {
         "the write did not reach the gadget's backing store"
     );
     log!("detached; the gadget holds what was written");
-    let hits = read_ahead_count("friend", "hits")?;
+    let line = read_ahead_line("friend")?;
+    let count = |name: &str| {
+        log_count(&line, name).with_context(|| format!("no {name}= on the read-ahead line"))
+    };
+    let hits = count("hits")?;
     ensure!(
         hits > 0,
         "read-ahead answered no READ: is it off by default?"
     );
     log!("read-ahead answered {hits} URBs (on by default)");
     metric("read_ahead_hits", hits as f64);
-    let cbws = read_ahead_count("friend", "write_cbws_ahead")?;
-    let refused = read_ahead_count("friend", "write_cbws_failed_late")?;
+    let cbws = count("write_cbws_ahead")?;
+    let refused = count("write_cbws_failed_late")?;
     ensure!(
         cbws > 0,
         "no write's CBW was answered ahead: the writes above waited a round trip more"
@@ -107,18 +113,11 @@ fn exercise(disk: &Path, backing: &Path) -> Result<String> {
     bench::md5(written, None)
 }
 
-/// A counter (`hits`, `write_cbws_ahead`, ...) from the `read-ahead` line the client logs as
-/// an attachment ends (`name=N`).
-fn read_ahead_count(who: &str, name: &str) -> Result<u64> {
-    let log = client_log(who);
-    let line = log
+/// The `read-ahead` line the client logs as an attachment ends, with its counters.
+fn read_ahead_line(who: &str) -> Result<String> {
+    client_log(who)
         .lines()
         .rfind(|l| l.contains("read-ahead") && l.contains("hits="))
-        .context("the client logged no read-ahead line as the attachment ended")?;
-    let prefix = format!("{name}=");
-    let value = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(prefix.as_str()))
-        .with_context(|| format!("no {name}= on the read-ahead line"))?;
-    Ok(value.parse()?)
+        .map(str::to_owned)
+        .context("the client logged no read-ahead line as the attachment ended")
 }

@@ -271,6 +271,14 @@ pub fn client_log(who: &str) -> String {
     std::fs::read_to_string(format!("/tmp/client-{who}.log")).unwrap_or_default()
 }
 
+/// The number `name=N` in a daemon's log line (the client's `read-ahead` line, both daemons'
+/// connection totals), if the line has one.
+pub fn log_count(line: &str, name: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+        .and_then(|n| n.parse().ok())
+}
+
 /// Prints the last lines of a client daemon's log into the scenario's log.
 pub fn show_client_log(who: &str) {
     for line in client_log(who)
@@ -420,5 +428,24 @@ impl SharedDisk {
             backing,
             gadget,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_count;
+
+    #[test]
+    fn log_count_reads_only_the_named_field() {
+        let line = "INFO client::attach: read-ahead speculated=115 hits=111 write_cbws_ahead=84";
+        assert_eq!(log_count(line, "hits"), Some(111));
+        assert_eq!(log_count(line, "write_cbws_ahead"), Some(84));
+        assert_eq!(
+            log_count(line, "write_cbws"),
+            None,
+            "a prefix of a name is not the name"
+        );
+        assert_eq!(log_count(line, "ahead"), None);
+        assert_eq!(log_count("hits=many", "hits"), None);
     }
 }
