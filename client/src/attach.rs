@@ -339,14 +339,15 @@ async fn run_port_recorded(
     };
     let stats = port_run.session.stats();
     let ahead = stats.read_ahead;
-    if ahead.speculated > 0 || stats.cbws_ahead > 0 {
+    if ahead.speculated > 0 || stats.write_cbws_ahead + stats.read_cbws_ahead > 0 {
         info!(
             speculated = ahead.speculated,
             hits = ahead.hits,
             mismatches = ahead.mismatches,
             discarded = ahead.discarded,
-            write_cbws_ahead = stats.cbws_ahead,
-            write_cbws_failed_late = stats.cbws_failed_late,
+            write_cbws_ahead = stats.write_cbws_ahead,
+            read_cbws_ahead = stats.read_cbws_ahead,
+            cbws_failed_late = stats.cbws_failed_late,
             "read-ahead"
         );
     }

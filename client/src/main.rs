@@ -46,10 +46,10 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
     /// Turn mass-storage read-ahead off. It is on by default: a disk's READ costs one round
-    /// trip instead of three (its data and status are fetched with the command), a WRITE one
-    /// instead of two (its data follows the command at once). Off, every URB waits for the
-    /// kernel to send it and for the device to answer; a rule's `read_ahead = false` does this
-    /// for one device.
+    /// trip instead of three (its command is answered at once, its data and status fetched with
+    /// it), a WRITE one instead of two (its data follows the command at once). Off, every URB
+    /// waits for the kernel to send it and for the device to answer; a rule's
+    /// `read_ahead = false` does this for one device.
     #[arg(long, global = true, env = "P2P_USB_NO_READ_AHEAD",
           value_parser = clap::builder::BoolishValueParser::new())]
     no_read_ahead: bool,

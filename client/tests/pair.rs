@@ -11,7 +11,7 @@ use client::vhci::{Action, PortSession};
 use common::*;
 use proptest::prelude::*;
 use protocol::usb::{Direction, EndpointNumber, UrbStatus};
-use protocol::usbip::Pdu;
+use protocol::usbip::{Pdu, Transferred};
 use protocol::wire::{
     AttachHandle, URB_WINDOW, UrbClientMessage, UrbComplete, UrbId, UrbServerMessage,
     UrbStreamOpen, UrbWindow,
@@ -477,9 +477,11 @@ fn read_ahead_reaches_the_device_only_after_its_command() {
     assert_eq!(csw.len(), 1, "then the CSW read");
     pair.device_completes(csw[0], UrbStatus::Ok);
 
-    // A command the device refuses: what follows it never reaches the device, and the
-    // kernel's own status read goes to the server as usual.
+    // A command the device refuses, after the kernel was told its CBW went and sent its data
+    // read: nothing after the CBW reaches the device, and the kernel's read fails with a
+    // transport error (usb-storage then resets the device).
     pair.kernel(&cbw_pdu(2, LEN, Direction::In));
+    pair.kernel(&storage_in(3, LEN, true));
     let saw_before = pair.device_saw.len();
     pair.device_completes(UrbId(2), UrbStatus::Stall);
     assert_eq!(
@@ -488,8 +490,17 @@ fn read_ahead_reaches_the_device_only_after_its_command() {
         "nothing ran after the stall"
     );
     assert!(pair.on_device.is_empty());
-    pair.kernel(&storage_in(3, 13, false));
-    assert_eq!(pair.on_device, vec![UrbId(3)]);
-    pair.device_completes(UrbId(3), UrbStatus::Ok);
+    let pdus = returns(
+        &pair.to_kernel,
+        &[
+            (1, Direction::Out, 31),
+            (2, Direction::Out, 31),
+            (3, Direction::In, LEN),
+        ],
+    );
+    assert_eq!(
+        ret_submit_of(&pdus[2]),
+        (3, UrbStatus::Protocol, &Transferred::In(Vec::new()))
+    );
     assert_eq!(pair.session.in_flight(), 0);
 }

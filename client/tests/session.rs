@@ -870,6 +870,14 @@ fn sent_as_its_own(actions: &[Action], seqnum: u32) -> bool {
         .any(|a| matches!(a, Action::Submit { urb, after: None, .. } if urb.id == UrbId(seqnum)))
 }
 
+/// What the kernel URB `seqnum`, sent to the server, waits on there: `None` if not sent.
+fn sent_after(actions: &[Action], seqnum: u32) -> Option<Option<UrbId>> {
+    actions.iter().find_map(|a| match a {
+        Action::Submit { urb, after, .. } if urb.id == UrbId(seqnum) => Some(*after),
+        _ => None,
+    })
+}
+
 /// The ids and lengths of the URBs sent to the server on 0x81 IN.
 fn read_ahead_ids(actions: &[Action]) -> Vec<(u32, u32)> {
     actions
@@ -891,7 +899,9 @@ fn a_read_costs_one_round_trip_its_data_and_status_come_from_read_ahead() {
     let mut session = PortSession::new(&device());
     session.on_kernel_bytes(&cbw_pdu(10, 4096, Direction::In));
     let actions = drain(&mut session);
-    assert!(matches!(&actions[0], Action::Submit { urb, .. } if urb.id == UrbId(10)));
+    assert_eq!(sent_after(&actions, 10), Some(None));
+    // The CBW is answered at once: its phases cannot pass it on the server.
+    returns(&kernel_bytes(&actions), &[(10, Direction::Out, 31)]);
     let ahead = read_ahead_ids(&actions);
     assert_eq!(
         ahead.len(),
@@ -905,20 +915,17 @@ fn a_read_costs_one_round_trip_its_data_and_status_come_from_read_ahead() {
         "on the server, the data waits for the CBW and the CSW for the data"
     );
     let data: Vec<u8> = (0..4096).map(|i| (i % 251) as u8).collect();
+    // The kernel's data URB takes the running read-ahead while the CBW is still out.
+    session.on_kernel_bytes(&storage_in(11, 4096, true));
+    assert!(drain(&mut session).is_empty(), "bound, nothing sent");
     session.on_completion(out_done(10, 31));
+    assert!(
+        kernel_bytes(&drain(&mut session)).is_empty(),
+        "the CBW's own completion is dropped: the kernel had its answer"
+    );
     session.on_completion(completed_in(ahead[0].0, data.clone()));
     session.on_completion(completed_in(ahead[1].0, vec![0x53; 13]));
-    let pdus = returns(
-        &kernel_bytes(&drain(&mut session)),
-        &[(10, Direction::Out, 31)],
-    );
-    assert_eq!(
-        pdus.len(),
-        1,
-        "only the CBW's own RET_SUBMIT goes to the kernel yet"
-    );
-    // The kernel's data and CSW URBs are answered at once, without the server.
-    session.on_kernel_bytes(&storage_in(11, 4096, true));
+    // The CSW URB is answered at once, without the server.
     session.on_kernel_bytes(&storage_in(12, 13, false));
     let actions = drain(&mut session);
     assert!(
@@ -945,6 +952,7 @@ fn a_read_costs_one_round_trip_its_data_and_status_come_from_read_ahead() {
         (3, 3),
         "URBs answered by read-ahead count as taken and completed"
     );
+    assert_eq!((stats.read_cbws_ahead, stats.cbws_failed_late), (1, 0));
 }
 
 #[test]
@@ -994,7 +1002,7 @@ fn a_write_reads_its_status_ahead_behind_its_last_data_urb() {
     assert_eq!(session.in_flight(), 0);
     let stats = session.stats();
     assert_eq!((stats.submitted, stats.completed), (4, 4));
-    assert_eq!((stats.cbws_ahead, stats.cbws_failed_late), (1, 0));
+    assert_eq!((stats.write_cbws_ahead, stats.cbws_failed_late), (1, 0));
 }
 
 #[test]
@@ -1028,25 +1036,69 @@ fn a_write_cbw_the_device_refuses_after_its_answer_leaves_the_data_phase_to_fail
 }
 
 #[test]
-fn a_read_ahead_the_server_refused_leaves_the_kernels_urb_to_the_server() {
+fn a_read_cbw_the_device_refuses_after_its_answer_fails_the_kernels_next_urb_once() {
     // The CBW failed on the device, so the server never ran what followed it: both come back
-    // Unlinked with nothing moved, and the kernel's own URB goes out as usual.
+    // Unlinked with nothing moved. The kernel, told the CBW went, reads its data: that read
+    // fails at once with a transport error (usb-storage resets the device), and after the
+    // reset's control request the port forwards as usual.
     let mut session = PortSession::new(&device());
     session.on_kernel_bytes(&cbw_pdu(30, 512, Direction::In));
     let ahead = read_ahead_ids(&drain(&mut session));
     session.on_completion(completed_with(30, UrbStatus::Stall));
     session.on_completion(completed_with(ahead[0].0, UrbStatus::Unlinked));
     session.on_completion(completed_with(ahead[1].0, UrbStatus::Unlinked));
-    drain(&mut session);
-    session.on_kernel_bytes(&storage_in(31, 13, false));
+    assert!(kernel_bytes(&drain(&mut session)).is_empty());
+    session.on_kernel_bytes(&storage_in(31, 512, true));
+    let pdus = returns(
+        &kernel_bytes(&drain(&mut session)),
+        &[(31, Direction::In, 512)],
+    );
+    assert_eq!(
+        ret_submit_of(&pdus[0]),
+        (31, UrbStatus::Protocol, &Transferred::In(Vec::new()))
+    );
+    assert_eq!(session.stats().cbws_failed_late, 1);
+    // Only once: the next read goes to the server.
+    session.on_kernel_bytes(&storage_in(32, 13, false));
+    assert!(sent_as_its_own(&drain(&mut session), 32));
+}
+
+#[test]
+fn a_kernel_read_sent_on_its_own_waits_on_a_cbw_answered_ahead() {
+    // The kernel's data URB does not match the read-ahead (read-ahead turns off for the
+    // port): it goes to the server itself, still behind the CBW the kernel was told had gone.
+    let mut session = PortSession::new(&device());
+    session.on_kernel_bytes(&cbw_pdu(50, 4096, Direction::In));
+    let ahead = read_ahead_ids(&drain(&mut session));
+    session.on_kernel_bytes(&storage_in(51, 2048, true));
+    assert_eq!(
+        sent_after(&drain(&mut session), 51),
+        None,
+        "it waits for the cancel"
+    );
+    session.on_completion(completed_with(ahead[0].0, UrbStatus::Unlinked));
+    session.on_completion(completed_with(ahead[1].0, UrbStatus::Unlinked));
     let actions = drain(&mut session);
-    assert!(sent_as_its_own(&actions, 31), "{actions:?}");
+    assert_eq!(
+        sent_after(&actions, 51),
+        Some(Some(UrbId(50))),
+        "{actions:?}"
+    );
+    // Once the CBW has completed, nothing waits on it.
+    session.on_completion(out_done(50, 31));
+    session.on_completion(completed_in(51, vec![1; 2048]));
+    drain(&mut session);
+    session.on_kernel_bytes(&storage_in(52, 13, false));
+    let actions = drain(&mut session);
+    assert_eq!(sent_after(&actions, 52), Some(None), "{actions:?}");
 }
 
 #[test]
 fn a_kernel_urb_on_a_refused_read_ahead_goes_to_the_server_itself() {
     // The kernel's read took over a speculation that the server then never ran (the URB
-    // before it failed): the read is sent as its own URB, not answered -ECONNRESET.
+    // before it failed, as far as this port knows yet): the read is sent as its own URB, not
+    // answered -ECONNRESET, behind the CBW answered ahead (the server refuses it too if the
+    // CBW failed, and usb-storage resets).
     let mut session = PortSession::new(&device());
     session.on_kernel_bytes(&cbw_pdu(40, 512, Direction::In));
     let ahead = read_ahead_ids(&drain(&mut session));
@@ -1057,11 +1109,16 @@ fn a_kernel_urb_on_a_refused_read_ahead_goes_to_the_server_itself() {
     );
     session.on_completion(completed_with(ahead[0].0, UrbStatus::Unlinked));
     let actions = drain(&mut session);
-    assert!(sent_as_its_own(&actions, 41), "{actions:?}");
+    assert_eq!(
+        sent_after(&actions, 41),
+        Some(Some(UrbId(40))),
+        "{actions:?}"
+    );
     assert!(
         !actions.iter().any(|a| matches!(a, Action::ToKernel(_))),
         "nothing reached the kernel yet: {actions:?}"
     );
+    session.on_completion(out_done(40, 31));
     session.on_completion(completed_in(41, vec![9; 512]));
     let pdus = returns(
         &kernel_bytes(&drain(&mut session)),
@@ -1072,11 +1129,34 @@ fn a_kernel_urb_on_a_refused_read_ahead_goes_to_the_server_itself() {
         (41, UrbStatus::Ok, &Transferred::In(vec![9; 512]))
     );
     let stats = session.stats();
+    assert_eq!(stats.submitted, stats.completed);
+    assert_eq!(session.in_flight(), 0);
+}
+
+#[test]
+fn a_kernel_urb_bound_to_a_read_behind_a_refused_cbw_fails_with_a_transport_error() {
+    // The kernel's data URB took over the running read-ahead; then the device refuses the CBW
+    // answered ahead, and the server the read held behind it: the kernel hears -EPROTO, once.
+    let mut session = PortSession::new(&device());
+    session.on_kernel_bytes(&cbw_pdu(60, 512, Direction::In));
+    let ahead = read_ahead_ids(&drain(&mut session));
+    session.on_kernel_bytes(&storage_in(61, 512, true));
+    drain(&mut session);
+    session.on_completion(completed_with(60, UrbStatus::Protocol));
+    session.on_completion(completed_with(ahead[0].0, UrbStatus::Unlinked));
+    let actions = drain(&mut session);
+    assert!(!sent_as_its_own(&actions, 61), "{actions:?}");
+    let pdus = returns(&kernel_bytes(&actions), &[(61, Direction::In, 512)]);
     assert_eq!(
-        stats.submitted - stats.completed,
-        1,
-        "only the CBW is still out"
+        ret_submit_of(&pdus[0]),
+        (61, UrbStatus::Protocol, &Transferred::In(Vec::new()))
     );
+    session.on_completion(completed_with(ahead[1].0, UrbStatus::Unlinked));
+    assert!(kernel_bytes(&drain(&mut session)).is_empty());
+    assert_eq!(session.in_flight(), 0);
+    let stats = session.stats();
+    assert_eq!(stats.submitted, stats.completed);
+    assert_eq!(stats.cbws_failed_late, 1);
 }
 
 #[test]

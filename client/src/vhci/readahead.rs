@@ -10,14 +10,19 @@
 //! IN URBs arrive they take the results, often already here, in the same order.
 //!
 //! A write (data OUT) has its CSW read ahead too, once the kernel has sent the whole data
-//! phase. And a write's CBW is answered to the kernel as soon as it is sent on
-//! ([`BulkOut::answer_now`]), so the data follows it at once instead of a round trip later:
-//! one round trip per write instead of two. That answer is the only one here the device has
-//! not given yet, and it is safe because BOT decides a command's fate in its CSW, never in the
-//! CBW's transfer status: the device runs the CBW and the data in the order sent (one stream,
-//! one endpoint queue), and a CBW the device refused leaves it without the command, so the
-//! data phase fails on its halted endpoint and the CSW cannot carry the command's tag; either
-//! way usb-storage sees the command fail and runs its reset recovery, as it would have.
+//! phase. And a CBW is answered to the kernel as soon as it is sent on
+//! ([`BulkOut::answer_now`]), so the kernel's next URB is on its way while the CBW crosses the
+//! network: a write's data follows a round trip sooner (one round trip per write instead of
+//! two), and a read's data and CSW URBs are waiting when their results arrive (one kernel turn
+//! less per read). Only CBWs whose later phases cannot reach the device before them are
+//! answered: a write's (its data rides the same stream and endpoint queue) and a read's that
+//! has its phases read ahead (the server holds those until the CBW has run; a kernel IN URB
+//! that goes to the server on its own meanwhile is sent to wait on the CBW as well). That
+//! answer is the only one here the device has not given yet, and it is safe because BOT
+//! decides a command's fate in its CSW, never in the CBW's transfer status. A CBW the device
+//! refused leaves it without the command: what was held behind it is refused with it, and the
+//! port fails the kernel's next URB of that command with `-EPROTO` (a transport error), so
+//! usb-storage runs its reset recovery at once, as it would have on the CBW's own failure.
 //!
 //! Every speculation goes to the server with `SubmitAfter` naming the URB before it (the CBW
 //! or a write's last data URB, then the data phase for the CSW): the server holds it
@@ -183,8 +188,11 @@ impl Speculation {
 pub struct BulkOut {
     /// IN URBs to queue behind it.
     pub speculate: Vec<Speculate>,
-    /// It is a write's CBW: the port may answer it to the kernel now (see the module docs).
+    /// It is a CBW whose later phases cannot reach the device before it: the port may
+    /// answer it to the kernel now (see the module docs).
     pub answer_now: bool,
+    /// What it said, if it was a CBW.
+    pub cbw: Option<Cbw>,
 }
 
 /// Counters for the UI and the lab.
@@ -274,15 +282,24 @@ impl ReadAhead {
             };
             return BulkOut {
                 speculate,
-                answer_now: false,
+                ..BulkOut::default()
             };
         }
-        match parse_cbw(data) {
-            Some(cbw) => BulkOut {
-                answer_now: self.enabled && matches!(cbw, Cbw::DataOut(_)),
-                speculate: self.on_cbw(endpoint_in, cbw, seqnum),
-            },
-            None => BulkOut::default(),
+        let Some(cbw) = parse_cbw(data) else {
+            return BulkOut::default();
+        };
+        let speculate = self.on_cbw(endpoint_in, cbw, seqnum);
+        // A write's data follows its CBW on the same stream; a read's phases (or a CSW alone)
+        // follow it only when read ahead, which the server holds until the CBW has run.
+        let answer_now = self.enabled
+            && match cbw {
+                Cbw::DataOut(_) => true,
+                Cbw::DataIn(_) | Cbw::NoData => !speculate.is_empty(),
+            };
+        BulkOut {
+            speculate,
+            answer_now,
+            cbw: Some(cbw),
         }
     }
 
@@ -789,7 +806,7 @@ mod tests {
         );
         let _ = ra.claim(ep(1), kernel_in(21, 13, CSW_FLAGS));
         let read = ra.on_bulk_out(ep(1), 22, &cbw(512, true));
-        assert!(!read.answer_now, "a read's CBW waits for the device");
+        assert!(read.answer_now, "a read ahead's CBW is answered at once");
         let specs = read.speculate;
         assert_eq!(specs.len(), 2);
         assert_eq!(specs[0].after, Some(22), "the data phase follows the CBW");
@@ -809,9 +826,39 @@ mod tests {
     }
 
     #[test]
+    fn a_read_cbw_is_answered_ahead_only_with_its_phases_held_behind_it() {
+        let mut ra = ReadAhead::new(true);
+        assert!(
+            ra.on_bulk_out(ep(1), 10, &cbw(0, true)).answer_now,
+            "no data"
+        );
+        let long = ra.on_bulk_out(ep(1), 11, &cbw(MAX_DATA_LEN + 512, true));
+        assert!(
+            long.speculate.is_empty() && !long.answer_now,
+            "a data phase too long to read ahead: the kernel's own IN URB must not pass the CBW"
+        );
+        // The queue full (a command's phases unclaimed, then another's): nothing read ahead,
+        // nothing answered.
+        let mut full = ReadAhead::new(true);
+        full.queues
+            .entry(ep(1))
+            .or_default()
+            .extend((0..MAX_QUEUED as u32).map(|i| Speculation {
+                id: i + 1,
+                length: 13,
+                flags: CSW_FLAGS,
+                cancelling: false,
+                state: State::Running,
+            }));
+        let read = full.on_bulk_out(ep(1), 12, &cbw(512, true));
+        assert!(read.speculate.is_empty() && !read.answer_now);
+    }
+
+    #[test]
     fn without_read_ahead_no_cbw_is_answered_ahead() {
         let mut ra = ReadAhead::new(false);
         assert!(!ra.on_bulk_out(ep(1), 10, &cbw(1024, false)).answer_now);
+        assert!(!ra.on_bulk_out(ep(1), 11, &cbw(1024, true)).answer_now);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use protocol::usbip::{
 use protocol::wire::{DeviceInfo, IsoComplete, IsoSubmit, UrbComplete, UrbId, UrbSubmit};
 
 use super::iso_ahead::{self, IsoEndpointStats, IsoStreams};
-use super::readahead::{self, BulkOut, Claim, ReadAhead, ReadAheadStats, Settled};
+use super::readahead::{self, BulkOut, Cbw, Claim, ReadAhead, ReadAheadStats, Settled};
 
 /// The most URBs one port forwards at once. vhci itself has no cap, but the drivers behind it
 /// keep a handful each (usb-storage 1-2, audio ~8, network adapters up to ~60); the bound keeps
@@ -40,7 +40,7 @@ pub const MAX_IN_FLIGHT: usize = 1024;
 /// `usb_unlink_urb` gets `-EBUSY` before reaching vhci); a few spare slots cost nothing.
 pub const MAX_UNLINKS_PER_URB: usize = 4;
 
-/// The most write CBWs answered to the kernel that the server has not completed yet. One per
+/// The most CBWs answered to the kernel that the server has not completed yet. One per
 /// mass-storage LUN in practice (usb-storage runs one command at a time); past it a CBW waits
 /// for the device as usual.
 const MAX_CBWS_AHEAD: usize = 8;
@@ -190,10 +190,20 @@ pub struct SessionStats {
     /// Mass-storage read-ahead (see [`super::readahead`]).
     pub read_ahead: ReadAheadStats,
     /// Write CBWs answered to the kernel before the device took them.
-    pub cbws_ahead: u64,
-    /// Of those, CBWs the device then refused (the command's data phase fails and
-    /// usb-storage recovers; see [`super::readahead`]).
+    pub write_cbws_ahead: u64,
+    /// Read (and no-data) CBWs answered so, their phases read ahead behind them.
+    pub read_cbws_ahead: u64,
+    /// Of both, CBWs the device then refused (usb-storage sees the command fail and
+    /// recovers; see [`super::readahead`]).
     pub cbws_failed_late: u64,
+}
+
+/// A CBW answered to the kernel ahead of the device (see [`super::readahead`]).
+#[derive(Debug, Clone, Copy)]
+struct CbwAhead {
+    seqnum: u32,
+    /// The BOT IN endpoint its data and CSW come from.
+    endpoint_in: EndpointNumber,
 }
 
 /// What the session remembers about a URB the server is running.
@@ -338,9 +348,13 @@ pub struct PortSession {
     endpoints: EndpointTable,
     in_flight: HashMap<u32, InFlight>,
     read_ahead: ReadAhead,
-    /// Seqnums of write CBWs answered ahead whose server completion is still to come: it is
-    /// dropped when it does (the kernel has had its answer).
-    cbws_ahead: Vec<u32>,
+    /// CBWs answered ahead whose server completion is still to come (it is dropped when it
+    /// does: the kernel has had its answer), with their BOT IN endpoints: a kernel IN URB sent
+    /// there on its own meanwhile waits on the CBW.
+    cbws_ahead: Vec<CbwAhead>,
+    /// BOT IN endpoints whose CBW answered ahead the device then refused: the kernel's next
+    /// URB there fails here with `-EPROTO`, so usb-storage resets the device at once.
+    refused_ahead: Vec<EndpointNumber>,
     iso: IsoStreams,
     to_kernel: Vec<u8>,
     /// Kernel bytes queued before `to_kernel`'s: a large IN result's data goes here as its own
@@ -363,6 +377,7 @@ impl PortSession {
             in_flight: HashMap::new(),
             read_ahead: ReadAhead::new(true),
             cbws_ahead: Vec::new(),
+            refused_ahead: Vec::new(),
             iso: IsoStreams::new(device.speed),
             to_kernel: Vec::new(),
             kernel_out: VecDeque::new(),
@@ -445,6 +460,11 @@ impl PortSession {
                     .is_some_and(|u| !u.unlinks.is_empty());
                 if unlinked {
                     (cmd.seqnum, c)
+                } else if self.take_refused_ahead(cmd.ep) {
+                    // Its CBW, answered ahead, failed: this is the command's first URB to tell.
+                    self.in_flight.remove(&cmd.seqnum);
+                    self.stats.submitted -= 1;
+                    return self.answer_locally(&cmd, UrbStatus::Protocol);
                 } else {
                     // Sent as its own now; `forward` counts it again.
                     self.in_flight.remove(&cmd.seqnum);
@@ -456,9 +476,9 @@ impl PortSession {
             Settled::Forward(cmd) => return self.forward_in(cmd),
             Settled::Absorbed => return,
         };
-        if let Some(i) = self.cbws_ahead.iter().position(|&s| s == id) {
-            self.cbws_ahead.swap_remove(i);
-            self.cbw_settled(id, &completion);
+        if let Some(i) = self.cbws_ahead.iter().position(|c| c.seqnum == id) {
+            let cbw = self.cbws_ahead.swap_remove(i);
+            self.cbw_settled(cbw, &completion);
             return;
         }
         if self.iso.is_ahead(id) {
@@ -519,14 +539,16 @@ impl PortSession {
         }
     }
 
-    /// Answers a write's CBW to the kernel before the server has run it (see
-    /// [`super::readahead`]): as if all its bytes had gone out.
-    fn answer_cbw_ahead(&mut self, seqnum: u32) {
+    /// Answers a CBW to the kernel before the server has run it (see [`super::readahead`]):
+    /// as if all its bytes had gone out.
+    fn answer_cbw_ahead(&mut self, seqnum: u32, endpoint_in: EndpointNumber) {
         let Some(urb) = self.in_flight.remove(&seqnum) else {
             return;
         };
-        self.cbws_ahead.push(seqnum);
-        self.stats.cbws_ahead += 1;
+        self.cbws_ahead.push(CbwAhead {
+            seqnum,
+            endpoint_in,
+        });
         let completion = UrbComplete {
             id: UrbId(seqnum),
             status: UrbStatus::Ok,
@@ -540,20 +562,33 @@ impl PortSession {
 
     /// The server's completion of a CBW answered ahead: only worth a word if the device
     /// refused it (a gone device says so on every URB after it anyway).
-    fn cbw_settled(&mut self, seqnum: u32, completion: &UrbComplete) {
+    fn cbw_settled(&mut self, cbw: CbwAhead, completion: &UrbComplete) {
         match completion.status {
             UrbStatus::Ok => {}
             UrbStatus::NoDevice => self.stats.cbws_failed_late += 1,
             status => {
                 self.stats.cbws_failed_late += 1;
+                if !self.refused_ahead.contains(&cbw.endpoint_in) {
+                    self.refused_ahead.push(cbw.endpoint_in);
+                }
                 tracing::warn!(
-                    seqnum,
+                    seqnum = cbw.seqnum,
                     ?status,
-                    "the device refused a write's CBW answered ahead: usb-storage sees the \
-                     command fail and resets the device"
+                    "the device refused a CBW answered ahead: usb-storage sees the command \
+                     fail and resets the device"
                 );
             }
         }
+    }
+
+    /// Whether the last CBW answered ahead for `endpoint` failed with nothing told yet; true
+    /// once (the caller tells).
+    fn take_refused_ahead(&mut self, endpoint: EndpointNumber) -> bool {
+        let Some(i) = self.refused_ahead.iter().position(|&e| e == endpoint) else {
+            return false;
+        };
+        self.refused_ahead.swap_remove(i);
+        true
     }
 
     /// Answers the kernel's URB `id` with the server's completion.
@@ -685,7 +720,8 @@ impl PortSession {
                 self.speculate(specs);
             }
             (TransferType::Bulk, Direction::Out) => {
-                let out = match (&cmd.buffer, self.endpoints.bot_in_for(cmd.ep)) {
+                let endpoint_in = self.endpoints.bot_in_for(cmd.ep);
+                let out = match (&cmd.buffer, endpoint_in) {
                     (SubmitBuffer::Out(data), Some(endpoint_in)) => {
                         self.read_ahead.on_bulk_out(endpoint_in, cmd.seqnum, data)
                     }
@@ -694,12 +730,22 @@ impl PortSession {
                 self.push_cancels();
                 let seqnum = cmd.seqnum;
                 self.forward(cmd, transfer_type, direction);
-                if out.answer_now && self.cbws_ahead.len() < MAX_CBWS_AHEAD {
-                    self.answer_cbw_ahead(seqnum);
+                if let Some(endpoint_in) = endpoint_in
+                    && out.answer_now
+                    && self.cbws_ahead.len() < MAX_CBWS_AHEAD
+                {
+                    self.answer_cbw_ahead(seqnum, endpoint_in);
+                    if matches!(out.cbw, Some(Cbw::DataOut(_))) {
+                        self.stats.write_cbws_ahead += 1;
+                    } else {
+                        self.stats.read_cbws_ahead += 1;
+                    }
                 }
                 self.speculate(out.speculate);
             }
             (TransferType::Control, _) => {
+                // usb-storage's reset recovery: a refused CBW has been told.
+                self.refused_ahead.clear();
                 self.read_ahead.on_control();
                 self.forward(cmd, transfer_type, direction);
             }
@@ -710,6 +756,10 @@ impl PortSession {
     /// Routes a kernel IN URB through read-ahead: to a speculation's result, onto a running
     /// speculation, into a wait for one, or to the server.
     fn claim_in(&mut self, cmd: CmdSubmit, transfer_type: TransferType) {
+        if self.take_refused_ahead(cmd.ep) {
+            // Its command's CBW, answered ahead, failed on the device.
+            return self.answer_locally(&cmd, UrbStatus::Protocol);
+        }
         let claim = self.read_ahead.claim(cmd.ep, cmd);
         self.push_cancels();
         match claim {
@@ -782,6 +832,16 @@ impl PortSession {
                 .track(endpoint, direction, cmd.seqnum, packets.len(), interval);
         }
         let ahead = (cmd.iso.is_some() && direction == Direction::Out).then_some(cmd.ep);
+        // An IN phase of a command whose CBW was answered ahead must not pass it to the device.
+        let after = match (transfer_type, direction) {
+            (TransferType::Bulk, Direction::In) => self
+                .cbws_ahead
+                .iter()
+                .rev()
+                .find(|c| c.endpoint_in == cmd.ep)
+                .map(|c| UrbId(c.seqnum)),
+            _ => None,
+        };
         self.in_flight
             .insert(cmd.seqnum, in_flight_of(&cmd, cmd.seqnum, route, setup));
         let data = match cmd.buffer {
@@ -808,7 +868,7 @@ impl PortSession {
                     packets,
                 }),
             },
-            after: None,
+            after,
         });
         if let Some(endpoint) = ahead {
             self.answer_ahead(endpoint);

@@ -71,16 +71,22 @@ pub fn run() -> Result<()> {
     log!("read-ahead answered {hits} URBs (on by default)");
     metric("read_ahead_hits", hits as f64);
     let cbws = count("write_cbws_ahead")?;
-    let refused = count("write_cbws_failed_late")?;
+    let read_cbws = count("read_cbws_ahead")?;
+    let refused = count("cbws_failed_late")?;
     ensure!(
         cbws > 0,
         "no write's CBW was answered ahead: the writes above waited a round trip more"
     );
     ensure!(
+        read_cbws > 0,
+        "no read's CBW was answered ahead: each read waited a kernel turn more"
+    );
+    ensure!(
         refused == 0,
         "the device refused {refused} CBWs answered ahead"
     );
-    log!("{cbws} write CBWs answered ahead, none refused afterwards");
+    log!("{cbws} write and {read_cbws} read CBWs answered ahead, none refused afterwards");
+    metric("read_cbws_ahead", read_cbws as f64);
     metric("write_cbws_ahead", cbws as f64);
     Ok(())
 }
