@@ -31,8 +31,10 @@ struct Pair {
     trackers: HashMap<Key, StreamTracker>,
     /// URBs the device is running, oldest first.
     on_device: Vec<UrbId>,
-    /// Every URB the device was ever given.
+    /// Every URB the device was ever given, with its endpoint.
     device_saw: HashSet<UrbId>,
+    endpoint_of: HashMap<UrbId, Key>,
+    /// The most URBs one endpoint ever had on the device.
     most_on_device: usize,
     to_kernel: Vec<u8>,
     now_us: u64,
@@ -54,6 +56,7 @@ impl Pair {
             trackers: HashMap::new(),
             on_device: Vec::new(),
             device_saw: HashSet::new(),
+            endpoint_of: HashMap::new(),
             most_on_device: 0,
             to_kernel: Vec::new(),
             now_us: 0,
@@ -171,12 +174,18 @@ impl Pair {
                     match action {
                         DeviceAction::Submit(urb) => {
                             self.device_saw.insert(urb.id);
+                            self.endpoint_of.insert(urb.id, key);
                             self.on_device.push(urb.id);
                         }
                         DeviceAction::Cancel(id) => cancels.push(id),
                     }
                 }
-                self.most_on_device = self.most_on_device.max(self.on_device.len());
+                let here = self
+                    .on_device
+                    .iter()
+                    .filter(|id| self.endpoint_of[id] == key)
+                    .count();
+                self.most_on_device = self.most_on_device.max(here);
                 let mut messages = Vec::new();
                 while let Some(msg) = tracker.poll_message() {
                     messages.push(msg);
@@ -208,7 +217,13 @@ impl Pair {
     fn kernel_saw(&self, submitted: &[u32]) -> Vec<Pdu> {
         let expected: Vec<(u32, Direction, u32)> =
             submitted.iter().map(|&s| (s, Direction::In, LEN)).collect();
-        returns(&self.to_kernel, &expected)
+        self.kernel_saw_of(&expected)
+    }
+
+    /// What reached the kernel, decoded, given every URB it submitted (seqnum, direction,
+    /// length).
+    fn kernel_saw_of(&self, submitted: &[(u32, Direction, u32)]) -> Vec<Pdu> {
+        returns(&self.to_kernel, submitted)
     }
 }
 
@@ -274,12 +289,12 @@ fn an_unlink_behind_more_urbs_than_the_server_queue_reaches_the_device_at_once()
 /// RET_UNLINKs (one that says -ECONNRESET also answers its target).
 fn answers(
     pair: &Pair,
-    submitted: &[u32],
+    submitted: &[(u32, Direction, u32)],
     unlinks: &HashMap<u32, u32>,
 ) -> (HashMap<u32, usize>, HashMap<u32, usize>) {
     let mut urbs: HashMap<u32, usize> = HashMap::new();
     let mut unlinked: HashMap<u32, usize> = HashMap::new();
-    for pdu in pair.kernel_saw(submitted) {
+    for pdu in pair.kernel_saw_of(submitted) {
         match pdu {
             Pdu::RetSubmit(r) => *urbs.entry(r.seqnum).or_default() += 1,
             Pdu::RetUnlink(r) => {
@@ -310,7 +325,7 @@ fn an_unlink_racing_a_completion_is_answered_once_in_both_orders() {
     pair.device_completes(UrbId(1), UrbStatus::Ok);
     pair.kernel(&unlink_pdu(2, 1));
     pair.release_wire();
-    let (urbs, unlinked) = answers(&pair, &[1], &unlinks);
+    let (urbs, unlinked) = answers(&pair, &[(1, Direction::In, LEN)], &unlinks);
     assert_eq!((urbs, unlinked), (once.clone(), unlink_once.clone()));
     assert_eq!(pair.session.in_flight(), 0);
 
@@ -323,7 +338,7 @@ fn an_unlink_racing_a_completion_is_answered_once_in_both_orders() {
     pair.kernel(&unlink_pdu(2, 1));
     pair.device_completes(UrbId(1), UrbStatus::Ok);
     pair.release_wire();
-    let (urbs, unlinked) = answers(&pair, &[1], &unlinks);
+    let (urbs, unlinked) = answers(&pair, &[(1, Direction::In, LEN)], &unlinks);
     assert_eq!((urbs, unlinked), (once.clone(), unlink_once.clone()));
     assert_eq!(pair.session.in_flight(), 0);
 
@@ -333,7 +348,7 @@ fn an_unlink_racing_a_completion_is_answered_once_in_both_orders() {
     pair.hold_to_client = true;
     pair.kernel(&unlink_pdu(2, 1));
     pair.release_wire();
-    let (urbs, unlinked) = answers(&pair, &[1], &unlinks);
+    let (urbs, unlinked) = answers(&pair, &[(1, Direction::In, LEN)], &unlinks);
     assert_eq!((urbs, unlinked), (once, unlink_once));
     assert_eq!(pair.session.in_flight(), 0);
 }
@@ -343,10 +358,15 @@ fn an_unlink_racing_a_completion_is_answered_once_in_both_orders() {
 enum Step {
     /// The kernel submits this many more bulk IN URBs.
     Submit(u8),
+    /// The kernel sends a read's CBW: answered at once, its data and CSW read ahead, held on
+    /// the server behind it (the bulk reads then take them or miss them).
+    Cbw,
     /// The kernel unlinks the n-th URB it submitted (if that exists and is unanswered).
     Unlink(u8),
     /// The device completes the n-th URB it runs (if any).
     Complete(u8),
+    /// The device stalls the n-th URB it runs (if any): a refused CBW among them.
+    Stall(u8),
     /// Server messages stay on the wire from now on (races their answers with the kernel's
     /// next unlinks).
     Hold,
@@ -359,8 +379,10 @@ enum Step {
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         (1u8..40).prop_map(Step::Submit),
+        Just(Step::Cbw),
         any::<u8>().prop_map(Step::Unlink),
         any::<u8>().prop_map(Step::Complete),
+        any::<u8>().prop_map(Step::Stall),
         Just(Step::Hold),
         Just(Step::Release),
         any::<bool>().prop_map(Step::Deaf),
@@ -368,14 +390,15 @@ fn step() -> impl Strategy<Value = Step> {
 }
 
 proptest! {
-    /// Whatever the order of submissions, unlinks and completions: every URB the kernel
+    /// Whatever the order of submissions (bulk reads, and read CBWs answered ahead with their
+    /// phases held behind them), unlinks, completions and stalls: every URB the kernel
     /// submitted is answered exactly once (a RET_SUBMIT, or a RET_UNLINK that cancelled it),
     /// every unlink gets one RET_UNLINK, the client never breaks the window, and the device
     /// never runs more than the server's depth.
     #[test]
     fn every_urb_and_every_unlink_is_answered_once(steps in proptest::collection::vec(step(), 1..40)) {
         let mut pair = Pair::new();
-        let mut submitted: Vec<u32> = Vec::new();
+        let mut submitted: Vec<(u32, Direction, u32)> = Vec::new();
         let mut unlinks: HashMap<u32, u32> = HashMap::new(); // unlink seqnum -> target
         let mut next = 1u32;
         for step in steps {
@@ -384,13 +407,18 @@ proptest! {
                     let mut script = Vec::new();
                     for _ in 0..n {
                         script.extend(bulk_in(next, LEN));
-                        submitted.push(next);
+                        submitted.push((next, Direction::In, LEN));
                         next += 1;
                     }
                     pair.kernel(&script);
                 }
+                Step::Cbw => {
+                    pair.kernel(&cbw_pdu(next, LEN, Direction::In));
+                    submitted.push((next, Direction::Out, 31));
+                    next += 1;
+                }
                 Step::Unlink(n) if !submitted.is_empty() => {
-                    let target = submitted[n as usize % submitted.len()];
+                    let target = submitted[n as usize % submitted.len()].0;
                     if !unlinks.values().any(|&t| t == target) {
                         unlinks.insert(next, target);
                         pair.kernel(&unlink_pdu(next, target));
@@ -400,6 +428,10 @@ proptest! {
                 Step::Complete(n) if !pair.on_device.is_empty() => {
                     let id = pair.on_device[n as usize % pair.on_device.len()];
                     pair.device_completes(id, UrbStatus::Ok);
+                }
+                Step::Stall(n) if !pair.on_device.is_empty() => {
+                    let id = pair.on_device[n as usize % pair.on_device.len()];
+                    pair.device_completes(id, UrbStatus::Stall);
                 }
                 Step::Hold => pair.hold_to_client = true,
                 Step::Release => pair.release_wire(),
@@ -415,7 +447,7 @@ proptest! {
         pair.release_wire();
         prop_assert!(pair.most_on_device <= DEPTH);
         let (answered, unlink_answers) = answers(&pair, &submitted, &unlinks);
-        for s in &submitted {
+        for (s, _, _) in &submitted {
             prop_assert_eq!(answered.get(s).copied(), Some(1), "URB {} answered once", s);
         }
         for u in unlinks.keys() {
