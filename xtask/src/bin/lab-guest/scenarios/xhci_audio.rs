@@ -26,8 +26,11 @@ const RATE: u32 = 48_000;
 /// The most of a play that may go missing through our tunnel. TCG runs the guest ~10-50x
 /// slower than hardware; the kernel's own USB/IP in the same boot is the anchor beside it.
 const MISSING_BOUND: f64 = 0.25;
-/// How much slower than the kernel's USB/IP at RTT 0 a play through ours may run at 20 ms:
-/// the client answers iso OUT ahead by the round trip, so the stream keeps real time.
+/// How much slower a play through ours may run at 20 ms than the same attachment's play at
+/// RTT 0 just before it: the client answers iso OUT ahead by the round trip, so the round trip
+/// must not stretch the stream (without that it took 1.85x). The anchor is our own RTT 0 play,
+/// not the kernel's: on a slow host both our plays take longer to set up and drain (1.27x at
+/// RTT 0 against the kernel's 1.04x in one boot), and that is CPU, not the round trip.
 const STRETCH_SLACK: f64 = 0.25;
 
 /// Plays through the kernel's USB/IP, then ours at RTT 0 and 20 ms; stops and starts twice;
@@ -78,6 +81,7 @@ pub fn run() -> Result<()> {
     })?;
     // Nothing has streamed yet: every counter starts at 0.
     let mut before = serde_json::json!({});
+    let mut stretch_rtt0 = kernel_stretch;
     for (label, rtt_ms) in [("rtt0", 0u64), ("rtt20", 20)] {
         netem::set(Duration::from_millis(rtt_ms / 2), 0.0)?;
         let played = play(card, tone, PLAY_SECS);
@@ -126,9 +130,11 @@ pub fn run() -> Result<()> {
                 "no iso OUT URB was answered ahead at RTT {rtt_ms} ms"
             );
             ensure!(
-                stretch <= kernel_stretch + STRETCH_SLACK,
-                "at RTT {rtt_ms} ms the play took {stretch:.2}x real time (the kernel's USB/IP at RTT 0: {kernel_stretch:.2}x, slack {STRETCH_SLACK})"
+                stretch <= stretch_rtt0 + STRETCH_SLACK,
+                "at RTT {rtt_ms} ms the play took {stretch:.2}x real time (ours at RTT 0: {stretch_rtt0:.2}x, slack {STRETCH_SLACK}; the kernel's USB/IP at RTT 0: {kernel_stretch:.2}x)"
             );
+        } else {
+            stretch_rtt0 = stretch;
         }
         before = after;
     }
