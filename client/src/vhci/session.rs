@@ -460,15 +460,14 @@ impl PortSession {
                     .is_some_and(|u| !u.unlinks.is_empty());
                 if unlinked {
                     (cmd.seqnum, c)
-                } else if self.take_refused_ahead(cmd.ep) {
-                    // Its CBW, answered ahead, failed: this is the command's first URB to tell.
-                    self.in_flight.remove(&cmd.seqnum);
-                    self.stats.submitted -= 1;
-                    return self.answer_locally(&cmd, UrbStatus::Protocol);
                 } else {
-                    // Sent as its own now; `forward` counts it again.
+                    // Taken back: answered here or sent as its own, each counting it again.
                     self.in_flight.remove(&cmd.seqnum);
                     self.stats.submitted -= 1;
+                    if self.take_refused_ahead(cmd.ep) {
+                        // Its CBW, answered ahead, failed: the command's first URB to tell.
+                        return self.answer_locally(&cmd, UrbStatus::Protocol);
+                    }
                     return self.forward_in(cmd);
                 }
             }
