@@ -155,10 +155,12 @@ pub async fn attach(
         .interface_classes()
         .iter()
         .any(|c| c[0] == protocol::bot::CLASS_MASS_STORAGE);
+    // The disk's command size once set: how far read-ahead may widen a READ.
+    let (disk_tx, disk_rx) = watch::channel(0u32);
     let tuner = tuning
         .scsi_max_sectors
         .filter(|_| is_storage)
-        .map(|sectors| tokio::spawn(raise_max_sectors(vhci.clone(), port, sectors)));
+        .map(|sectors| tokio::spawn(raise_max_sectors(vhci.clone(), port, sectors, disk_tx)));
     let task = tokio::spawn(async move {
         let end = run_port_recorded(
             conn.clone(),
@@ -171,6 +173,7 @@ pub async fn attach(
             recorder,
             tuning,
             Some(port),
+            Some(disk_rx),
         )
         .await;
         info!(port, ?end, "attachment ending");
@@ -199,9 +202,15 @@ pub async fn attach(
 }
 
 /// Waits for the disk the kernel makes of the device on `port` and raises its SCSI command
-/// size to `sectors` ([`disk`]). Logs what it did; a device that never becomes a usb-storage
+/// size to `sectors` ([`disk`]). Logs what it did, and sends the size the disk ends with (the
+/// smallest over its LUNs, in bytes) to `size`; a device that never becomes a usb-storage
 /// disk (another class, UAS) is left alone after [`DISK_WAIT`].
-async fn raise_max_sectors(vhci: Arc<Vhci<RealSys>>, port: u32, sectors: u16) {
+async fn raise_max_sectors(
+    vhci: Arc<Vhci<RealSys>>,
+    port: u32,
+    sectors: u16,
+    size: watch::Sender<u32>,
+) {
     let deadline = Instant::now() + DISK_WAIT;
     loop {
         let vhci = vhci.clone();
@@ -224,6 +233,15 @@ async fn raise_max_sectors(vhci: Arc<Vhci<RealSys>>, port: u32, sectors: u16) {
         .await;
         match found {
             Ok(Ok(tuned)) if !tuned.is_empty() => {
+                let smallest = tuned
+                    .iter()
+                    .map(|t| match t {
+                        Tuned::Raised { .. } => sectors,
+                        Tuned::Kept { value, .. } => *value,
+                    })
+                    .min()
+                    .unwrap_or(0);
+                size.send_replace(u32::from(smallest) * 512);
                 for t in tuned {
                     match t {
                         Tuned::Raised { attr, from } => info!(
@@ -273,7 +291,7 @@ pub async fn run_port(
         ..Tuning::default()
     };
     run_port_recorded(
-        conn, handle, device, link, initial, events, stop, None, tuning, None,
+        conn, handle, device, link, initial, events, stop, None, tuning, None, None,
     )
     .await
 }
@@ -291,6 +309,7 @@ async fn run_port_recorded(
     recorder: Option<PortRecorder>,
     tuning: Tuning,
     vhci_port: Option<u32>,
+    disk_size: Option<watch::Receiver<u32>>,
 ) -> AttachEnd {
     let timed = recorder.is_some();
     if timed && (tuning.read_ahead || tuning.interrupt_streaming) {
@@ -320,6 +339,7 @@ async fn run_port_recorded(
         released: Vec::new(),
         from_server: mpsc::unbounded_channel(),
         recorder,
+        disk_size,
         report: vhci_port.map(|port| PortReport {
             port,
             pid: std::process::id(),
@@ -348,6 +368,9 @@ async fn run_port_recorded(
             write_cbws_ahead = stats.write_cbws_ahead,
             read_cbws_ahead = stats.read_cbws_ahead,
             cbws_failed_late = stats.cbws_failed_late,
+            widened = ahead.widened,
+            served = ahead.served,
+            widen_failed = ahead.widen_failed,
             "read-ahead"
         );
     }
@@ -391,6 +414,8 @@ struct PortRun {
     recorder: Option<PortRecorder>,
     /// What `status` and the TUI are told about the vhci port, refreshed each second.
     report: Option<PortReport>,
+    /// The disk's SCSI command size in bytes, once known: read-ahead widens READs up to it.
+    disk_size: Option<watch::Receiver<u32>>,
 }
 
 impl PortRun {
@@ -445,6 +470,16 @@ impl PortRun {
 
     /// Takes the link's round trip for the session and tells `status` how the port does.
     fn every_second(&mut self) {
+        if let Some(size) = &mut self.disk_size
+            && size.has_changed().unwrap_or(false)
+        {
+            let bytes = *size.borrow_and_update();
+            info!(
+                bytes,
+                "sequential READs widened up to the disk's command size"
+            );
+            self.session.set_widened_reads(bytes);
+        }
         let rtt = self.conn.rtt();
         if let Some(rtt) = rtt {
             self.session.set_rtt(rtt);

@@ -1225,6 +1225,242 @@ fn a_stalled_data_phase_cancels_the_status_read_and_the_kernel_reads_it_itself()
     );
 }
 
+/// A READ(10) CBW of `blocks` 512-byte blocks from `lba`, as usb-storage sends it.
+fn read10_pdu(seqnum: u32, lba: u32, blocks: u16) -> Vec<u8> {
+    let cdb = protocol::scsi::Read {
+        lba: lba.into(),
+        blocks: blocks.into(),
+        long: false,
+    }
+    .to_cdb()
+    .unwrap();
+    let cbw = protocol::bot::Cbw::new(seqnum, u32::from(blocks) * 512, true, 0, &cdb)
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    submit_pdu(seqnum, 2, SubmitBuffer::Out(cbw), [0; 8], None)
+}
+
+fn csw_of(tag: u32, status: protocol::bot::CswStatus) -> Vec<u8> {
+    protocol::bot::Csw {
+        tag,
+        residue: 0,
+        status,
+    }
+    .to_bytes()
+    .to_vec()
+}
+
+/// What a disk holds at `lba`: each block filled with its number.
+fn blocks_at(lba: u32, blocks: u32) -> Vec<u8> {
+    (lba..lba + blocks).flat_map(|b| [b as u8; 512]).collect()
+}
+
+/// The CBW bytes the kernel's URB `seqnum` carried to the server.
+fn cbw_sent(actions: &[Action], seqnum: u32) -> protocol::bot::Cbw {
+    actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Submit { urb, .. } if urb.id == UrbId(seqnum) => {
+                Some(protocol::bot::Cbw::parse(&urb.data).unwrap())
+            }
+            _ => None,
+        })
+        .expect("the CBW went to the server")
+}
+
+/// Runs one READ command from CBW `seqnum` (data URB `seqnum + 1`, CSW `seqnum + 2`) with the
+/// device answering what the server is asked, and the CSW status `status`: the kernel's data
+/// and CSW results, and the CBW the server got (`None` if none went).
+fn run_read(
+    session: &mut PortSession,
+    seqnum: u32,
+    lba: u32,
+    blocks: u16,
+    status: protocol::bot::CswStatus,
+) -> (Pdu, Pdu, Option<protocol::bot::Cbw>) {
+    session.on_kernel_bytes(&read10_pdu(seqnum, lba, blocks));
+    let actions = drain(session);
+    let ahead = read_ahead_ids(&actions);
+    let sent = actions
+        .iter()
+        .any(|a| matches!(a, Action::Submit { urb, .. } if urb.id == UrbId(seqnum)))
+        .then(|| cbw_sent(&actions, seqnum));
+    let len = u32::from(blocks) * 512;
+    session.on_kernel_bytes(&storage_in(seqnum + 1, len, true));
+    let mut out = kernel_bytes(&actions);
+    out.extend(kernel_bytes(&drain(session)));
+    if let Some(cbw) = sent {
+        let read = protocol::scsi::Read::parse(cbw.command()).unwrap();
+        assert_eq!(ahead[0].1, cbw.data_len, "the data read ahead is the CBW's");
+        session.on_completion(out_done(seqnum, 31));
+        session.on_completion(completed_in(ahead[0].0, blocks_at(lba, read.blocks)));
+        session.on_completion(completed_in(ahead[1].0, csw_of(cbw.tag, status)));
+    }
+    out.extend(kernel_bytes(&drain(session)));
+    session.on_kernel_bytes(&storage_in(seqnum + 2, 13, false));
+    out.extend(kernel_bytes(&drain(session)));
+    let mut pdus = returns(
+        &out,
+        &[
+            (seqnum, Direction::Out, 31),
+            (seqnum + 1, Direction::In, len),
+            (seqnum + 2, Direction::In, 13),
+        ],
+    );
+    assert_eq!(pdus.len(), 3, "{pdus:?}");
+    assert_eq!(ret_submit_of(&pdus[0]).1, UrbStatus::Ok, "the CBW's answer");
+    let csw = pdus.pop().unwrap();
+    let data = pdus.pop().unwrap();
+    (data, csw, sent)
+}
+
+/// A session that has read the disk's capacity (10,000 blocks of 512 bytes) through
+/// read-ahead, and widens READs up to 64 KiB.
+fn knowing_the_disk() -> PortSession {
+    let mut session = PortSession::new(&device()).with_widened_reads(64 * 1024);
+    let capacity = protocol::bot::Cbw::new(1, 8, true, 0, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    session.on_kernel_bytes(&submit_pdu(1, 2, SubmitBuffer::Out(capacity), [0; 8], None));
+    let ahead = read_ahead_ids(&drain(&mut session));
+    session.on_completion(out_done(1, 31));
+    session.on_completion(completed_in(ahead[0].0, vec![0, 0, 0x27, 0x0f, 0, 0, 2, 0]));
+    session.on_completion(completed_in(
+        ahead[1].0,
+        csw_of(1, protocol::bot::CswStatus::Passed),
+    ));
+    session.on_kernel_bytes(&storage_in(2, 8, true));
+    session.on_kernel_bytes(&storage_in(3, 13, false));
+    drain(&mut session);
+    session
+}
+
+#[test]
+fn sequential_reads_are_widened_and_the_next_ones_answered_from_the_kept_data() {
+    use protocol::bot::CswStatus::Passed;
+    let mut session = knowing_the_disk();
+    // The first READ goes as the kernel wrote it.
+    let (_, _, sent) = run_read(&mut session, 10, 0, 16, Passed);
+    assert_eq!(sent.unwrap().data_len, 8192);
+    // The second continues it: the device reads 64 KiB, the kernel gets its 8 KiB.
+    let (data, csw, sent) = run_read(&mut session, 20, 16, 16, Passed);
+    let sent = sent.unwrap();
+    assert_eq!((sent.tag, sent.data_len), (20, 65536));
+    let read = protocol::scsi::Read::parse(sent.command()).unwrap();
+    assert_eq!((read.lba, read.blocks), (16, 128));
+    assert_eq!(
+        ret_submit_of(&data),
+        (21, UrbStatus::Ok, &Transferred::In(blocks_at(16, 16)))
+    );
+    assert_eq!(
+        ret_submit_of(&csw),
+        (22, UrbStatus::Ok, &Transferred::In(csw_of(20, Passed)))
+    );
+    // The next seven are answered here, each with its own tag, and nothing goes out.
+    for i in 0..7 {
+        let seqnum = 30 + 10 * i;
+        let lba = 32 + 16 * i;
+        let (data, csw, sent) = run_read(&mut session, seqnum, lba, 16, Passed);
+        assert!(sent.is_none(), "READ {seqnum} went to the server");
+        assert_eq!(
+            ret_submit_of(&data),
+            (
+                seqnum + 1,
+                UrbStatus::Ok,
+                &Transferred::In(blocks_at(lba, 16))
+            )
+        );
+        assert_eq!(
+            ret_submit_of(&csw),
+            (
+                seqnum + 2,
+                UrbStatus::Ok,
+                &Transferred::In(csw_of(seqnum, Passed))
+            )
+        );
+    }
+    // Then the device again, widened anew.
+    let (_, _, sent) = run_read(&mut session, 100, 144, 16, Passed);
+    assert_eq!(sent.unwrap().data_len, 65536);
+    let stats = session.stats();
+    assert_eq!(
+        (
+            stats.read_ahead.widened,
+            stats.read_ahead.served,
+            stats.read_ahead.widen_failed
+        ),
+        (2, 7, 0)
+    );
+    assert_eq!(session.in_flight(), 0);
+}
+
+#[test]
+fn a_widened_read_that_fails_costs_the_kernel_a_transport_error_and_a_plain_retry() {
+    use protocol::bot::CswStatus::{Failed, Passed};
+    let mut session = knowing_the_disk();
+    run_read(&mut session, 10, 0, 16, Passed);
+    // The device fails the widened READ (a bad block past the kernel's part, say).
+    let (data, csw, sent) = run_read(&mut session, 20, 16, 16, Failed);
+    assert_eq!(sent.unwrap().data_len, 65536);
+    assert_eq!(ret_submit_of(&data).1, UrbStatus::Ok);
+    assert_eq!(
+        ret_submit_of(&csw).1,
+        UrbStatus::Protocol,
+        "a transport error: usb-storage resets and the SCSI layer retries"
+    );
+    // The reset, then the retry: as the kernel wrote it, and so is every READ after it.
+    session.on_kernel_bytes(&submit_pdu(
+        25,
+        0,
+        SubmitBuffer::Out(Vec::new()),
+        [0x21, 0xff, 0, 0, 0, 0, 0, 0],
+        None,
+    ));
+    let actions = drain(&mut session);
+    session.on_completion(out_done(25, 0));
+    assert!(sent_as_its_own(&actions, 25));
+    drain(&mut session);
+    let (_, _, sent) = run_read(&mut session, 30, 16, 16, Passed);
+    assert_eq!(sent.unwrap().data_len, 8192);
+    let (_, _, sent) = run_read(&mut session, 40, 32, 16, Passed);
+    assert_eq!(sent.unwrap().data_len, 8192);
+    assert_eq!(session.stats().read_ahead.widen_failed, 1);
+}
+
+#[test]
+fn a_write_between_reads_drops_the_kept_data() {
+    use protocol::bot::CswStatus::Passed;
+    let mut session = knowing_the_disk();
+    run_read(&mut session, 10, 0, 16, Passed);
+    run_read(&mut session, 20, 16, 16, Passed);
+    // A WRITE of block 40, which the kept data holds.
+    let write = protocol::bot::Cbw::new(30, 512, false, 0, &[0x2a, 0, 0, 0, 0, 40, 0, 0, 1, 0])
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    session.on_kernel_bytes(&submit_pdu(30, 2, SubmitBuffer::Out(write), [0; 8], None));
+    drain(&mut session);
+    session.on_completion(out_done(30, 31));
+    session.on_kernel_bytes(&submit_pdu(
+        31,
+        2,
+        SubmitBuffer::Out(vec![7; 512]),
+        [0; 8],
+        None,
+    ));
+    let ahead = read_ahead_ids(&drain(&mut session));
+    session.on_completion(out_done(31, 512));
+    session.on_completion(completed_in(ahead[0].0, csw_of(30, Passed)));
+    session.on_kernel_bytes(&storage_in(32, 13, false));
+    drain(&mut session);
+    // The READ that would have been served goes to the device.
+    let (_, _, sent) = run_read(&mut session, 40, 32, 16, Passed);
+    assert!(sent.is_some());
+    assert_eq!(session.stats().read_ahead.served, 0);
+}
+
 #[test]
 fn no_read_ahead_forwards_every_urb() {
     let mut session = PortSession::new(&device()).with_read_ahead(false);

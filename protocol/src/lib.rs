@@ -14,6 +14,7 @@
 pub mod bot;
 mod buf;
 pub mod descriptors;
+pub mod scsi;
 pub mod select;
 pub mod usb;
 pub mod usbip;

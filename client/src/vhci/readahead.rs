@@ -54,8 +54,11 @@ use protocol::usbip::CmdSubmit;
 use protocol::wire::UrbComplete;
 
 pub mod interrupt;
+pub mod widen;
 
 pub use interrupt::STREAM_DEPTH;
+use protocol::scsi::CapacityQuery;
+use widen::{Plan, Widen};
 
 /// The length of a Command Status Wrapper, as an URB length.
 pub const CSW_LEN: u32 = bot::CSW_LEN as u32;
@@ -87,12 +90,17 @@ pub enum Cbw {
 
 /// Reads `data` as a CBW, if it is a valid one (anything else is forwarded as it is).
 pub fn parse_cbw(data: &[u8]) -> Option<Cbw> {
-    let cbw = bot::Cbw::parse(data).ok()?;
-    Some(match (cbw.data_len, cbw.data_in) {
-        (0, _) => Cbw::NoData,
-        (length, true) => Cbw::DataIn(length),
-        (length, false) => Cbw::DataOut(length),
-    })
+    bot::Cbw::parse(data).ok().map(|cbw| Cbw::of(&cbw))
+}
+
+impl Cbw {
+    fn of(cbw: &bot::Cbw) -> Cbw {
+        match (cbw.data_len, cbw.data_in) {
+            (0, _) => Cbw::NoData,
+            (length, true) => Cbw::DataIn(length),
+            (length, false) => Cbw::DataOut(length),
+        }
+    }
 }
 
 /// A speculative IN URB for the port to send to the server.
@@ -167,11 +175,46 @@ enum State {
     Parked(CmdSubmit),
 }
 
+/// What a speculation's result means beyond being the device's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Plain,
+    /// A widened READ's data phase: the kernel takes its own part ([`widen`]).
+    WideData,
+    /// A widened READ's CSW.
+    WideCsw,
+    /// READ CAPACITY's data on this LUN: where widening must stop.
+    Capacity(u8, CapacityQuery),
+}
+
+/// A phase to read ahead: its length on the device, the length of the kernel URB that
+/// takes it, its flags and its role.
+#[derive(Debug, Clone, Copy)]
+struct Phase {
+    length: u32,
+    claims: u32,
+    flags: u32,
+    role: Role,
+}
+
+impl Phase {
+    fn plain(length: u32, flags: u32) -> Phase {
+        Phase {
+            length,
+            claims: length,
+            flags,
+            role: Role::Plain,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Speculation {
     id: u32,
-    length: u32,
+    /// The length of the kernel URB that takes it (the device's phase may be longer).
+    claims: u32,
     flags: u32,
+    role: Role,
     /// We asked the server to cancel it.
     cancelling: bool,
     state: State,
@@ -193,6 +236,11 @@ pub struct BulkOut {
     pub answer_now: bool,
     /// What it said, if it was a CBW.
     pub cbw: Option<Cbw>,
+    /// Send these bytes in its place: the same READ, widened ([`widen`]).
+    pub rewrite: Option<[u8; bot::CBW_LEN]>,
+    /// A READ answered here from a widened READ's data: send nothing, answer it now; its
+    /// data and CSW URBs find their answers queued.
+    pub served: bool,
 }
 
 /// Counters for the UI and the lab.
@@ -206,6 +254,12 @@ pub struct ReadAheadStats {
     pub mismatches: u64,
     /// Speculations whose result no kernel URB took (flushed by a new command).
     pub discarded: u64,
+    /// READs sent widened ([`widen`]).
+    pub widened: u64,
+    /// READs answered here from a widened READ's data.
+    pub served: u64,
+    /// Widened READs that did not pass whole.
+    pub widen_failed: u64,
 }
 
 /// The read-ahead state of one port.
@@ -221,6 +275,10 @@ pub struct ReadAhead {
     next_id: u32,
     cancels: Vec<Cancel>,
     stats: ReadAheadStats,
+    /// The longest READ widened, in bytes (0: none).
+    widen_limit: u32,
+    /// Widening per BOT IN endpoint.
+    widen: HashMap<EndpointNumber, Widen>,
 }
 
 impl ReadAhead {
@@ -234,12 +292,31 @@ impl ReadAhead {
             next_id: FIRST_ID,
             cancels: Vec::new(),
             stats: ReadAheadStats::default(),
+            widen_limit: 0,
+            widen: HashMap::new(),
         }
+    }
+
+    /// Widens sequential READs up to `limit` bytes (at most [`MAX_DATA_LEN`]; 0: never).
+    pub fn widen_reads(&mut self, limit: u32) {
+        self.widen_limit = limit.min(MAX_DATA_LEN);
+    }
+
+    /// The longest READ widened, in bytes.
+    pub fn widen_limit(&self) -> u32 {
+        self.widen_limit
     }
 
     /// The counters so far.
     pub fn stats(&self) -> ReadAheadStats {
-        self.stats
+        let mut stats = self.stats;
+        for w in self.widen.values() {
+            let w = w.stats();
+            stats.widened += w.widened;
+            stats.served += w.served;
+            stats.widen_failed += w.failed;
+        }
+        stats
     }
 
     /// Whether `id` is a speculation still known here.
@@ -275,7 +352,7 @@ impl ReadAhead {
                     Vec::new()
                 }
                 std::cmp::Ordering::Equal => {
-                    self.queue_phases(endpoint_in, &[(CSW_LEN, CSW_FLAGS)], seqnum)
+                    self.queue_phases(endpoint_in, &[Phase::plain(CSW_LEN, CSW_FLAGS)], seqnum)
                 }
                 // More than the CBW announced: not a command we understand.
                 std::cmp::Ordering::Greater => Vec::new(),
@@ -285,10 +362,73 @@ impl ReadAhead {
                 ..BulkOut::default()
             };
         }
-        let Some(cbw) = parse_cbw(data) else {
+        let Ok(parsed) = bot::Cbw::parse(data) else {
             return BulkOut::default();
         };
-        let speculate = self.on_cbw(endpoint_in, cbw, seqnum);
+        let cbw = Cbw::of(&parsed);
+        let (speculate, rewrite, served) = match self.plan(endpoint_in, &parsed) {
+            Plan::AsIs { capacity } => {
+                let speculate = self.on_cbw(endpoint_in, cbw, seqnum);
+                if let (Some((lun, query)), Some(data)) = (capacity, speculate.first())
+                    && matches!(cbw, Cbw::DataIn(_))
+                {
+                    self.set_role(endpoint_in, data.id, Role::Capacity(lun, query));
+                }
+                (speculate, None, false)
+            }
+            Plan::Widened { cbw: wide, length } => {
+                self.flush(endpoint_in);
+                let Cbw::DataIn(claims) = cbw else {
+                    unreachable!("only READs are widened")
+                };
+                let data = Phase {
+                    length,
+                    claims,
+                    flags: DATA_FLAGS,
+                    role: Role::WideData,
+                };
+                let csw = Phase {
+                    role: Role::WideCsw,
+                    ..Phase::plain(CSW_LEN, CSW_FLAGS)
+                };
+                let speculate = self.queue_phases(endpoint_in, &[data, csw], seqnum);
+                let w = self.widen.get_mut(&endpoint_in).expect("planned above");
+                match &speculate[..] {
+                    [data, csw] => {
+                        w.bind(data.id, csw.id);
+                        (speculate, Some(wide), false)
+                    }
+                    _ => {
+                        w.abandon();
+                        (speculate, None, false)
+                    }
+                }
+            }
+            Plan::Served { data, csw } => {
+                self.flush(endpoint_in);
+                let queue = self.queues.entry(endpoint_in).or_default();
+                for (bytes, flags) in [(data, DATA_FLAGS), (csw.to_vec(), CSW_FLAGS)] {
+                    let id = self.next_id;
+                    self.next_id -= 1;
+                    queue.push_back(Speculation {
+                        id,
+                        claims: bytes.len() as u32,
+                        flags,
+                        role: Role::Plain,
+                        cancelling: false,
+                        state: State::Done(UrbComplete {
+                            id: protocol::wire::UrbId(id),
+                            status: UrbStatus::Ok,
+                            actual_length: bytes.len() as u32,
+                            data: bytes,
+                            iso: None,
+                            timing: None,
+                        }),
+                    });
+                }
+                (Vec::new(), None, true)
+            }
+        };
         // A write's data follows its CBW on the same stream; a read's phases (or a CSW alone)
         // follow it only when read ahead, which the server holds until the CBW has run.
         let answer_now = self.enabled
@@ -300,6 +440,30 @@ impl ReadAhead {
             speculate,
             answer_now,
             cbw: Some(cbw),
+            rewrite,
+            served,
+        }
+    }
+
+    /// What widening makes of a CBW; nothing while read-ahead is off (then nothing is kept
+    /// either: a mismatch turned it off, and what was kept is never looked at again).
+    fn plan(&mut self, endpoint_in: EndpointNumber, cbw: &bot::Cbw) -> Plan {
+        // Serving takes two ids; near the end of them read-ahead turns itself off anyway.
+        let ids_left = self.next_id.saturating_sub(LOWEST_ID);
+        if !self.enabled || ids_left < 4 {
+            return Plan::AsIs { capacity: None };
+        }
+        let limit = self.widen_limit;
+        self.widen.entry(endpoint_in).or_default().plan(cbw, limit)
+    }
+
+    fn set_role(&mut self, endpoint: EndpointNumber, id: u32, role: Role) {
+        if let Some(spec) = self
+            .queues
+            .get_mut(&endpoint)
+            .and_then(|q| q.iter_mut().find(|s| s.id == id))
+        {
+            spec.role = role;
         }
     }
 
@@ -315,10 +479,15 @@ impl ReadAhead {
                 self.writes.insert(endpoint_in, length);
                 Vec::new()
             }
-            Cbw::NoData => self.queue_phases(endpoint_in, &[(CSW_LEN, CSW_FLAGS)], seqnum),
+            Cbw::NoData => {
+                self.queue_phases(endpoint_in, &[Phase::plain(CSW_LEN, CSW_FLAGS)], seqnum)
+            }
             Cbw::DataIn(length) if length <= MAX_DATA_LEN => self.queue_phases(
                 endpoint_in,
-                &[(length, DATA_FLAGS), (CSW_LEN, CSW_FLAGS)],
+                &[
+                    Phase::plain(length, DATA_FLAGS),
+                    Phase::plain(CSW_LEN, CSW_FLAGS),
+                ],
                 seqnum,
             ),
             Cbw::DataIn(_) => Vec::new(),
@@ -332,7 +501,7 @@ impl ReadAhead {
     fn queue_phases(
         &mut self,
         endpoint_in: EndpointNumber,
-        phases: &[(u32, u32)],
+        phases: &[Phase],
         mut after: u32,
     ) -> Vec<Speculate> {
         let room = MAX_QUEUED.saturating_sub(phases.len());
@@ -343,17 +512,21 @@ impl ReadAhead {
         }
         let out: Vec<Speculate> = phases
             .iter()
-            .map(|&(length, flags)| {
+            .map(|phase| {
                 let spec = Speculate {
                     id: 0,
                     endpoint: endpoint_in,
-                    length,
-                    flags,
+                    length: phase.length,
+                    flags: phase.flags,
                     transfer_type: TransferType::Bulk,
                     interval: 0,
                     after: Some(after),
                 };
                 let spec = push_speculation(&mut self.next_id, queue, spec);
+                if let Some(last) = queue.back_mut() {
+                    last.claims = phase.claims;
+                    last.role = phase.role;
+                }
                 after = spec.id;
                 spec
             })
@@ -366,6 +539,9 @@ impl ReadAhead {
     /// CLEAR_FEATURE) after a failed phase, so a write still owed its data is over.
     pub fn on_control(&mut self) {
         self.writes.clear();
+        for w in self.widen.values_mut() {
+            w.on_control();
+        }
     }
 
     /// Routes a kernel bulk IN URB (or, while streaming, interrupt IN URB) on `endpoint`.
@@ -381,13 +557,13 @@ impl ReadAhead {
                 return Claim::Forward(cmd);
             };
             let spec = &mut queue[index];
-            let matches = spec.length == cmd.buffer.len() && spec.flags == flags;
+            let matches = spec.claims == cmd.buffer.len() && spec.flags == flags;
             if !matches && !spec.cancelling {
                 self.stats.mismatches += 1;
                 tracing::info!(
                     seqnum = cmd.seqnum,
                     want = cmd.buffer.len(),
-                    have = spec.length,
+                    have = spec.claims,
                     "a kernel URB does not match the read-ahead: read-ahead off for this port"
                 );
                 self.enabled = false;
@@ -447,6 +623,16 @@ impl ReadAhead {
     pub fn on_completion(&mut self, c: UrbComplete) -> Settled {
         let Some((endpoint, index)) = self.find(c.id.0) else {
             return Settled::NotOurs(c);
+        };
+        let role = self.queues[&endpoint][index].role;
+        let c = match (role, self.widen.get_mut(&endpoint)) {
+            (Role::WideData, Some(w)) => w.on_data(c),
+            (Role::WideCsw, Some(w)) => w.on_csw(c),
+            (Role::Capacity(lun, query), Some(w)) => {
+                w.on_capacity(lun, query, &c);
+                c
+            }
+            _ => c,
         };
         let queue = self.queues.get_mut(&endpoint).expect("found above");
         let failed = c.status != UrbStatus::Ok;
@@ -531,8 +717,9 @@ fn push_speculation(
     *next_id -= 1;
     queue.push_back(Speculation {
         id: spec.id,
-        length: spec.length,
+        claims: spec.length,
         flags: spec.flags,
+        role: Role::Plain,
         cancelling: false,
         state: State::Running,
     });
@@ -845,7 +1032,8 @@ mod tests {
             .or_default()
             .extend((0..MAX_QUEUED as u32).map(|i| Speculation {
                 id: i + 1,
-                length: 13,
+                claims: 13,
+                role: Role::Plain,
                 flags: CSW_FLAGS,
                 cancelling: false,
                 state: State::Running,

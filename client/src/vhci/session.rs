@@ -391,9 +391,25 @@ impl PortSession {
     /// Turns mass-storage read-ahead on or off (the client turns it on for `--read-ahead`).
     pub fn with_read_ahead(mut self, on: bool) -> Self {
         let streaming = self.read_ahead.streams_interrupts();
+        let widen = self.read_ahead.widen_limit();
         self.read_ahead = ReadAhead::new(on);
         self.read_ahead.set_streaming(streaming);
+        self.read_ahead.widen_reads(widen);
         self
+    }
+
+    /// Widens sequential READs up to `limit` bytes while read-ahead is on (0: never; see
+    /// [`readahead::widen`]). The client gives it the disk's raised command size: the device
+    /// already takes commands that long from the kernel itself.
+    pub fn with_widened_reads(mut self, limit: u32) -> Self {
+        self.set_widened_reads(limit);
+        self
+    }
+
+    /// As [`with_widened_reads`](Self::with_widened_reads), on a running session: the disk's
+    /// command size is known only once the kernel has made a disk of the device.
+    pub fn set_widened_reads(&mut self, limit: u32) {
+        self.read_ahead.widen_reads(limit);
     }
 
     /// Turns interrupt-IN streaming on or off (`--interrupt-streaming`): the device's
@@ -719,6 +735,7 @@ impl PortSession {
                 self.speculate(specs);
             }
             (TransferType::Bulk, Direction::Out) => {
+                let mut cmd = cmd;
                 let endpoint_in = self.endpoints.bot_in_for(cmd.ep);
                 let out = match (&cmd.buffer, endpoint_in) {
                     (SubmitBuffer::Out(data), Some(endpoint_in)) => {
@@ -727,6 +744,13 @@ impl PortSession {
                     _ => BulkOut::default(),
                 };
                 self.push_cancels();
+                if out.served {
+                    // Its data and CSW wait in read-ahead's queue: the device never sees it.
+                    return self.answer_out_here(&cmd);
+                }
+                if let (Some(bytes), SubmitBuffer::Out(data)) = (out.rewrite, &mut cmd.buffer) {
+                    *data = bytes.to_vec();
+                }
                 let seqnum = cmd.seqnum;
                 self.forward(cmd, transfer_type, direction);
                 if let Some(endpoint_in) = endpoint_in
@@ -931,6 +955,22 @@ impl PortSession {
         for &unlink in &urb.unlinks {
             self.ret_unlink(unlink, urb.devid, UrbStatus::Unlinked);
         }
+    }
+
+    /// Answers an OUT URB here as if all its bytes had gone out.
+    fn answer_out_here(&mut self, cmd: &CmdSubmit) {
+        self.stats.answered_locally += 1;
+        Pdu::RetSubmit(RetSubmit {
+            seqnum: cmd.seqnum,
+            devid: cmd.devid,
+            ep: cmd.ep,
+            status: UrbStatus::Ok,
+            transferred: Transferred::Out(cmd.buffer.len()),
+            start_frame: 0,
+            error_count: 0,
+            iso: None,
+        })
+        .encode(&mut self.to_kernel);
     }
 
     fn answer_locally(&mut self, cmd: &CmdSubmit, status: UrbStatus) {

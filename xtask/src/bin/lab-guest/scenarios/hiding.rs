@@ -1,8 +1,9 @@
 //! Latency hiding against the real kernel: the mass-storage gadget attached with no flags, so
 //! with the defaults (read-ahead and 1 MiB SCSI commands), over a 2 ms round trip. What it proves is correctness, not speed (the
 //! bench measures that): usb-storage's cap on the vhci disk is raised, and every byte read
-//! directly, read through the page cache and written (each write's CBW answered ahead of the
-//! device) comes out exact.
+//! directly (sequential READs widened, the next ones answered from the data they brought),
+//! read through the page cache and written (each write's CBW answered ahead of the device) and
+//! read back after the writes (nothing kept from before them) comes out exact.
 
 use std::path::Path;
 use std::time::Duration;
@@ -86,6 +87,21 @@ pub fn run() -> Result<()> {
         "the device refused {refused} CBWs answered ahead"
     );
     log!("{cbws} write and {read_cbws} read CBWs answered ahead, none refused afterwards");
+    let widened = count("widened")?;
+    let served = count("served")?;
+    let widen_failed = count("widen_failed")?;
+    ensure!(
+        served > 0,
+        "no READ was answered from a widened one: each sequential READ cost a round trip \
+         ({widened} widened)"
+    );
+    ensure!(
+        widen_failed == 0,
+        "{widen_failed} widened READs did not pass whole"
+    );
+    log!("{widened} READs widened, {served} answered from their data, none failed");
+    metric("reads_widened", widened as f64);
+    metric("reads_served", served as f64);
     metric("read_cbws_ahead", read_cbws as f64);
     metric("write_cbws_ahead", cbws as f64);
     Ok(())
