@@ -470,15 +470,17 @@ impl PortRun {
 
     /// Takes the link's round trip for the session and tells `status` how the port does.
     fn every_second(&mut self) {
-        if let Some(size) = &mut self.disk_size
-            && size.has_changed().unwrap_or(false)
-        {
-            let bytes = *size.borrow_and_update();
-            info!(
-                bytes,
-                "sequential READs widened up to the disk's command size"
-            );
-            self.session.set_widened_reads(bytes);
+        // Read whatever the tuner last sent: it drops its sender once done, which a watch
+        // reports as closed rather than as changed.
+        if let Some(size) = &self.disk_size {
+            let bytes = *size.borrow();
+            if bytes != self.session.widened_reads() {
+                info!(
+                    bytes,
+                    "sequential READs widened up to the disk's command size"
+                );
+                self.session.set_widened_reads(bytes);
+            }
         }
         let rtt = self.conn.rtt();
         if let Some(rtt) = rtt {

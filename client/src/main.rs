@@ -63,9 +63,12 @@ struct Cli {
     _read_ahead: bool,
     /// An attached usb-storage disk's SCSI command size, in 512-byte sectors [default: 2048,
     /// 1 MiB, so a MiB read costs as few as one round trip instead of the nine of the kernel's
-    /// 240; vhci's 32 scatter-gather segments cut commands over scattered pages shorter]. Only
-    /// a disk at the kernel's default is raised: a quirk's lower cap for a device known to fail
-    /// large transfers stays. 240 leaves every disk as the kernel set it.
+    /// 240; vhci's 32 scatter-gather segments cut commands over scattered pages shorter, so a
+    /// READ that continues the one before it is widened to this size on the device and the
+    /// kernel's next READs are answered from what it brought]. Only a disk at the kernel's
+    /// default is raised: a quirk's lower cap for a device known to fail large transfers
+    /// stays, and READs are widened only to the cap the disk ends with. 240 leaves every disk
+    /// as the kernel set it.
     #[arg(long, global = true, env = "P2P_USB_SCSI_MAX_SECTORS", value_name = "SECTORS",
           value_parser = clap::value_parser!(u16).range(1..=i64::from(client::vhci::disk::MAX_SECTORS_CEILING)))]
     scsi_max_sectors: Option<u16>,

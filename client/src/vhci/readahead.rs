@@ -299,10 +299,10 @@ impl ReadAhead {
 
     /// Widens sequential READs up to `limit` bytes (at most [`MAX_DATA_LEN`]; 0: never).
     pub fn widen_reads(&mut self, limit: u32) {
-        self.widen_limit = limit.min(MAX_DATA_LEN);
+        self.widen_limit = limit;
     }
 
-    /// The longest READ widened, in bytes.
+    /// The longest READ widened, in bytes, as set (read-ahead caps it at [`MAX_DATA_LEN`]).
     pub fn widen_limit(&self) -> u32 {
         self.widen_limit
     }
@@ -453,7 +453,7 @@ impl ReadAhead {
         if !self.enabled || ids_left < 4 {
             return Plan::AsIs { capacity: None };
         }
-        let limit = self.widen_limit;
+        let limit = self.widen_limit.min(MAX_DATA_LEN);
         self.widen.entry(endpoint_in).or_default().plan(cbw, limit)
     }
 

@@ -406,6 +406,11 @@ impl PortSession {
         self
     }
 
+    /// The longest READ widened, in bytes.
+    pub fn widened_reads(&self) -> u32 {
+        self.read_ahead.widen_limit()
+    }
+
     /// As [`with_widened_reads`](Self::with_widened_reads), on a running session: the disk's
     /// command size is known only once the kernel has made a disk of the device.
     pub fn set_widened_reads(&mut self, limit: u32) {
