@@ -75,7 +75,8 @@ struct Running {
     block_size: u32,
     kernel_length: u32,
     length: u32,
-    /// The data past the kernel's part, once the data phase has come back whole.
+    /// The whole data phase, once it has come back whole: the kernel's part is a copy, so
+    /// the larger rest is not copied again.
     kept: Option<Vec<u8>>,
 }
 
@@ -244,8 +245,10 @@ impl Widen {
             return c;
         };
         if c.status == UrbStatus::Ok && c.data.len() == running.length as usize {
-            running.kept = Some(c.data.split_off(running.kernel_length as usize));
+            let whole = std::mem::take(&mut c.data);
+            c.data = whole[..running.kernel_length as usize].to_vec();
             c.actual_length = running.kernel_length;
+            running.kept = Some(whole);
             return c;
         }
         self.failed(c)
@@ -270,7 +273,7 @@ impl Widen {
                     lba: running.kept_lba,
                     block_size: running.block_size,
                     data,
-                    at: 0,
+                    at: running.kernel_length as usize,
                 });
                 c
             }
@@ -584,5 +587,139 @@ mod tests {
             w.plan(&read_cbw(2, 16, 16), 0),
             Plan::AsIs { capacity: None }
         );
+    }
+
+    /// What the model disk's device is asked, step by step.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A READ that continues the last one (or starts at `lba` if none), `blocks` long.
+        Next(u16),
+        /// A READ anywhere.
+        Read(u32, u16),
+        /// A WRITE, which changes what the blocks hold.
+        Write(u32, u16),
+        /// A WRITE this many blocks past the end of the last READ: where kept data would be.
+        WriteAhead(u32, u16),
+        /// A command without data (TEST UNIT READY).
+        Other,
+        /// usb-storage's reset recovery.
+        Reset,
+        /// The device fails the next READ it is sent.
+        FailNext,
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            6 => (1u16..96).prop_map(Step::Next),
+            1 => (0u32..DISK, 1u16..96).prop_map(|(l, b)| Step::Read(l, b)),
+            1 => (0u32..DISK, 1u16..16).prop_map(|(l, b)| Step::Write(l, b)),
+            2 => (0u32..64, 1u16..16).prop_map(|(l, b)| Step::WriteAhead(l, b)),
+            1 => Just(Step::Other),
+            1 => Just(Step::Reset),
+            1 => Just(Step::FailNext),
+        ]
+    }
+
+    const DISK: u32 = 2048;
+
+    /// A disk whose blocks change with every write: each holds its number and its version.
+    struct Disk {
+        versions: Vec<u8>,
+    }
+
+    impl Disk {
+        fn read(&self, lba: u64, blocks: u32) -> Vec<u8> {
+            (lba..lba + u64::from(blocks))
+                .flat_map(|b| {
+                    let mut block = [b as u8; BS as usize];
+                    block[1] = self.versions[b as usize];
+                    block
+                })
+                .collect()
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the kernel sends, a READ answered here holds what the disk holds now,
+        /// widened READs stay on the disk and start where the kernel's did, and after a failure
+        /// nothing is widened or served again.
+        #[test]
+        fn a_read_answered_here_is_what_the_disk_holds(
+            steps in proptest::collection::vec(step(), 1..120),
+        ) {
+            let mut w = knowing(DISK);
+            let mut disk = Disk { versions: vec![0; DISK as usize] };
+            let (mut tag, mut next, mut fail_next, mut failed) = (10u32, 0u32, false, false);
+            for step in steps {
+                tag += 1;
+                let (lba, blocks) = match step {
+                    Step::Next(blocks) => (next, blocks),
+                    Step::Read(lba, blocks) => (lba, blocks),
+                    Step::Write(..) | Step::WriteAhead(..) => {
+                        let (lba, blocks) = match step {
+                            Step::WriteAhead(ahead, blocks) => ((next + ahead).min(DISK - 1), blocks),
+                            Step::Write(lba, blocks) => (lba, blocks),
+                            _ => unreachable!(),
+                        };
+                        let blocks = u32::from(blocks).min(DISK - lba);
+                        let cdb = [0x2a, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                        let cbw = bot::Cbw::new(tag, blocks * BS, false, 0, &cdb).unwrap();
+                        proptest::prop_assert_eq!(w.plan(&cbw, LIMIT), Plan::AsIs { capacity: None });
+                        for b in lba..lba + blocks {
+                            disk.versions[b as usize] = disk.versions[b as usize].wrapping_add(1);
+                        }
+                        continue;
+                    }
+                    Step::Other => {
+                        let cbw = bot::Cbw::new(tag, 0, false, 0, &[0; 6]).unwrap();
+                        proptest::prop_assert_eq!(w.plan(&cbw, LIMIT), Plan::AsIs { capacity: None });
+                        continue;
+                    }
+                    Step::Reset => {
+                        w.on_control();
+                        continue;
+                    }
+                    Step::FailNext => {
+                        fail_next = true;
+                        continue;
+                    }
+                };
+                if lba >= DISK {
+                    next = 0;
+                    continue;
+                }
+                let blocks = u32::from(blocks).min(DISK - lba);
+                next = lba + blocks;
+                match plan(&mut w, &read_cbw(tag, lba, blocks as u16)) {
+                    Plan::AsIs { capacity } => proptest::prop_assert_eq!(capacity, None),
+                    Plan::Served { data, csw: got } => {
+                        proptest::prop_assert!(!failed, "served after a failure");
+                        proptest::prop_assert_eq!(data, disk.read(u64::from(lba), blocks));
+                        proptest::prop_assert_eq!(got.to_vec(), csw(tag, 0, CswStatus::Passed));
+                    }
+                    Plan::Widened { cbw, length } => {
+                        proptest::prop_assert!(!failed, "widened after a failure");
+                        let sent = bot::Cbw::parse(&cbw).unwrap();
+                        let read = Read::parse(sent.command()).unwrap();
+                        proptest::prop_assert_eq!(read.lba, u64::from(lba));
+                        proptest::prop_assert!(read.lba + u64::from(read.blocks) <= u64::from(DISK));
+                        proptest::prop_assert!(length <= LIMIT && length == read.blocks * BS);
+                        proptest::prop_assert_eq!(read.blocks % blocks, 0);
+                        let data = w.on_data(done(UrbStatus::Ok, disk.read(read.lba, read.blocks)));
+                        proptest::prop_assert_eq!(data.data, disk.read(u64::from(lba), blocks));
+                        let status = if fail_next { CswStatus::Failed } else { CswStatus::Passed };
+                        let got = w.on_csw(csw_done(UrbStatus::Ok, csw(tag, 0, status)));
+                        if fail_next {
+                            proptest::prop_assert_eq!(got.status, UrbStatus::Protocol);
+                            failed = true;
+                        } else {
+                            proptest::prop_assert_eq!(got.status, UrbStatus::Ok);
+                        }
+                        fail_next = false;
+                    }
+                }
+            }
+        }
     }
 }
