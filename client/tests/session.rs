@@ -1168,6 +1168,32 @@ fn a_kernel_urb_bound_to_a_read_behind_a_refused_cbw_fails_with_a_transport_erro
 }
 
 #[test]
+fn a_kernel_urb_parked_behind_a_read_refused_with_its_cbw_fails_with_a_transport_error() {
+    // The kernel's data URB does not match the read-ahead (another length): it waits for the
+    // cancelled speculation to settle. Then the device refuses the CBW answered ahead, and the
+    // speculation comes back unrun: sent now, the URB would wait on a device with no command.
+    let mut session = PortSession::new(&device());
+    session.on_kernel_bytes(&cbw_pdu(70, 512, Direction::In));
+    let ahead = read_ahead_ids(&drain(&mut session));
+    session.on_kernel_bytes(&storage_in(71, 1024, true));
+    let actions = drain(&mut session);
+    assert!(!sent_as_its_own(&actions, 71), "parked: {actions:?}");
+    session.on_completion(completed_with(70, UrbStatus::Protocol));
+    session.on_completion(completed_with(ahead[0].0, UrbStatus::Unlinked));
+    let actions = drain(&mut session);
+    assert_eq!(sent_after(&actions, 71), None, "{actions:?}");
+    let pdus = returns(&kernel_bytes(&actions), &[(71, Direction::In, 1024)]);
+    assert_eq!(
+        ret_submit_of(&pdus[0]),
+        (71, UrbStatus::Protocol, &Transferred::In(Vec::new()))
+    );
+    session.on_completion(completed_with(ahead[1].0, UrbStatus::Unlinked));
+    assert!(kernel_bytes(&drain(&mut session)).is_empty());
+    assert_eq!(session.in_flight(), 0);
+    assert_eq!(session.stats().cbws_failed_late, 1);
+}
+
+#[test]
 fn a_kernel_urb_that_took_over_a_read_ahead_can_be_unlinked() {
     let mut session = PortSession::new(&device());
     session.on_kernel_bytes(&cbw_pdu(10, 512, Direction::In));

@@ -493,7 +493,14 @@ impl PortSession {
                 }
             }
             Settled::Answer(cmd, c) => return self.answer_with(cmd, c),
-            Settled::Forward(cmd) => return self.forward_in(cmd),
+            Settled::Forward(cmd) => {
+                if self.take_refused_ahead(cmd.ep) {
+                    // It waited on a read-ahead that its command's refused CBW took down:
+                    // sent now, it would wait on a device with no command.
+                    return self.answer_locally(&cmd, UrbStatus::Protocol);
+                }
+                return self.forward_in(cmd);
+            }
             Settled::Absorbed => return,
         };
         if let Some(i) = self.cbws_ahead.iter().position(|c| c.seqnum == id) {
