@@ -1456,6 +1456,40 @@ fn a_widened_read_that_fails_costs_the_kernel_a_transport_error_and_a_plain_retr
 }
 
 #[test]
+fn the_kernel_can_unlink_a_widened_reads_data_urb() {
+    use protocol::bot::CswStatus::Passed;
+    let mut session = knowing_the_disk();
+    run_read(&mut session, 10, 0, 16, Passed);
+    session.on_kernel_bytes(&read10_pdu(20, 16, 16));
+    let ahead = read_ahead_ids(&drain(&mut session));
+    assert_eq!(ahead[0].1, 65536);
+    session.on_kernel_bytes(&storage_in(21, 8192, true));
+    drain(&mut session);
+    // The SCSI layer's timeout: usb-storage unlinks the data URB.
+    session.on_kernel_bytes(&unlink_pdu(22, 21));
+    let actions = drain(&mut session);
+    assert!(
+        actions.contains(&Action::Unlink {
+            endpoint: ep(1),
+            direction: Direction::In,
+            id: UrbId(ahead[0].0),
+        }),
+        "{actions:?}"
+    );
+    session.on_completion(out_done(20, 31));
+    session.on_completion(completed_with(ahead[0].0, UrbStatus::Unlinked));
+    let pdus = returns(&kernel_bytes(&drain(&mut session)), &[]);
+    assert_eq!(
+        ret_unlink_of(&pdus[0]),
+        (22, -104),
+        "-ECONNRESET, as unlinked"
+    );
+    assert_eq!(session.in_flight(), 0);
+    // Widening is off after it: the device may choke on long READs.
+    assert_eq!(session.stats().read_ahead.widen_failed, 1);
+}
+
+#[test]
 fn a_write_between_reads_drops_the_kept_data() {
     use protocol::bot::CswStatus::Passed;
     let mut session = knowing_the_disk();

@@ -560,6 +560,43 @@ mod tests {
     }
 
     #[test]
+    fn read16_is_widened_in_its_own_form_and_luns_keep_apart() {
+        let mut w = knowing(10_000);
+        let read16 = |tag: u32, lba: u64, lun: u8| {
+            let cdb = Read {
+                lba,
+                blocks: 16,
+                long: true,
+            }
+            .to_cdb()
+            .unwrap();
+            bot::Cbw::new(tag, 16 * BS, true, lun, &cdb).unwrap()
+        };
+        plan(&mut w, &read16(1, 0, 0));
+        let Plan::Widened { cbw, length } = plan(&mut w, &read16(2, 16, 0)) else {
+            panic!("not widened")
+        };
+        let sent = bot::Cbw::parse(&cbw).unwrap();
+        assert_eq!(sent.command().len(), 16);
+        assert_eq!(
+            Read::parse(sent.command()),
+            Some(Read {
+                lba: 16,
+                blocks: 128,
+                long: true
+            })
+        );
+        w.on_data(done(UrbStatus::Ok, block_bytes(16, 128)));
+        w.on_csw(csw_done(UrbStatus::Ok, csw(2, 0, CswStatus::Passed)));
+        // The same blocks on another LUN are another disk's (whose size is not known here).
+        assert_eq!(
+            plan(&mut w, &read16(3, 32, 1)),
+            Plan::AsIs { capacity: None }
+        );
+        assert_eq!(length, 128 * BS);
+    }
+
+    #[test]
     fn a_short_data_phase_is_not_kept() {
         let mut w = knowing(10_000);
         plan(&mut w, &read_cbw(1, 0, 16));
