@@ -316,8 +316,8 @@ impl Widen {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::done as done_as;
     use super::*;
-    use protocol::wire::UrbId;
 
     const BS: u32 = 512;
     const LIMIT: u32 = 64 * 1024;
@@ -343,17 +343,6 @@ mod tests {
     /// The CSW read's result.
     fn csw_done(status: UrbStatus, data: Vec<u8>) -> UrbComplete {
         done_as(CSW_ID, status, data)
-    }
-
-    fn done_as(id: u32, status: UrbStatus, data: Vec<u8>) -> UrbComplete {
-        UrbComplete {
-            id: UrbId(id),
-            status,
-            actual_length: data.len() as u32,
-            data,
-            iso: None,
-            timing: None,
-        }
     }
 
     /// Widening that knows a disk of `blocks` blocks.
