@@ -378,12 +378,9 @@ impl ReadAhead {
             }
             Plan::Widened { cbw: wide, length } => {
                 self.flush(endpoint_in);
-                let Cbw::DataIn(claims) = cbw else {
-                    unreachable!("only READs are widened")
-                };
                 let data = Phase {
                     length,
-                    claims,
+                    claims: parsed.data_len,
                     flags: DATA_FLAGS,
                     role: Role::WideData,
                 };

@@ -485,22 +485,11 @@ impl PortSession {
                     // Taken back: answered here or sent as its own, each counting it again.
                     self.in_flight.remove(&cmd.seqnum);
                     self.stats.submitted -= 1;
-                    if self.take_refused_ahead(cmd.ep) {
-                        // Its CBW, answered ahead, failed: the command's first URB to tell.
-                        return self.answer_locally(&cmd, UrbStatus::Protocol);
-                    }
                     return self.forward_in(cmd);
                 }
             }
             Settled::Answer(cmd, c) => return self.answer_with(cmd, c),
-            Settled::Forward(cmd) => {
-                if self.take_refused_ahead(cmd.ep) {
-                    // It waited on a read-ahead that its command's refused CBW took down:
-                    // sent now, it would wait on a device with no command.
-                    return self.answer_locally(&cmd, UrbStatus::Protocol);
-                }
-                return self.forward_in(cmd);
-            }
+            Settled::Forward(cmd) => return self.forward_in(cmd),
             Settled::Absorbed => return,
         };
         if let Some(i) = self.cbws_ahead.iter().position(|c| c.seqnum == id) {
@@ -844,8 +833,14 @@ impl PortSession {
         }
     }
 
-    /// Sends a kernel IN URB that read-ahead held back to the server after all.
+    /// Sends a kernel IN URB that read-ahead held back (bound to a speculation the server
+    /// refused, or parked behind one cancelled) to the server after all, unless its command's
+    /// CBW, answered ahead, was refused: then the device has no command for it to wait on, and
+    /// it is the command's first URB to tell (`-EPROTO`, so usb-storage resets at once).
     fn forward_in(&mut self, cmd: CmdSubmit) {
+        if self.take_refused_ahead(cmd.ep) {
+            return self.answer_locally(&cmd, UrbStatus::Protocol);
+        }
         let transfer_type = self
             .endpoints
             .transfer_type(cmd.ep, Direction::In)

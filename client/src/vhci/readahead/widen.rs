@@ -35,7 +35,7 @@ pub enum Plan {
         capacity: Option<(u8, CapacityQuery)>,
     },
     /// Send these bytes instead: the same READ for `length` bytes, of which the kernel's data
-    /// URB takes the first `kernel_length`.
+    /// URB takes the first, its own length.
     Widened {
         /// The widened CBW.
         cbw: [u8; bot::CBW_LEN],
@@ -199,25 +199,24 @@ impl Widen {
             length,
             kept: None,
         });
-        self.stats.widened += 1;
         Plan::Widened {
             cbw: widened.to_bytes(),
             length,
         }
     }
 
-    /// The widened READ planned last goes with its data read `data` and CSW read `csw`.
+    /// The widened READ planned last goes with its data read `data` and CSW read `csw`: it is
+    /// sent, and counted.
     pub fn bind(&mut self, data: u32, csw: u32) {
         if let Some(running) = &mut self.running {
             running.ids = Some((data, csw));
+            self.stats.widened += 1;
         }
     }
 
     /// The widened READ planned last could not be read ahead: it goes as the kernel sent it.
     pub fn abandon(&mut self) {
-        if self.running.take().is_some() {
-            self.stats.widened -= 1;
-        }
+        self.running = None;
     }
 
     /// The device answered READ CAPACITY on `lun`.
@@ -470,7 +469,7 @@ mod tests {
         );
         let mut w = knowing(10_000);
         plan(&mut w, &read_cbw(1, 0, 64));
-        // Widened to 128 blocks: 64 kept, and a READ of 100 does not fit them.
+        // Widened to 128 blocks: 64 kept, which a READ of 40 fits and the next of 30 does not.
         let Plan::Widened { length, .. } = plan(&mut w, &read_cbw(2, 64, 64)) else {
             panic!()
         };

@@ -114,8 +114,12 @@ const INQUIRY_VENDOR: &[u8; 8] = b"rustp2p ";
 const INQUIRY_PRODUCT: &[u8; 16] = b"Simulated Disk  ";
 const INQUIRY_REVISION: &[u8; 4] = b"0100";
 
-/// Operation codes, named as in SPC/SBC.
+/// Operation codes, named as in SPC/SBC (the ones the client reads too live in
+/// `protocol::scsi`).
 mod op {
+    pub use protocol::scsi::{
+        READ_10, READ_16, READ_CAPACITY_10, SA_READ_CAPACITY_16, SERVICE_ACTION_IN_16,
+    };
     pub const TEST_UNIT_READY: u8 = 0x00;
     pub const REQUEST_SENSE: u8 = 0x03;
     pub const READ_6: u8 = 0x08;
@@ -124,19 +128,13 @@ mod op {
     pub const MODE_SENSE_6: u8 = 0x1a;
     pub const START_STOP_UNIT: u8 = 0x1b;
     pub const PREVENT_ALLOW_MEDIUM_REMOVAL: u8 = 0x1e;
-    pub const READ_CAPACITY_10: u8 = 0x25;
-    pub const READ_10: u8 = 0x28;
     pub const WRITE_10: u8 = 0x2a;
     pub const VERIFY_10: u8 = 0x2f;
     pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
     pub const MODE_SENSE_10: u8 = 0x5a;
-    pub const READ_16: u8 = 0x88;
     pub const WRITE_16: u8 = 0x8a;
     pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
-    pub const SERVICE_ACTION_IN_16: u8 = 0x9e;
     pub const REPORT_LUNS: u8 = 0xa0;
-    /// The SERVICE ACTION IN(16) action that is READ CAPACITY(16).
-    pub const SA_READ_CAPACITY_16: u8 = 0x10;
 }
 
 /// The caching mode page (0x08), 20 bytes: write cache enabled, because writes land in the
