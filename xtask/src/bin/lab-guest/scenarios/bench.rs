@@ -239,6 +239,13 @@ fn measure(who: &str, disk: &Path, link: Link, procs: Option<(&Daemon, &Daemon)>
     let pids: Vec<(&str, u32)> = procs
         .map(|(s, c)| vec![("server", s.pid()), ("client", c.pid())])
         .unwrap_or_default();
+    for &(name, pid) in &pids {
+        log!(
+            "{who} idle: {name} peak RSS so far {:.1} MiB, now {}",
+            peak_rss_mib(pid),
+            rss_split(pid)
+        );
+    }
     let mut moved = 0usize;
     for &(rtt, size, runs) in RTTS {
         link.set_rtt(rtt)?;
@@ -267,6 +274,14 @@ fn measure(who: &str, disk: &Path, link: Link, procs: Option<(&Daemon, &Daemon)>
                 size * runs / MIB
             );
             after_writes.log_since(&before_writes);
+            // Which load sets a daemon's peak: the peak so far, after each round trip's run.
+            for &(name, pid) in &pids {
+                log!(
+                    "{who} rtt {rtt} ms: {name} peak RSS so far {:.1} MiB, now {}",
+                    peak_rss_mib(pid),
+                    rss_split(pid)
+                );
+            }
             log!(
                 "{who} rtt {rtt} ms: read {read} MiB/s, write {write} MiB/s, 4 KiB read p50 {p50:.2} ms p99 {p99:.2} ms"
             );
