@@ -901,6 +901,12 @@ impl std::ops::Deref for EndpointRef {
     }
 }
 
+/// rust-p2p-usb: datagrams one receive call takes at most, down from `BATCH_SIZE` (32 on
+/// Linux; see `third_party/README.md`). Each takes a buffer for 64 GRO segments (94 KB), so 32
+/// of them kept a 2.9 MiB scratch buffer resident in every process; 8 still take 512 packets a
+/// call.
+const RECV_BATCH: usize = if BATCH_SIZE < 8 { BATCH_SIZE } else { 8 };
+
 /// State directly involved in handling incoming packets
 struct RecvState {
     incoming: VecDeque<proto::Incoming>,
@@ -920,7 +926,7 @@ impl RecvState {
         let datagram_capacity = endpoint.config().get_max_udp_payload_size().min(64 * 1024)
             as usize
             * max_receive_segments.get();
-        let recv_buf = vec![0; datagram_capacity * BATCH_SIZE];
+        let recv_buf = vec![0; datagram_capacity * RECV_BATCH];
         Self {
             connections: ConnectionSet {
                 senders: FxHashMap::default(),
@@ -945,17 +951,17 @@ impl RecvState {
         now: Instant,
     ) -> Result<PollProgress, io::Error> {
         let mut received_connection_packet = false;
-        let mut metas = [RecvMeta::default(); BATCH_SIZE];
-        let mut iovs: [IoSliceMut<'_>; BATCH_SIZE] = {
+        let mut metas = [RecvMeta::default(); RECV_BATCH];
+        let mut iovs: [IoSliceMut<'_>; RECV_BATCH] = {
             let mut bufs = self
                 .recv_buf
-                .chunks_mut(self.recv_buf.len() / BATCH_SIZE)
+                .chunks_mut(self.recv_buf.len() / RECV_BATCH)
                 .map(IoSliceMut::new);
 
-            // expect() safe as self.recv_buf is chunked into BATCH_SIZE items
-            // and iovs will be of size BATCH_SIZE, thus from_fn is called
-            // exactly BATCH_SIZE times.
-            std::array::from_fn(|_| bufs.next().expect("BATCH_SIZE elements"))
+            // expect() safe as self.recv_buf is chunked into RECV_BATCH items
+            // and iovs will be of size RECV_BATCH, thus from_fn is called
+            // exactly RECV_BATCH times.
+            std::array::from_fn(|_| bufs.next().expect("RECV_BATCH elements"))
         };
         loop {
             match socket.poll_recv(cx, &mut iovs, &mut metas) {
