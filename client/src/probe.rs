@@ -11,6 +11,7 @@ use protocol::bot::{
     CBW_LEN, CLASS_MASS_STORAGE, CSW_LEN, Cbw, Csw, CswStatus, PROTOCOL_BULK_ONLY, SUBCLASS_SCSI,
 };
 use protocol::descriptors::{Configuration, DEVICE_DESCRIPTOR_LEN};
+use protocol::scsi::{self, Capacity, CapacityQuery};
 use protocol::usb::{Direction, EndpointNumber, SetupPacket, TransferType, UrbStatus};
 use protocol::wire::{
     AttachHandle, DeviceInfo, UrbClientMessage, UrbComplete, UrbId, UrbServerMessage, UrbSubmit,
@@ -258,15 +259,15 @@ impl Probe {
             return Err(ProbeError::Device("short INQUIRY data".into()));
         }
         let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_owned();
-        let capacity = self.command(&[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], 8).await?;
-        let [a, b, c, d, e, f, g, h] = capacity[..] else {
-            return Err(ProbeError::Device("short READ CAPACITY data".into()));
+        let answer = self
+            .command(&[scsi::READ_CAPACITY_10, 0, 0, 0, 0, 0, 0, 0, 0, 0], 8)
+            .await?;
+        let Some(Capacity { blocks, block_size }) = CapacityQuery::Short.answer(&answer) else {
+            return Err(ProbeError::Device(format!(
+                "READ CAPACITY answered {answer:02x?}: not 8 bytes of a disk with 512 B to 64 KiB \
+                 blocks (READ CAPACITY(16) disks are not probed)"
+            )));
         };
-        let blocks = u64::from(u32::from_be_bytes([a, b, c, d])) + 1;
-        let block_size = u32::from_be_bytes([e, f, g, h]);
-        if block_size == 0 || block_size > 64 * 1024 {
-            return Err(ProbeError::Device(format!("block size {block_size}")));
-        }
         let read_bytes = read_bytes.min(blocks * u64::from(block_size));
         let start = Instant::now();
         let mut lba: u64 = 0;
@@ -275,9 +276,14 @@ impl Probe {
         while done < read_bytes {
             let len = (read_bytes - done).min(u64::from(COMMAND_LEN)) as u32;
             let count = len.div_ceil(block_size);
-            let mut cdb = [0x28, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-            cdb[2..6].copy_from_slice(&(lba as u32).to_be_bytes());
-            cdb[7..9].copy_from_slice(&(count as u16).to_be_bytes());
+            let read = scsi::Read {
+                lba,
+                blocks: count,
+                long: false,
+            };
+            let cdb = read.to_cdb().ok_or_else(|| {
+                ProbeError::Device(format!("block {lba} is past what READ(10) can address"))
+            })?;
             self.command_into(&cdb, count * block_size, &mut data)
                 .await?;
             let keep = (len as usize).min(data.len());
