@@ -215,6 +215,13 @@ fn run_route(kind: &Kind, g: &Gadget, route: Route) -> Result<(), String> {
             log!("kinds: {} {who} stalled: {}", kind.name, strip_ansi(l));
         }
     }
+    // Which network paths the connection took: a path over the attached adapter's own network
+    // is lost with the adapter (kernel-notes/LAB.md, known findings).
+    for (who, text) in &logs {
+        for l in text.lines().filter(|l| l.contains("path changed")) {
+            log!("kinds: {} {who} path: {}", kind.name, strip_ansi(l));
+        }
+    }
     let mut notes = Vec::new();
     if !checks.passed() {
         let kmsg = kernel_log();
