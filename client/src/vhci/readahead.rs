@@ -405,22 +405,16 @@ impl ReadAhead {
                 self.flush(endpoint_in);
                 let queue = self.queues.entry(endpoint_in).or_default();
                 for (bytes, flags) in [(data, DATA_FLAGS), (csw.to_vec(), CSW_FLAGS)] {
-                    let id = self.next_id;
-                    self.next_id -= 1;
-                    queue.push_back(Speculation {
-                        id,
-                        claims: bytes.len() as u32,
-                        flags,
-                        role: Role::Plain,
-                        cancelling: false,
-                        state: State::Done(UrbComplete {
+                    let length = bytes.len() as u32;
+                    push_with_next_id(&mut self.next_id, queue, length, flags, Role::Plain, |id| {
+                        State::Done(UrbComplete {
                             id: protocol::wire::UrbId(id),
                             status: UrbStatus::Ok,
-                            actual_length: bytes.len() as u32,
+                            actual_length: length,
                             data: bytes,
                             iso: None,
                             timing: None,
-                        }),
+                        })
                     });
                 }
                 (Vec::new(), None, true)
@@ -510,8 +504,16 @@ impl ReadAhead {
         let out: Vec<Speculate> = phases
             .iter()
             .map(|phase| {
+                let id = push_with_next_id(
+                    &mut self.next_id,
+                    queue,
+                    phase.claims,
+                    phase.flags,
+                    phase.role,
+                    |_| State::Running,
+                );
                 let spec = Speculate {
-                    id: 0,
+                    id,
                     endpoint: endpoint_in,
                     length: phase.length,
                     flags: phase.flags,
@@ -519,12 +521,7 @@ impl ReadAhead {
                     interval: 0,
                     after: Some(after),
                 };
-                let spec = push_speculation(&mut self.next_id, queue, spec);
-                if let Some(last) = queue.back_mut() {
-                    last.claims = phase.claims;
-                    last.role = phase.role;
-                }
-                after = spec.id;
+                after = id;
                 spec
             })
             .collect();
@@ -710,17 +707,33 @@ fn push_speculation(
     queue: &mut VecDeque<Speculation>,
     mut spec: Speculate,
 ) -> Speculate {
-    spec.id = *next_id;
-    *next_id -= 1;
-    queue.push_back(Speculation {
-        id: spec.id,
-        claims: spec.length,
-        flags: spec.flags,
-        role: Role::Plain,
-        cancelling: false,
-        state: State::Running,
+    spec.id = push_with_next_id(next_id, queue, spec.length, spec.flags, Role::Plain, |_| {
+        State::Running
     });
     spec
+}
+
+/// Queues a speculation that a kernel URB of `claims` bytes takes, under the next id (counting
+/// down) and in `state(id)`, and returns the id.
+fn push_with_next_id(
+    next_id: &mut u32,
+    queue: &mut VecDeque<Speculation>,
+    claims: u32,
+    flags: u32,
+    role: Role,
+    state: impl FnOnce(u32) -> State,
+) -> u32 {
+    let id = *next_id;
+    *next_id -= 1;
+    queue.push_back(Speculation {
+        id,
+        claims,
+        flags,
+        role,
+        cancelling: false,
+        state: state(id),
+    });
+    id
 }
 
 /// Marks every speculation from `start` on that no kernel URB took over as cancelling, and
