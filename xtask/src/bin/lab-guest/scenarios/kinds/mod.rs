@@ -209,17 +209,16 @@ fn run_route(kind: &Kind, g: &Gadget, route: Route) -> Result<(), String> {
         Route::Kernel => Vec::new(),
     };
     // Passing or not: a daemon whose runtime stalled says so (transport::daemon), and a stall
-    // near the idle timeout is what costs a connection here.
+    // near the idle timeout is what costs a connection here; and which network paths the
+    // connection took, since a path over the attached adapter's own network is lost with the
+    // adapter (kernel-notes/LAB.md, known findings).
     for (who, text) in &logs {
-        for l in text.lines().filter(|l| l.contains("did not run")) {
-            log!("kinds: {} {who} stalled: {}", kind.name, strip_ansi(l));
-        }
-    }
-    // Which network paths the connection took: a path over the attached adapter's own network
-    // is lost with the adapter (kernel-notes/LAB.md, known findings).
-    for (who, text) in &logs {
-        for l in text.lines().filter(|l| l.contains("path changed")) {
-            log!("kinds: {} {who} path: {}", kind.name, strip_ansi(l));
+        for l in text.lines() {
+            if l.contains("did not run") {
+                log!("kinds: {} {who} stalled: {}", kind.name, strip_ansi(l));
+            } else if l.contains("path changed") {
+                log!("kinds: {} {who} path: {}", kind.name, strip_ansi(l));
+            }
         }
     }
     let mut notes = Vec::new();
