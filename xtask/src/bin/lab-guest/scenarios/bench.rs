@@ -239,13 +239,7 @@ fn measure(who: &str, disk: &Path, link: Link, procs: Option<(&Daemon, &Daemon)>
     let pids: Vec<(&str, u32)> = procs
         .map(|(s, c)| vec![("server", s.pid()), ("client", c.pid())])
         .unwrap_or_default();
-    for &(name, pid) in &pids {
-        log!(
-            "{who} idle: {name} peak RSS so far {:.1} MiB, now {}",
-            peak_rss_mib(pid),
-            rss_split(pid)
-        );
-    }
+    log_peaks(&format!("{who} idle"), &pids);
     let mut moved = 0usize;
     for &(rtt, size, runs) in RTTS {
         link.set_rtt(rtt)?;
@@ -275,13 +269,7 @@ fn measure(who: &str, disk: &Path, link: Link, procs: Option<(&Daemon, &Daemon)>
             );
             after_writes.log_since(&before_writes);
             // Which load sets a daemon's peak: the peak so far, after each round trip's run.
-            for &(name, pid) in &pids {
-                log!(
-                    "{who} rtt {rtt} ms: {name} peak RSS so far {:.1} MiB, now {}",
-                    peak_rss_mib(pid),
-                    rss_split(pid)
-                );
-            }
+            log_peaks(&format!("{who} rtt {rtt} ms"), &pids);
             log!(
                 "{who} rtt {rtt} ms: read {read} MiB/s, write {write} MiB/s, 4 KiB read p50 {p50:.2} ms p99 {p99:.2} ms"
             );
@@ -450,6 +438,17 @@ fn rss_split(pid: u32) -> String {
         status_mib(pid, "RssFile:"),
         status_mib(pid, "RssShmem:")
     )
+}
+
+/// Each daemon's peak RSS so far and what it holds now, under `when`.
+fn log_peaks(when: &str, pids: &[(&str, u32)]) {
+    for &(name, pid) in pids {
+        log!(
+            "{when}: {name} peak RSS so far {:.1} MiB, now {}",
+            peak_rss_mib(pid),
+            rss_split(pid)
+        );
+    }
 }
 
 /// Peak resident set size of a process, in MiB.
