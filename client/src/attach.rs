@@ -370,6 +370,7 @@ async fn run_port_recorded(
             cbws_failed_late = stats.cbws_failed_late,
             widened = ahead.widened,
             served = ahead.served,
+            joined = ahead.joined,
             widen_failed = ahead.widen_failed,
             "read-ahead"
         );

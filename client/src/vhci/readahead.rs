@@ -258,6 +258,8 @@ pub struct ReadAheadStats {
     pub widened: u64,
     /// READs answered here from a widened READ's data.
     pub served: u64,
+    /// READs answered partly from a widened READ's data, the rest read widened anew.
+    pub joined: u64,
     /// Widened READs that did not pass whole.
     pub widen_failed: u64,
 }
@@ -314,6 +316,7 @@ impl ReadAhead {
             let w = w.stats();
             stats.widened += w.widened;
             stats.served += w.served;
+            stats.joined += w.joined;
             stats.widen_failed += w.failed;
         }
         stats

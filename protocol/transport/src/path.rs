@@ -37,9 +37,11 @@ impl fmt::Display for PathView {
 }
 
 /// Closes `conn` with `code` and `reason`, and logs its totals under the `audit` target: packets
-/// and bytes each way, loss, and the selected path's round trip, congestion window and MTU.
-/// Those explain a slow link (each side's loss is its own sending direction's), and the
-/// path's are gone once the connection is closed.
+/// and bytes each way, loss, the selected path's round trip, congestion window and MTU, and
+/// what the packets this side sent carried besides stream data (acknowledgements, flow-control
+/// credit, pings). Those explain a slow link (each side's loss is its own sending direction's;
+/// a side that sends many packets without data pays for each under a slow CPU), and the path's
+/// are gone once the connection is closed.
 pub fn close_and_log(conn: &Connection, peer: &str, code: u32, reason: &str) {
     let path = conn
         .paths()
@@ -62,6 +64,11 @@ pub fn close_and_log(conn: &Connection, peer: &str, code: u32, reason: &str) {
         cwnd = path.cwnd,
         congestion_events = path.congestion_events,
         mtu = path.current_mtu,
+        stream_frames_tx = stats.frame_tx.stream,
+        ack_frames_tx = stats.frame_tx.acks + stats.frame_tx.path_acks,
+        max_data_frames_tx = stats.frame_tx.max_data,
+        max_stream_data_frames_tx = stats.frame_tx.max_stream_data,
+        ping_frames_tx = stats.frame_tx.ping + stats.frame_tx.immediate_ack,
         "disconnected"
     );
 }
