@@ -68,17 +68,23 @@ fn aligned(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
 
 /// Reads `total` bytes from `dev` with O_DIRECT in 1 MiB blocks; returns MiB/s.
 pub fn read_mib_s(dev: &Path, total: usize) -> Result<f64> {
-    read_direct(dev, total, |_, _| Ok(()))
+    read_direct(dev, total, &[MIB], |_, _| Ok(()))
 }
 
 /// [`read_mib_s`] that also checks every block against the same offset of `expected`, so one
 /// pass over a slow tunnel both measures and proves the data byte-exact (a second, buffered
 /// md5 pass doubled the scenario's time). The comparison is not timed.
 pub fn read_verify_mib_s(dev: &Path, total: usize, expected: &Path) -> Result<f64> {
+    read_verify_in(dev, total, expected, &[MIB])
+}
+
+/// [`read_verify_mib_s`] in reads of `sizes` bytes in turn (each at most 1 MiB, a multiple of
+/// 4 KiB), so one sequential reader's commands change length from one to the next.
+pub fn read_verify_in(dev: &Path, total: usize, expected: &Path, sizes: &[usize]) -> Result<f64> {
     let mut want =
         File::open(expected).with_context(|| format!("opening {}", expected.display()))?;
     let mut block = vec![0u8; MIB];
-    read_direct(dev, total, |offset, got| {
+    read_direct(dev, total, sizes, |offset, got| {
         let block = &mut block[..got.len()];
         want.read_exact(block)
             .with_context(|| format!("{} ends before {offset}", expected.display()))?;
@@ -94,10 +100,12 @@ pub fn read_verify_mib_s(dev: &Path, total: usize, expected: &Path) -> Result<f6
     })
 }
 
-/// The O_DIRECT read loop; `check` sees each block with its offset, outside the timed span.
+/// The O_DIRECT read loop, in reads of `sizes` in turn; `check` sees each block with its
+/// offset, outside the timed span.
 fn read_direct(
     dev: &Path,
     total: usize,
+    sizes: &[usize],
     mut check: impl FnMut(usize, &[u8]) -> Result<()>,
 ) -> Result<f64> {
     let mut f = OpenOptions::new()
@@ -109,9 +117,12 @@ fn read_direct(
     let buf = aligned(&mut storage, MIB);
     let mut spent = Duration::ZERO;
     let mut done = 0;
-    while done < total {
+    for &size in sizes.iter().cycle() {
+        if done >= total {
+            break;
+        }
         let t = Instant::now();
-        let want = (total - done).min(MIB);
+        let want = (total - done).min(size.clamp(4096, MIB));
         let n = f
             .read(&mut buf[..want])
             .with_context(|| format!("reading {} at {done}", dev.display()))?;
