@@ -13,6 +13,7 @@ use protocol::usbip::{
     CmdSubmit, CmdUnlink, Pdu, PduDecoder, RetSubmit, RetUnlink, SubmitBuffer, Transferred,
     UrbError,
 };
+use protocol::wire::DATA_APART_FROM;
 
 /// The first PDU vhci-hcd sent on a socketpair in the lab (../shared/LAB-NOTES.md): CMD_SUBMIT,
 /// seqnum 1, devid 0x00010002, IN, ep 0, flags 0x200, 64 bytes, GET_DESCRIPTOR(device).
@@ -143,6 +144,18 @@ fn accepts_minus_one_as_not_isochronous() {
 
 // ---- round trips ----
 
+/// A URB's data, small or from `DATA_APART_FROM` on (the decoder reads those apart from its
+/// input buffer, so any split must land in the right place either way).
+fn payload() -> impl Strategy<Value = Vec<u8>> {
+    let large = DATA_APART_FROM - 2..DATA_APART_FROM + 3000;
+    prop_oneof![
+        3 => prop::collection::vec(any::<u8>(), 0..600),
+        1 => (large, any::<u8>()).prop_map(|(len, seed)| {
+            (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+        }),
+    ]
+}
+
 fn cmd_submit() -> impl Strategy<Value = CmdSubmit> {
     let plain = (
         any::<u32>(),
@@ -152,7 +165,7 @@ fn cmd_submit() -> impl Strategy<Value = CmdSubmit> {
         any::<i32>(),
         setup(),
         prop_oneof![
-            prop::collection::vec(any::<u8>(), 0..600).prop_map(SubmitBuffer::Out),
+            payload().prop_map(SubmitBuffer::Out),
             (0u32..=protocol::usb::MAX_TRANSFER_LEN).prop_map(SubmitBuffer::In),
         ],
     )
@@ -210,7 +223,7 @@ fn ret_submit() -> impl Strategy<Value = (RetSubmit, u32)> {
         endpoint(),
         status(),
         prop_oneof![
-            prop::collection::vec(any::<u8>(), 0..600).prop_map(Transferred::In),
+            payload().prop_map(Transferred::In),
             (0u32..5000).prop_map(Transferred::Out),
         ],
         0u32..100,

@@ -19,6 +19,7 @@ use crate::usb::{
     BadEndpoint, Direction, EndpointNumber, IsoPacket, MAX_ISO_PACKETS, MAX_TRANSFER_LEN,
     SetupPacket, UrbStatus,
 };
+use crate::wire::DATA_APART_FROM;
 
 /// Size of every URB-phase header.
 pub const HEADER_LEN: usize = 48;
@@ -313,7 +314,24 @@ enum Head {
 impl Head {
     /// Bytes of payload and iso descriptors after the header.
     fn body_len(&self) -> usize {
-        let (data, iso) = match self {
+        let (data, iso) = self.parts();
+        data as usize + iso.unwrap_or(0) as usize * ISO_DESCRIPTOR_LEN
+    }
+
+    /// Bytes of payload after the header (the iso descriptors follow it).
+    fn data_len(&self) -> usize {
+        self.parts().0 as usize
+    }
+
+    /// A payload of [`DATA_APART_FROM`] bytes or more with nothing after it: read apart.
+    fn reads_apart(&self) -> bool {
+        let (data, iso) = self.parts();
+        iso.is_none() && data as usize >= DATA_APART_FROM
+    }
+
+    /// The payload's length and the iso descriptors' count.
+    fn parts(&self) -> (u32, Option<u32>) {
+        match self {
             Head::CmdSubmit {
                 direction,
                 buffer_len,
@@ -340,8 +358,7 @@ impl Head {
                 },
                 *iso_count,
             ),
-        };
-        data as usize + iso.unwrap_or(0) as usize * ISO_DESCRIPTOR_LEN
+        }
     }
 }
 
@@ -349,12 +366,17 @@ impl Head {
 ///
 /// Push bytes as they arrive, in any split, then call [`next_pdu`](Self::next_pdu) until it
 /// returns `Ok(None)`. A header is validated as soon as its 48 bytes are in, so a hostile
-/// length is refused before any of its payload is buffered.
+/// length is refused before any of its payload is buffered. A large payload (a write's data
+/// from the kernel, a read's from a device) is read apart, straight into the buffer its PDU
+/// keeps: one copy of each byte instead of two, and the input buffer stays the size of a
+/// header instead of growing to the largest URB seen.
 #[derive(Debug)]
 pub struct PduDecoder {
     side: Side,
     buf: InBuf,
     head: Option<Head>,
+    /// The payload of `head`, filling, when it is read apart.
+    apart: Option<Vec<u8>>,
     /// Returns side only: submitted seqnum -> (direction, buffer length).
     awaiting: HashMap<u32, (Direction, u32)>,
     failed: bool,
@@ -377,6 +399,7 @@ impl PduDecoder {
             side,
             buf: InBuf::default(),
             head: None,
+            apart: None,
             awaiting: HashMap::new(),
             failed: false,
         }
@@ -410,13 +433,22 @@ impl PduDecoder {
     }
 
     /// Appends bytes read from the stream.
-    pub fn push(&mut self, bytes: &[u8]) {
-        self.buf.push(bytes);
+    pub fn push(&mut self, mut bytes: &[u8]) {
+        if let (Some(data), Some(head)) = (&mut self.apart, &self.head) {
+            let (to_data, rest) = bytes.split_at(bytes.len().min(head.data_len() - data.len()));
+            data.extend_from_slice(to_data);
+            bytes = rest;
+        }
+        if !bytes.is_empty() {
+            self.buf.push(bytes);
+        }
     }
 
     /// Bytes pushed but not yet returned as PDUs.
     pub fn buffered(&self) -> usize {
-        self.buf.unread().len() + if self.head.is_some() { HEADER_LEN } else { 0 }
+        self.buf.unread().len()
+            + self.apart.as_ref().map_or(0, Vec::len)
+            + if self.head.is_some() { HEADER_LEN } else { 0 }
     }
 
     /// The next whole PDU, `Ok(None)` if more bytes are needed.
@@ -452,18 +484,36 @@ impl PduDecoder {
                 Parsed::NeedsBody(head) => head,
             };
             self.buf.consume(HEADER_LEN);
+            if head.reads_apart() {
+                let mut data = Vec::with_capacity(head.data_len());
+                let early = self.buf.unread().len().min(head.data_len());
+                data.extend_from_slice(&self.buf.unread()[..early]);
+                self.buf.consume(early);
+                self.apart = Some(data);
+            }
             self.head = Some(head);
         }
-        let Some(body_len) = self.head.as_ref().map(Head::body_len) else {
+        let Some((body_len, data_len)) = self.head.as_ref().map(|h| (h.body_len(), h.data_len()))
+        else {
             return Ok(None);
         };
+        if let Some(data) = &self.apart {
+            if data.len() < data_len {
+                return Ok(None);
+            }
+            let (Some(head), Some(data)) = (self.head.take(), self.apart.take()) else {
+                return Ok(None);
+            };
+            return finish_body(head, data, &[], &mut self.awaiting).map(Some);
+        }
         if self.buf.unread().len() < body_len {
             return Ok(None);
         }
         let Some(head) = self.head.take() else {
             return Ok(None);
         };
-        let pdu = finish_body(head, &self.buf.unread()[..body_len], &mut self.awaiting)?;
+        let (data, descriptors) = self.buf.unread()[..body_len].split_at(data_len);
+        let pdu = finish_body(head, data.to_vec(), descriptors, &mut self.awaiting)?;
         self.buf.consume(body_len);
         Ok(Some(pdu))
     }
@@ -578,9 +628,12 @@ fn iso_count(raw: i32) -> Result<Option<u32>, UrbError> {
     }
 }
 
+/// The PDU `head` starts, from its payload (`data`, empty when the payload goes the other
+/// way) and the iso descriptors after it.
 fn finish_body(
     head: Head,
-    body: &[u8],
+    data: Vec<u8>,
+    descriptors: &[u8],
     awaiting: &mut HashMap<u32, (Direction, u32)>,
 ) -> Result<Pdu, UrbError> {
     match head {
@@ -596,15 +649,11 @@ fn finish_body(
             interval,
             setup,
         } => {
-            let (data, descriptors) = match direction {
-                Direction::Out => body.split_at(buffer_len as usize),
-                Direction::In => (&body[..0], body),
-            };
             let iso = iso_count
                 .map(|_| parse_iso(descriptors, buffer_len))
                 .transpose()?;
             let buffer = match direction {
-                Direction::Out => SubmitBuffer::Out(data.to_vec()),
+                Direction::Out => SubmitBuffer::Out(data),
                 Direction::In => SubmitBuffer::In(buffer_len),
             };
             Ok(Pdu::CmdSubmit(CmdSubmit {
@@ -631,10 +680,6 @@ fn finish_body(
             error_count,
         } => {
             let buffer = awaiting.get(&seqnum).map_or(0, |(_, len)| *len);
-            let (data, descriptors) = match direction {
-                Direction::In => body.split_at(actual as usize),
-                Direction::Out => (&body[..0], body),
-            };
             let iso = iso_count
                 .map(|_| parse_iso(descriptors, buffer))
                 .transpose()?;
@@ -646,7 +691,7 @@ fn finish_body(
             }
             awaiting.remove(&seqnum);
             let transferred = match direction {
-                Direction::In => Transferred::In(data.to_vec()),
+                Direction::In => Transferred::In(data),
                 Direction::Out => Transferred::Out(actual),
             };
             Ok(Pdu::RetSubmit(RetSubmit {
