@@ -20,7 +20,8 @@ use super::urb::{
 use crate::usb::{Direction, EndpointNumber, SetupPacket, TransferType, UrbStatus};
 
 /// URB data from this size on travels apart from its frame: sent from its own buffer, read
-/// into its own buffer. Below it, one more chunk on the stream costs more than the copy.
+/// into its own buffer (as the USB/IP decoder reads a PDU's). Below it, one more chunk on the
+/// stream costs more than the copy.
 pub const DATA_APART_FROM: usize = 16 * 1024;
 
 /// A frame in two pieces around a URB's data, so a large payload can be sent from its own
