@@ -164,6 +164,7 @@ pub async fn bind_endpoint(
         return Err(BindError::IdleTimeout(config.idle_timeout));
     }
     warn_if_udp_buffers_capped();
+    iroh::endpoint::exclude_interfaces(crate::tunneled::is_usbip_interface);
     let idle = config
         .idle_timeout
         .try_into()

@@ -4,7 +4,8 @@
 //! bytes come from: iroh endpoints configured the one safe way ([`endpoint`]), the secret key
 //! on disk ([`key`]), the cipher suite ([`cipher`]), relays ([`relay`]), the path a connection
 //! takes ([`path`]), ending a connection whose peer went silent ([`liveness`]), connection
-//! tickets ([`ticket`]), and frames read from and written to QUIC streams ([`framed`]).
+//! tickets ([`ticket`]), frames read from and written to QUIC streams ([`framed`]), and the
+//! interfaces never offered to a peer because they run over USB/IP ([`tunneled`]).
 //! [`alloc`] sets the allocator policy both daemons run with, and [`daemon`] holds what else
 //! they share around their work (paths, config errors, signals).
 
@@ -19,6 +20,7 @@ pub mod liveness;
 pub mod path;
 pub mod relay;
 pub mod ticket;
+pub mod tunneled;
 
 pub use client::{ClientError, ServerConnection};
 pub use endpoint::{NetConfig, bind_endpoint};

@@ -48,6 +48,8 @@ pub mod transports {
 }
 
 use self::hooks::EndpointHooksList;
+// rust-p2p-usb: `exclude_interfaces`, see its docs.
+pub use super::socket::exclude_interfaces;
 pub use super::socket::{
     BindError, DirectAddr, DirectAddrType,
     remote_map::{

@@ -1952,6 +1952,18 @@ impl Actor {
                 ips = loopback;
             }
 
+            // rust-p2p-usb: leave out the addresses of interfaces the hook names (see
+            // `exclude_interfaces`).
+            if let Some(excluded) = EXCLUDED_INTERFACES.get() {
+                let left_out: Vec<IpAddr> = netmon_state
+                    .interfaces
+                    .values()
+                    .filter(|i| excluded(i.name()))
+                    .flat_map(|i| i.addrs().map(|net| net.addr()))
+                    .collect();
+                ips.retain(|ip| !left_out.contains(ip));
+            }
+
             for ip in ips {
                 let port_if_unspecified = match ip {
                     IpAddr::V4(_) => has_ipv4_unspecified,
@@ -2881,4 +2893,18 @@ mod tests {
         // TODO: could remove the addresses again, send, add it back and see it recover.
         // But we don't have that much private access to the RemoteMap.  This will do for now.
     }
+}
+
+/// rust-p2p-usb: interfaces whose addresses are never offered to peers as our own.
+static EXCLUDED_INTERFACES: std::sync::OnceLock<fn(&str) -> bool> = std::sync::OnceLock::new();
+
+/// rust-p2p-usb: leaves the addresses of every interface `excluded` names out of the direct
+/// addresses offered to peers, from the next time they are gathered. Set once per process
+/// (later calls are ignored); only used when a socket is bound to an unspecified address.
+///
+/// A USB network adapter attached through an iroh connection gets an interface on whatever
+/// network its cable reaches; offered to the peer, that address lets the peer move the
+/// connection onto a path that runs through the connection itself.
+pub fn exclude_interfaces(excluded: fn(&str) -> bool) {
+    let _ = EXCLUDED_INTERFACES.set(excluded);
 }
