@@ -23,6 +23,8 @@ use crate::usbdev::{self, Via};
 const IP: &str = "/usr/sbin/ip";
 /// The gadget side's network namespace.
 pub const NETNS: &str = "gadget";
+/// The client side's address on the adapter (the daemons' own namespace).
+pub const HOST_IP: &str = "10.9.0.1";
 const HOST_ADDR: &str = "10.9.0.1/24";
 const GADGET_IP: &str = "10.9.0.2";
 const GADGET_ADDR: &str = "10.9.0.2/24";
