@@ -77,6 +77,10 @@ pub fn fuzz(targets: &[String], secs: u64) -> Result<()> {
             for line in tail.into_iter().rev() {
                 eprintln!("  | {line}");
             }
+            // cargo-fuzz says this when the target did not build; libFuzzer never does.
+            if log.contains("failed to build fuzz script") {
+                bail!("fuzz target {target} did not build (the compiler's errors are above)");
+            }
             bail!(
                 "fuzz target {target} found a failure; the input is in protocol/fuzz/artifacts/{target}/"
             );
