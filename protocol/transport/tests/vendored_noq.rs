@@ -1,7 +1,8 @@
 //! The vendored noq (`third_party/README.md`) packs more datagrams into one UDP send than
-//! upstream does, and takes fewer per receive call. Its batch must still fit one Linux GSO send of the largest datagram iroh's
-//! QUIC sends: above that the kernel refuses the whole send (`EMSGSIZE`) and noq drops it
-//! without a word, which the lab saw as thousands of lost packets per connection.
+//! upstream does, and takes fewer per receive call. Its send batch must still fit one Linux GSO
+//! send of the largest datagram iroh's QUIC sends: above that the kernel refuses the whole send
+//! (`EMSGSIZE`) and noq drops it without a word, which the lab saw as thousands of lost packets
+//! per connection.
 
 /// UDP payload one IPv4 datagram can carry, and so one GSO send in all.
 const MAX_GSO_SEND: u64 = 65_535 - 20 - 8;

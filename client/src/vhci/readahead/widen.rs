@@ -184,16 +184,19 @@ impl Widen {
             return Plan::AsIs { capacity: None };
         }
         let block_size = u64::from(capacity.block_size);
-        let limit_blocks = u64::from(limit) / block_size;
+        // Blocks one command may read from `start`: the limit, the disk's end, the READ's form.
+        let most_from = |start: u64| {
+            (u64::from(limit) / block_size)
+                .min(capacity.blocks.saturating_sub(start))
+                .min(u64::from(read.max_blocks()))
+        };
         let (start, blocks, prefix) = match kept {
             // The kept blocks start the kernel's READ: the device reads from their end, as much
             // as one command may carry.
             Some(kept) => {
                 let kept_blocks = (kept.data.len() - kept.at) as u64 / block_size;
                 let start = read.lba + kept_blocks;
-                let most = limit_blocks
-                    .min(capacity.blocks.saturating_sub(start))
-                    .min(u64::from(read.max_blocks()));
+                let most = most_from(start);
                 if most < u64::from(read.blocks) - kept_blocks {
                     return Plan::AsIs { capacity: None };
                 }
@@ -204,10 +207,7 @@ impl Widen {
             // Whole multiples of the kernel's READ: a reader whose READs keep one length is
             // then always served whole.
             None => {
-                let most = limit_blocks
-                    .min(capacity.blocks.saturating_sub(read.lba))
-                    .min(u64::from(read.max_blocks()));
-                let multiple = most / u64::from(read.blocks);
+                let multiple = most_from(read.lba) / u64::from(read.blocks);
                 if multiple < 2 {
                     return Plan::AsIs { capacity: None };
                 }

@@ -25,9 +25,9 @@ const IP: &str = "/usr/sbin/ip";
 pub const NETNS: &str = "gadget";
 /// The client side's address on the adapter (the daemons' own namespace).
 pub const HOST_IP: &str = "10.9.0.1";
-const HOST_ADDR: &str = "10.9.0.1/24";
 const GADGET_IP: &str = "10.9.0.2";
-const GADGET_ADDR: &str = "10.9.0.2/24";
+/// The link's prefix length: both addresses are on one /24.
+const PREFIX: u8 = 24;
 /// Bytes per TCP stream: enough for a rate, little enough for TCG.
 const STREAM_BYTES: usize = 2 << 20;
 
@@ -116,10 +116,11 @@ pub fn gadget_ns(g: &Gadget, instance: &str) -> Result<Option<Guard>> {
         let _ = Command::new(IP).args(["netns", "del", NETNS]).output();
     });
     sys::run(Command::new(IP).args(["link", "set", &ifname, "netns", NETNS]))?;
-    sys::run(Command::new(IP).args(["-n", NETNS, "addr", "add", GADGET_ADDR, "dev", &ifname]))?;
+    let gadget_addr = format!("{GADGET_IP}/{PREFIX}");
+    sys::run(Command::new(IP).args(["-n", NETNS, "addr", "add", &gadget_addr, "dev", &ifname]))?;
     sys::run(Command::new(IP).args(["-n", NETNS, "link", "set", &ifname, "up"]))?;
     sys::run(Command::new(IP).args(["-n", NETNS, "link", "set", "lo", "up"]))?;
-    log!("kinds: gadget interface {ifname} is {GADGET_ADDR} in netns {NETNS}");
+    log!("kinds: gadget interface {ifname} is {gadget_addr} in netns {NETNS}");
     Ok(Some(guard))
 }
 
@@ -136,7 +137,8 @@ fn host_up(vid: u16, pid: u16) -> Result<String> {
         .to_string_lossy()
         .into_owned();
     sys::run(Command::new(IP).args(["addr", "flush", "dev", &iface]))?;
-    sys::run(Command::new(IP).args(["addr", "add", HOST_ADDR, "dev", &iface]))?;
+    let host_addr = format!("{HOST_IP}/{PREFIX}");
+    sys::run(Command::new(IP).args(["addr", "add", &host_addr, "dev", &iface]))?;
     sys::run(Command::new(IP).args(["link", "set", &iface, "up"]))?;
     Ok(iface)
 }
